@@ -1,0 +1,181 @@
+"""Activations taken at chosen positions, and the batched forward every patch runs.
+
+:class:`Activations` holds, per hook name, the values of a site at a set of token
+positions (position first: ``[rows, n_pos, ...]``) together with the token ids
+there, so a patch can check that source and target agree on what sits at the
+patched positions. ``rows`` is 1 for values shared by every prompt (a prefix, or
+the postfix of the empty-query prompt).
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.spans import chat_spans
+    >>> from piggyback_interp.patching import capture
+    >>> model = tiny_model("llama")
+    >>> spans = chat_spans(model.tokenizer, "Hello there")
+    >>> acts = capture(model, spans, "prefix", site="kv")
+    >>> sorted(acts.values)[:2], acts.token_ids.shape[1] == len(spans.prefix)
+    (['blocks.0.attn.hook_k', 'blocks.0.attn.hook_v'], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from piggyback_interp.hooks import HookSite, expand_sites, resolve_layers, resolve_site
+from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, require_segment
+
+Positions = Int[Tensor, "rows n"]
+SegmentOrPositions = str | Sequence[int]
+
+
+def as_batch(model: Any, spans: ChatSpans | ChatBatch) -> ChatBatch:
+    """A :class:`ChatBatch` (one row for a single :class:`ChatSpans`)."""
+    if isinstance(spans, ChatBatch):
+        return spans
+    return batch_spans(chat_tokenizer(model), [spans])
+
+
+def forward(model: Any, batch: ChatBatch, **kwargs: Any) -> Any:
+    """Run ``model`` on a padded batch with its attention mask and position ids."""
+    device = model.cfg.device
+    return model(
+        batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        **kwargs,
+    )
+
+
+def segment_positions(batch: ChatBatch, segment: SegmentOrPositions) -> Positions:
+    """Per-row positions of a segment (or of explicit positions) as a ``[rows, n]`` tensor.
+
+    Explicit positions index the UNPADDED prompt and are shifted to each row's
+    padded place. Rows must have equally many positions in the segment.
+    """
+    if isinstance(segment, str):
+        rows = batch.positions(segment)  # raises a clear error for an empty segment
+    else:
+        rows = [_explicit(spans, segment) for spans in batch.spans]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(
+            f"the rows of this batch have different numbers of {segment!r} positions "
+            f"({[len(r) for r in rows]}); patch prompts with equal-length segments together, "
+            "or patch them one at a time"
+        )
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _explicit(spans: ChatSpans, positions: Sequence[int]) -> list[int]:
+    pad = spans.padding
+    n_real = len(spans) - len(pad)
+    bad = [p for p in positions if not 0 <= p < n_real]
+    if bad:
+        raise ValueError(f"position(s) {bad} are outside the prompt (it has {n_real} tokens)")
+    if not positions:
+        raise ValueError("no positions given; pass a segment name or a non-empty list")
+    # padding sits at the left (align="left") or after the prefix (align="prefix")
+    return [p + len(pad) if p >= pad.start else p for p in positions]
+
+
+def gather(act: Tensor, site: HookSite, positions: Positions) -> Tensor:
+    """``act[row, positions[row]]`` along the site's position axis -> ``[rows, n, ...]``."""
+    moved = act.movedim(site.pos_dim, 1)
+    rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
+    return moved[rows, positions.to(moved.device)]
+
+
+def scatter(
+    act: Tensor, site: HookSite, positions: Positions, values: Tensor, heads: Sequence[int] | None = None
+) -> Tensor:
+    """A copy of ``act`` with ``values`` ([rows or 1, n, ...]) written at ``positions``.
+
+    With ``heads``, only those heads are written (values still hold every head).
+    """
+    out = act.clone()
+    moved = out.movedim(site.pos_dim, 1)  # a view: writing to it writes ``out``
+    b = moved.shape[0]
+    rows = torch.arange(b, device=out.device)[:, None]
+    pos = positions.to(out.device).expand(b, -1)
+    values = values.to(out.dtype).to(out.device).expand(b, *values.shape[1:])
+    if heads is None:
+        moved[rows, pos] = values
+    else:
+        h = torch.as_tensor(list(heads), device=out.device)
+        moved[rows[..., None], pos[..., None], h] = values[:, :, h]
+    return out
+
+
+@dataclass
+class Activations:
+    """Site values at a set of positions, position-first, with the tokens found there."""
+
+    values: dict[str, Float[Tensor, "rows n ..."]]
+    token_ids: Int[Tensor, "rows n"]
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_positions(self) -> int:
+        return self.token_ids.shape[1]
+
+    def to(self, device: str | torch.device) -> Activations:
+        values = {k: v.to(device) for k, v in self.values.items()}
+        return Activations(values, self.token_ids, self.sites, self.layers, self.source, self.meta)
+
+
+def site_layers(model: Any, site: str | Sequence[str], layers: int | Iterable[int] | None) -> list[tuple[HookSite, int]]:
+    """Every (HookSite, layer) pair of a site spec and a layer spec."""
+    chosen = resolve_layers(model, layers)
+    return [(resolve_site(model, s), layer) for s in expand_sites(site) for layer in chosen]
+
+
+def capture(
+    model: Any,
+    spans: ChatSpans | ChatBatch,
+    segment: SegmentOrPositions = "prefix",
+    *,
+    site: str | Sequence[str] = "kv",
+    layers: int | Iterable[int] | None = None,
+) -> Activations:
+    """Run ``model`` once and keep ``site`` at ``segment``'s positions in ``layers``.
+
+    Only the blocks up to the last needed layer run (``stop_at_layer``).
+    """
+    batch = as_batch(model, spans)
+    if isinstance(segment, str):
+        require_segment(batch.spans[0], segment)
+    positions = segment_positions(batch, segment)
+    pairs = site_layers(model, site, layers)
+    values: dict[str, Tensor] = {}
+
+    def keep(hook_site: HookSite, name: str):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            values[name] = gather(act, hook_site, positions).detach()
+            return act
+
+        return hook
+
+    fwd_hooks = [(hs.name(layer), keep(hs, hs.name(layer))) for hs, layer in pairs]
+    last = max(layer for _, layer in pairs)
+    stop = None if last == model.cfg.n_layers - 1 else last + 1
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        forward(model, batch, stop_at_layer=stop)
+    rows = torch.arange(batch.input_ids.shape[0])[:, None]
+    token_ids = batch.input_ids[rows, positions]
+    return Activations(
+        values,
+        token_ids,
+        expand_sites(site),
+        resolve_layers(model, layers),
+        source=str(getattr(model.cfg, "model_name", "")),
+        meta={"segment": segment if isinstance(segment, str) else list(segment)},
+    )
