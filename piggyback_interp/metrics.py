@@ -369,22 +369,32 @@ def _model_device(model: Any) -> torch.device:
     return torch.device(getattr(model.cfg, "device", "cpu"))
 
 
+def continuation_inputs(
+    batch: ChatBatch, continuation: Sequence[int], device: Any
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """(input_ids, attention_mask, position_ids) of ``batch`` with ``continuation`` appended
+    to every row (mask ones, positions continuing from each row's last position)."""
+    input_ids = batch.input_ids.to(device)
+    attention_mask = batch.attention_mask.to(device)
+    position_ids = batch.position_ids.to(device)
+    if continuation:
+        rows, n = input_ids.shape[0], len(continuation)
+        extra = torch.tensor(list(continuation), dtype=torch.long, device=device).expand(rows, n)
+        input_ids = torch.cat([input_ids, extra], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, n)], dim=1)
+        steps = torch.arange(1, n + 1, device=device)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1)
+    return input_ids, attention_mask, position_ids
+
+
 def _continuation_logits(
     model: Any, batch: ChatBatch, continuation: Sequence[int], n_read: int
 ) -> Tensor:
     """Logits that predict ``continuation`` (or the next token) for every row."""
-    device = _model_device(model)
-    input_ids = batch.input_ids.to(device)
-    attention_mask = batch.attention_mask.to(device)
-    position_ids = batch.position_ids.to(device)
-    rows, width = input_ids.shape
-    if continuation:
-        extra = torch.tensor(list(continuation), dtype=torch.long, device=device)
-        n = len(extra)
-        input_ids = torch.cat([input_ids, extra.expand(rows, n)], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, n)], dim=1)
-        steps = torch.arange(1, n + 1, device=device)
-        position_ids = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1)
+    width = batch.input_ids.shape[1]
+    input_ids, attention_mask, position_ids = continuation_inputs(
+        batch, continuation, _model_device(model)
+    )
     logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
     read = logits[:, width - 1 : width - 1 + max(len(continuation), 1)]
     if read.shape[1] != n_read:
@@ -422,9 +432,10 @@ def metric_on_model(
     if batch.align != "left":
         raise ValueError(
             f"metric_on_model needs a left-padded batch (align='left'), got "
-            f"align={batch.align!r}: it appends the continuation after the last column, "
-            "which is each row's last prompt token only when every row is one contiguous "
-            "prompt with its padding on the left. Build the batch with "
+            f"align={batch.align!r}: it is the plain reference computation, defined on "
+            "ordinary left padding (each row one contiguous prompt after its padding, "
+            "continuations appended after the last column) so that it stays independent "
+            "of the prefix-aligned layout fast engines use. Build the batch with "
             "batch_spans(..., align='left')"
         )
     if not bool(batch.attention_mask[:, -1].all()):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -157,3 +159,20 @@ def tiny_model(arch: Arch = "llama", *, n_layers: int = 2, seed: int = 0):
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         hf_model = tiny_hf_model(arch, n_layers=n_layers, seed=seed)
         return bridge_from_hf(hf_model, tokenizer, name=name, info=info)
+
+
+def equal_length_questions(tokenizer: Any, candidates: Sequence[str], n: int) -> list[str]:
+    """``n`` of ``candidates`` whose chat prompts have the same token length.
+
+    Tools that pass no attention mask (``transformer_lens.patching``) then see exactly
+    the input this toolkit sees: no padding.
+    """
+    from piggyback_interp.spans import chat_spans
+
+    groups: dict[int, list[str]] = defaultdict(list)
+    for question in candidates:
+        groups[len(chat_spans(tokenizer, question))].append(question)
+    best = max(groups.values(), key=len)
+    if len(best) < n:
+        raise ValueError(f"only {len(best)} of the candidates share a length; give more candidates")
+    return best[:n]

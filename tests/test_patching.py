@@ -13,7 +13,9 @@ QUESTIONS = ["Can my landlord keep my deposit?", "Tell me a joke.", "How do I ma
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def pair(request):
-    return tiny_model(request.param, n_layers=3, seed=0), tiny_model(request.param, n_layers=3, seed=1)
+    return tiny_model(request.param, n_layers=3, seed=0), tiny_model(
+        request.param, n_layers=3, seed=1
+    )
 
 
 def _prefix_cache_run(base, ft, ids, n_prefix, layers=None):
@@ -86,7 +88,9 @@ def test_left_padded_batch_matches_single_prompts(pair):
     tok = chat_tokenizer(ft)
     batch = batch_spans(tok, QUESTIONS, align="left")
     with patch_prefix(ft, base, batch, site="kv"):
-        logits = ft(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        logits = ft(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )
     for row, question in enumerate(QUESTIONS):
         spans = chat_spans(tok, question)
         with patch_prefix(ft, base, spans, site="kv"):
@@ -106,8 +110,9 @@ def test_postfix_patch_uses_empty_query_reference(pair):
     ref = capture(base, empty, "postfix", site="kv")
     hooks = []
     for name, values in ref.values.items():
+        normed = name.endswith("k_normed")
 
-        def write(act, hook, values=values, normed=name.endswith("k_normed")):
+        def write(act, hook, values=values, normed=normed):
             act = act.clone()
             if normed:  # Qwen3's normed keys are [batch, head, pos, d_head]
                 act[:, :, spans.postfix.start : spans.postfix.stop] = values.transpose(1, 2)
@@ -133,25 +138,40 @@ def test_heads_subset_only_touches_those_heads(pair):
     plain = capture(ft, spans, "prefix", site="z", layers=[1])
     (name,) = src.values
     assert torch.allclose(seen.values[name][:, :, 2], src.values[name][:, :, 2], atol=1e-6)
-    assert torch.allclose(seen.values[name][:, :, [0, 1, 3]], plain.values[name][:, :, [0, 1, 3]], atol=1e-6)
+    assert torch.allclose(
+        seen.values[name][:, :, [0, 1, 3]], plain.values[name][:, :, [0, 1, 3]], atol=1e-6
+    )
 
 
 def test_clear_errors(pair):
     base, ft = pair
     tok = chat_tokenizer(ft)
     spans = chat_spans(tok, QUESTIONS[0])
-    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] out of range"), patch_prefix(ft, base, spans, layers=[7]):
+    with (
+        pytest.raises(ValueError, match=r"layer\(s\) \[7\] out of range"),
+        patch_prefix(ft, base, spans, layers=[7]),
+    ):
         pass
-    with pytest.raises(ValueError, match=r"outside the prompt"), patch_prefix(ft, base, spans, segment=[0, 999]):
+    with (
+        pytest.raises(ValueError, match=r"outside the prompt"),
+        patch_prefix(ft, base, spans, segment=[0, 999]),
+    ):
         pass
-    with pytest.raises(ValueError, match="unknown site"), patch_prefix(ft, base, spans, site="keys"):
+    with (
+        pytest.raises(ValueError, match="unknown site"),
+        patch_prefix(ft, base, spans, site="keys"),
+    ):
         pass
     other = chat_spans(tok, QUESTIONS[1])
     acts = capture(base, other, "query", site="kv")
-    with pytest.raises(ValueError, match="different tokens at patched positions"):
-        with patch_prefix(ft, acts, spans, segment=list(other.query)):
-            pass
-    no_prefix = chat_spans(tok, "hi", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}<|im_end|>")
+    with (
+        pytest.raises(ValueError, match="different tokens at patched positions"),
+        patch_prefix(ft, acts, spans, segment=list(other.query)),
+    ):
+        pass
+    no_prefix = chat_spans(
+        tok, "hi", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}<|im_end|>"
+    )
     with pytest.raises(ValueError, match="segment='postfix'"), patch_prefix(ft, base, no_prefix):
         pass
 

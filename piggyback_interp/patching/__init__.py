@@ -1,7 +1,18 @@
 """Patching: activations at template positions, patches as context managers, sweeps."""
 
-from piggyback_interp.patching.activations import Activations, as_batch, capture, forward, segment_positions
-from piggyback_interp.patching.patch import check_tokens, empty_query_batch, patch_activations, patch_prefix
+from piggyback_interp.patching.activations import (
+    Activations,
+    as_batch,
+    capture,
+    forward,
+    segment_positions,
+)
+from piggyback_interp.patching.patch import (
+    check_tokens,
+    empty_query_batch,
+    patch_activations,
+    patch_prefix,
+)
 
 __all__ = [
     "Activations",

@@ -57,8 +57,12 @@ def segment_positions(batch: ChatBatch, segment: SegmentOrPositions) -> Position
     """Per-row positions of a segment (or of explicit positions) as a ``[rows, n]`` tensor.
 
     Explicit positions index the UNPADDED prompt and are shifted to each row's
-    padded place. Rows must have equally many positions in the segment.
+    padded place. ``"all"`` is every column of the padded batch, padding included.
+    Rows must have equally many positions in the segment.
     """
+    if segment == "all":
+        rows_n, width = batch.input_ids.shape
+        return torch.arange(width).expand(rows_n, width).clone()
     if isinstance(segment, str):
         rows = batch.positions(segment)  # raises a clear error for an empty segment
     else:
@@ -92,7 +96,11 @@ def gather(act: Tensor, site: HookSite, positions: Positions) -> Tensor:
 
 
 def scatter(
-    act: Tensor, site: HookSite, positions: Positions, values: Tensor, heads: Sequence[int] | None = None
+    act: Tensor,
+    site: HookSite,
+    positions: Positions,
+    values: Tensor,
+    heads: Sequence[int] | None = None,
 ) -> Tensor:
     """A copy of ``act`` with ``values`` ([rows or 1, n, ...]) written at ``positions``.
 
@@ -132,7 +140,9 @@ class Activations:
         return Activations(values, self.token_ids, self.sites, self.layers, self.source, self.meta)
 
 
-def site_layers(model: Any, site: str | Sequence[str], layers: int | Iterable[int] | None) -> list[tuple[HookSite, int]]:
+def site_layers(
+    model: Any, site: str | Sequence[str], layers: int | Iterable[int] | None
+) -> list[tuple[HookSite, int]]:
     """Every (HookSite, layer) pair of a site spec and a layer spec."""
     chosen = resolve_layers(model, layers)
     return [(resolve_site(model, s), layer) for s in expand_sites(site) for layer in chosen]
@@ -151,7 +161,7 @@ def capture(
     Only the blocks up to the last needed layer run (``stop_at_layer``).
     """
     batch = as_batch(model, spans)
-    if isinstance(segment, str):
+    if isinstance(segment, str) and segment != "all":
         require_segment(batch.spans[0], segment)
     positions = segment_positions(batch, segment)
     pairs = site_layers(model, site, layers)

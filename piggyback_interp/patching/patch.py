@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers
+from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers
 from piggyback_interp.patching.activations import (
     Activations,
     Positions,
@@ -180,10 +180,17 @@ def patch_prefix(
     others = sorted(set(resolve_layers(model, None)) - set(acts.layers))
     if isolate and kv and others:
         if heads is not None:
-            raise ValueError("isolate=True with heads is not supported; pass isolate=False for per-head K/V patches")
+            raise ValueError(
+                "isolate=True with heads is not supported; pass isolate=False for per-head K/V patches"
+            )
         clean = capture(model, batch, segment, site=kv, layers=others)
         acts = Activations(
-            {**clean.values, **acts.values}, acts.token_ids, acts.sites, tuple(sorted({*acts.layers, *others})), acts.source, acts.meta
+            {**clean.values, **acts.values},
+            acts.token_ids,
+            acts.sites,
+            tuple(sorted({*acts.layers, *others})),
+            acts.source,
+            acts.meta,
         )
     with patch_activations(model, acts, positions, heads=heads):
         yield acts

@@ -1,0 +1,193 @@
+"""Ablations and specificity controls for template-position interventions.
+
+The paper patches and perturbs template positions but never the same number of
+NON-template positions; a referee asked for exactly that. This module gives:
+
+* :func:`control_positions`: a matched number of positions from the query, from
+  random non-template positions, or from the positions right after the segment;
+* :func:`ablation`: zero-, mean- or resample-ablation values for a segment's
+  activations, and :func:`noise_like`: Gaussian noise of matched norm (the
+  "random source" control), all as :class:`Activations` that :func:`patch_prefix`
+  takes as its source;
+* :func:`compare_controls`: the intervention on the template segment side by side
+  with the same intervention on each control, as one tidy DataFrame.
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.spans import chat_spans
+    >>> from piggyback_interp.metrics import TargetLogProb
+    >>> base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    >>> spans = chat_spans(ft.tokenizer, "Can my landlord keep my deposit?")
+    >>> frame = compare_controls(ft, base, spans, TargetLogProb("I have no idea"), seed=0)
+    >>> sorted(frame["positions_from"])
+    ['later', 'prefix', 'query', 'random']
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from piggyback_interp.metrics import LogitMetric, metric_on_model
+from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.patching.activations import Activations, as_batch, capture
+from piggyback_interp.patching.patch import patch_prefix
+from piggyback_interp.spans import ChatSpans, require_segment
+
+Control = Literal["query", "random", "later"]
+CONTROLS: tuple[Control, ...] = ("query", "random", "later")
+AblationKind = Literal["zero", "mean", "resample"]
+
+
+def control_positions(
+    spans: ChatSpans, control: str, n: int, *, segment: str = "prefix", seed: int = 0
+) -> list[int]:
+    """``n`` positions of ``spans`` for a control of a ``segment`` intervention.
+
+    * ``"query"``: ``n`` positions drawn from the user's text;
+    * ``"random"``: ``n`` positions drawn from all non-template positions (query and
+      response);
+    * ``"later"``: the ``n`` positions right after the segment.
+
+    Raises a clear error when the prompt has fewer than ``n`` such positions.
+    """
+    template = set(spans.prefix) | set(spans.postfix)
+    if control == "query":
+        pool = list(require_segment(spans, "query"))
+    elif control == "random":
+        pool = [p for p in range(len(spans)) if p not in template and p not in spans.padding]
+    elif control == "later":
+        end = require_segment(spans, segment).stop
+        pool = list(range(end, min(len(spans), end + n)))
+    else:
+        raise ValueError(f"unknown control {control!r}; choose one of {', '.join(CONTROLS)}")
+    if len(pool) < n:
+        raise ValueError(
+            f"the {control!r} control needs {n} positions but this prompt has {len(pool)}; "
+            f"pass n={len(pool)} (a matched count smaller than the segment) or a longer prompt"
+        )
+    if control == "later":
+        return pool
+    return sorted(random.Random(f"{seed}:{control}").sample(pool, n))
+
+
+def ablation(
+    model: Any,
+    spans: Any,
+    segment: str | Sequence[int] = "prefix",
+    *,
+    kind: str = "zero",
+    site: str | Sequence[str] = "kv",
+    layers: int | Iterable[int] | None = None,
+    reference: Any = None,
+) -> Activations:
+    """Ablation values for ``site`` at ``segment`` of ``spans`` (pass as a patch source).
+
+    * ``"zero"``: zeros;
+    * ``"mean"``: the mean of the site over ALL positions of the ``reference``
+      prompts (a :class:`ChatBatch` or :class:`ChatSpans`; default ``spans``), one
+      vector per layer. (A mean over prompts at the same prefix position would be the
+      prefix itself: causal attention makes the prefix identical in every prompt.)
+    * ``"resample"``: the model's own values at the same positions of ``reference``
+      (another prompt, e.g. with another system prompt, whose segment has the same
+      length). The token check of :func:`patch_prefix` is skipped for it on purpose.
+    """
+    own = capture(model, spans, segment, site=site, layers=layers)
+    if kind == "zero":
+        values = {k: torch.zeros_like(v) for k, v in own.values.items()}
+    elif kind == "mean":
+        ref_batch = as_batch(model, reference if reference is not None else spans)
+        whole = capture(model, ref_batch, "all", site=site, layers=layers)
+        mask = ref_batch.attention_mask.bool()
+        values = {}
+        for name, v in whole.values.items():
+            mean = v[mask].mean(0)  # over real (unpadded) positions of every prompt
+            values[name] = mean.expand_as(own.values[name]).clone()
+    elif kind == "resample":
+        if reference is None:
+            raise ValueError("resample-ablation needs reference=: the prompt to take the values from")
+        other = capture(model, reference, segment, site=site, layers=layers)
+        if other.n_positions != own.n_positions:
+            raise ValueError(
+                f"the reference has {other.n_positions} positions at {segment!r}, the prompt "
+                f"{own.n_positions}; resample from a prompt whose segment has the same length"
+            )
+        values = other.values
+    else:
+        raise ValueError(f"unknown ablation {kind!r}; choose zero, mean or resample")
+    return Activations(values, own.token_ids, own.sites, own.layers, f"{kind}-ablation", {"kind": kind})
+
+
+def noise_like(acts: Activations, *, seed: int = 0) -> Activations:
+    """Gaussian noise with each position's norm matched to ``acts`` (random-source control)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, v in acts.values.items():
+        noise = torch.randn(v.shape, generator=gen).to(v.device, v.dtype)
+        dims = tuple(range(2, v.ndim))
+        scale = v.norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+        values[name] = noise * scale
+    return Activations(values, acts.token_ids, acts.sites, acts.layers, "noise", {"kind": "noise", "seed": seed})
+
+
+def _value(model: Any, spans: ChatSpans, metric: LogitMetric) -> float:
+    return metric_on_model(model, as_batch(model, spans), metric).mean().item()
+
+
+def compare_controls(
+    model: Any,
+    source: Any,
+    spans: ChatSpans,
+    metric: LogitMetric,
+    *,
+    site: str | Sequence[str] = "kv",
+    layers: int | Iterable[int] | None = None,
+    segment: str = "prefix",
+    controls: Sequence[str] = CONTROLS,
+    n: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """The same patch on ``segment`` and on matched control positions, side by side.
+
+    ``n`` (default: the size of the smallest of the segment and the controls' pools)
+    positions are patched in every row: a random ``n``-subset of the segment, and ``n``
+    positions of each control. Returns a pandas DataFrame with one row per condition:
+    ``positions_from``, ``positions``, ``n``, ``value`` (the metric under the patch),
+    ``clean`` (unpatched), ``source_value`` (the source model), ``recovery``.
+    """
+    import pandas as pd
+
+    seg = list(require_segment(spans, segment))
+    if n is None:
+        sizes = [len(seg), len(require_segment(spans, "query")) if "query" in controls else len(seg)]
+        n = min(sizes)
+    chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
+    for control in controls:
+        chosen[control] = control_positions(spans, control, n, segment=segment, seed=seed)
+    clean = _value(model, spans, metric)
+    source_value = _value(source, spans, metric)
+    rows = []
+    for name, positions in chosen.items():
+        with patch_prefix(model, source, spans, site=site, layers=layers, segment=positions):
+            value = _value(model, spans, metric)
+        gap = source_value - clean
+        rows.append(
+            {
+                "positions_from": name,
+                "positions": positions,
+                "n": len(positions),
+                "value": value,
+                "clean": clean,
+                "source_value": source_value,
+                "recovery": (value - clean) / gap if abs(gap) > 1e-8 else float("nan"),
+                "tokens": chat_tokenizer(model).convert_ids_to_tokens([spans.input_ids[p] for p in positions]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+__all__ = ["CONTROLS", "ablation", "compare_controls", "control_positions", "noise_like"]

@@ -1,0 +1,478 @@
+"""Fast layer x position patching sweeps, and the slow reference they must match.
+
+For every cell (layer ``l``, segment position ``i``) the sweep patches the source's
+activation at that one site into the target and reads a metric. The engine:
+
+* stacks many cells on the batch axis (``cells_per_batch`` rows of cells x prompts);
+* starts each patched run AT layer ``l`` from the target's cached residual stream,
+  running the HF decoder layers itself (the bridge's ``start_at_layer`` still runs
+  the lower blocks);
+* reuses every position before the earliest patched one through the target's
+  cached keys/values (causal attention: they cannot change);
+* computes logits only at the positions the metric reads, and keeps metric values
+  on the device until the end.
+
+:func:`reference_sweep` is the obvious loop (one patched full forward per cell,
+through :func:`patch_activations` and :func:`metric_on_model`); tests check the
+engine against it and against ``transformer_lens.patching``.
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.spans import batch_spans
+    >>> from piggyback_interp.metrics import TargetLogProb
+    >>> base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    >>> batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi"])
+    >>> result = sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False)
+    >>> result.values.shape == (2, ft.cfg.n_layers, len(batch.spans[0].prefix))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from piggyback_interp.hooks import HookSite, expand_sites, resolve_layers, resolve_site
+from piggyback_interp.metrics import (
+    LogitMetric,
+    continuation_inputs,
+    metric_on_model,
+    recovery_fraction,
+)
+from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.patching.activations import (
+    Activations,
+    SegmentOrPositions,
+    as_batch,
+    capture,
+    scatter,
+    segment_positions,
+)
+from piggyback_interp.patching.patch import check_tokens, patch_activations
+from piggyback_interp.spans import ChatBatch, ChatSpans
+
+SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass
+class SweepResult:
+    """Metric values of a layer x position sweep, with axis labels and provenance.
+
+    ``values[prompt, layer_index, cell]``; ``clean`` is the unpatched target's metric
+    and ``source`` the source model's, per prompt.
+    """
+
+    values: Float[Tensor, "prompts layers cells"]
+    clean: Float[Tensor, " prompts"]
+    source: Float[Tensor, " prompts"]
+    layers: list[int]
+    positions: list[int]  # unpadded positions of the cells (row 0)
+    tokens: list[str]
+    segments: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def mean(self) -> Float[Tensor, "layers cells"]:
+        """Mean over prompts."""
+        return self.values.mean(0)
+
+    def recovery(self) -> Float[Tensor, "prompts layers cells"]:
+        """(patched - clean) / (source - clean) per prompt: 1 = the source's behaviour."""
+        return recovery_fraction(self.values, self.clean[:, None, None], self.source[:, None, None])
+
+    def to_frame(self) -> Any:
+        """A tidy pandas DataFrame: one row per (prompt, layer, cell)."""
+        import pandas as pd
+
+        p, n_layers, n_cells = self.values.shape
+        grid = torch.cartesian_prod(torch.arange(p), torch.arange(n_layers), torch.arange(n_cells))
+        prompt, layer, cell = grid.T.tolist()
+        rec = self.recovery()
+        return pd.DataFrame(
+            {
+                "prompt": prompt,
+                "layer": [self.layers[i] for i in layer],
+                "position": [self.positions[i] for i in cell],
+                "token": [self.tokens[i] for i in cell],
+                "segment": [self.segments[i] for i in cell],
+                "value": self.values.reshape(-1).tolist(),
+                "clean": [self.clean[i].item() for i in prompt],
+                "source": [self.source[i].item() for i in prompt],
+                "recovery": rec.reshape(-1).tolist(),
+            }
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (parquet, the tidy frame) and ``path.json`` (metadata), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.to_frame().to_parquet(tmp)
+        os.replace(tmp, path)
+        _atomic_write_text(
+            path.with_suffix(path.suffix + ".json"), json.dumps(self.meta, indent=2, default=str)
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SweepResult:
+        """Read what :meth:`save` wrote."""
+        import pandas as pd
+
+        path = Path(path)
+        frame = pd.read_parquet(path)
+        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        layers = sorted(frame["layer"].unique().tolist())
+        cells = frame.drop_duplicates("position")[["position", "token", "segment"]]
+        cells = cells.sort_values("position")
+        n_p, n_l, n_c = frame["prompt"].nunique(), len(layers), len(cells)
+        frame = frame.sort_values(["prompt", "layer", "position"])
+        per_prompt = frame.drop_duplicates("prompt").sort_values("prompt")
+        return cls(
+            values=torch.tensor(frame["value"].to_numpy()).reshape(n_p, n_l, n_c).float(),
+            clean=torch.tensor(per_prompt["clean"].to_numpy()).float(),
+            source=torch.tensor(per_prompt["source"].to_numpy()).float(),
+            layers=layers,
+            positions=cells["position"].tolist(),
+            tokens=cells["token"].tolist(),
+            segments=cells["segment"].tolist(),
+            meta=meta,
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Variant:
+    """One continuation appended to every row, with the target's clean state on it."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    read_start: int  # first position whose logits the metric reads
+    n_read: int
+    resid: dict[int, Tensor]  # layer -> resid_pre [rows, T, d]
+    cache: Any  # DynamicCache of the clean target run
+
+
+def _clean_variant(
+    model: Any, batch: ChatBatch, continuation: Sequence[int], n_read: int, layers: Sequence[int]
+) -> _Variant:
+    device = model.cfg.device
+    ids, mask, pos = continuation_inputs(batch, continuation, device)
+    resid: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            resid[layer] = act.detach()
+            return act
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in layers]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, cache = model(ids, attention_mask=mask, position_ids=pos, return_type="logits_and_cache")
+    read_start = ids.shape[1] - len(continuation) - 1
+    return _Variant(ids, mask, pos, read_start, n_read, resid, cache)
+
+
+def _metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> Tensor:
+    if hasattr(metric, "select_rows"):  # metrics with per-prompt references (e.g. KL)
+        metric = metric.select_rows(rows)
+    return metric(logits)
+
+
+# ---------------------------------------------------------------- engine
+
+
+class _Runner:
+    """Runs the target's decoder layers from layer ``l`` over a window of positions."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        hf = model.original_model
+        self.layers = hf.model.layers
+        self.norm = hf.model.norm
+        self.rotary = hf.model.rotary_emb
+        self.lm_head = hf.lm_head
+        self.n_layers = model.cfg.n_layers
+
+    def run(self, v: _Variant, start_layer: int, start: int, hidden: Tensor, reps: int) -> Tensor:
+        """Logits at the read positions for ``hidden`` = resid_pre of ``start_layer`` at
+        positions ``start..T-1``, each prompt row repeated ``reps`` times (cell-major)."""
+        T = v.input_ids.shape[1]
+        mask = v.attention_mask.repeat(reps, 1)
+        pos = v.position_ids[:, start:].repeat(reps, 1)
+        past = DynamicCache()
+        for j in range(self.n_layers):
+            layer = v.cache.layers[j]
+            past.update(
+                layer.keys[:, :, :start].repeat(reps, 1, 1, 1),
+                layer.values[:, :, :start].repeat(reps, 1, 1, 1),
+                j,
+            )
+        position_embeddings = self.rotary(hidden, pos)
+        attn_mask = _attention_mask(mask, start, T, hidden.dtype)
+        for j in range(start_layer, self.n_layers):
+            out = self.layers[j](
+                hidden,
+                attention_mask=attn_mask,
+                position_ids=pos,
+                past_key_values=past,
+                position_embeddings=position_embeddings,
+                cache_position=torch.arange(start, T, device=hidden.device),
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        read = hidden[:, v.read_start - start : v.read_start - start + v.n_read]
+        return self.lm_head(self.norm(read))
+
+
+def _attention_mask(mask: Tensor, start: int, T: int, dtype: torch.dtype) -> Tensor:
+    """Additive causal + padding mask for queries ``start..T-1`` over keys ``0..T-1``."""
+    q = torch.arange(start, T, device=mask.device)[:, None]
+    k = torch.arange(T, device=mask.device)[None, :]
+    allowed = (k <= q)[None, None] & mask.bool()[:, None, None, :]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _fingerprint(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sweep(
+    model: Any,
+    source: Any,
+    spans: ChatSpans | ChatBatch,
+    metric: LogitMetric,
+    *,
+    site: str = "resid_pre",
+    layers: int | Iterable[int] | None = None,
+    segment: SegmentOrPositions = "prefix",
+    cells_per_batch: int = 16,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
+
+    Args:
+        model: the target (finetuned) model.
+        source: the source (base) model, or :class:`Activations` of ``site`` at
+            ``segment`` for ``layers`` (e.g. from ``load_pair(..., reference=...)``).
+        spans: the prompts, left-padded (``batch_spans(..., align="left")``).
+        metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
+        site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``.
+            (Key/value sites: not yet; use :func:`patch_prefix` per layer.)
+        layers: the layers to sweep (default all).
+        segment: the positions to sweep: a segment name or explicit positions.
+        cells_per_batch: how many positions share one forward (rows = this x prompts).
+        checkpoint: a file to record finished layers in; a rerun with the same
+            arguments resumes from it.
+        progress: show a progress bar.
+    """
+    sites = expand_sites(site)
+    if len(sites) != 1 or sites[0] not in SWEEP_SITES:
+        raise ValueError(
+            f"sweep() patches one of {', '.join(SWEEP_SITES)}, not {site!r}; the engine does not "
+            "sweep key/value sites yet: loop patch_prefix(..., site='kv', layers=[l]) with "
+            "metric_on_model over the layers instead"
+        )
+    site_name = sites[0]
+    batch = as_batch(model, spans)
+    if batch.align != "left":
+        raise ValueError("sweep() needs a left-padded batch: batch_spans(..., align='left')")
+    chosen = resolve_layers(model, layers)
+    hook_site = resolve_site(model, site_name)
+    positions = segment_positions(batch, segment)  # [B, n]
+    acts = (
+        source
+        if isinstance(source, Activations)
+        else capture(source, batch, segment, site=site_name, layers=chosen)
+    )
+    check_tokens(acts, batch, positions)
+    tok = chat_tokenizer(model)
+    continuations = metric.continuations(tok)
+    n_reads = metric.n_read(tok)
+    variants = [
+        _clean_variant(model, batch, c, n, chosen)
+        for c, n in zip(continuations, n_reads, strict=True)
+    ]
+    B, n_cells = positions.shape
+    meta = _sweep_meta(model, source, batch, metric, site_name, chosen, positions)
+    values = torch.full((len(chosen), n_cells, B), float("nan"))
+    done = _resume(checkpoint, meta, values)
+    runner = _Runner(model)
+    prompt_rows = torch.arange(B)
+    bar = tqdm(total=len(chosen) * n_cells, disable=not progress, desc=f"sweep {site_name}")
+    bar.update(sum(n_cells for i in range(len(chosen)) if i in done))
+    with torch.no_grad():
+        for li, layer in enumerate(chosen):
+            if li in done:
+                continue
+            src = acts.values[hook_site.name(layer)]  # [B or 1, n, ...]
+            for c0 in range(0, n_cells, cells_per_batch):
+                cells = range(c0, min(n_cells, c0 + cells_per_batch))
+                vals = _run_cells(
+                    runner, variants, metric, hook_site, layer, positions, src, cells, prompt_rows
+                )
+                values[li, cells.start : cells.stop] = vals.reshape(len(cells), B).cpu()
+                bar.update(len(cells))
+            done.add(li)
+            _save_checkpoint(checkpoint, meta, values, done)
+    bar.close()
+    clean = _metric_values(metric, [_full_logits(model, v) for v in variants], prompt_rows).cpu()
+    src_value = torch.full_like(clean, float("nan"))
+    if not isinstance(source, Activations):
+        src_value = metric_on_model(source, batch, metric).cpu()
+    return SweepResult(
+        values=values.permute(2, 0, 1).contiguous(),
+        clean=clean,
+        source=src_value,
+        layers=list(chosen),
+        positions=[p - len(batch.spans[0].padding) for p in positions[0].tolist()],
+        tokens=tok.convert_ids_to_tokens(batch.input_ids[0, positions[0]].tolist()),
+        segments=[batch.spans[0].labels()[p] for p in positions[0].tolist()],
+        meta=meta,
+    )
+
+
+def _full_logits(model: Any, v: _Variant) -> Tensor:
+    with torch.no_grad():
+        logits = model(v.input_ids, attention_mask=v.attention_mask, position_ids=v.position_ids)
+    return logits[:, v.read_start : v.read_start + v.n_read]
+
+
+def _run_cells(
+    runner: _Runner,
+    variants: list[_Variant],
+    metric: LogitMetric,
+    hook_site: HookSite,
+    layer: int,
+    positions: Tensor,
+    src: Tensor,
+    cells: range,
+    prompt_rows: Tensor,
+) -> Tensor:
+    """Metric for every (cell, prompt) row of a chunk of cells at one layer."""
+    B = positions.shape[0]
+    cell_pos = positions[:, cells.start : cells.stop].T.reshape(-1)  # cell-major rows
+    cell_src = (
+        src.expand(B, *src.shape[1:])[:, cells.start : cells.stop]
+        .transpose(0, 1)
+        .reshape(-1, *src.shape[2:])
+    )
+    logits = []
+    for v in variants:
+        start = min(int(cell_pos.min()), v.read_start)
+        hidden = v.resid[layer][:, start:].repeat(len(cells), 1, 1)
+        rel = (cell_pos - start)[:, None]
+        name = hook_site.name(layer)
+
+        def write(act: Tensor, hook: Any, rel: Tensor = rel) -> Tensor:
+            return scatter(act, hook_site, rel, cell_src[:, None])
+
+        with runner.model.hooks(fwd_hooks=[(name, write)]):
+            logits.append(runner.run(v, layer, start, hidden, len(cells)))
+    rows = prompt_rows.repeat(len(cells))
+    return _metric_values(metric, logits, rows)
+
+
+def _sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[str, Any]:
+    src_info = "activations" if isinstance(source, Activations) else model_info(source).name
+    return {
+        "kind": "sweep",
+        "target": model_info(model).name,
+        "source": src_info,
+        "site": site,
+        "layers": list(layers),
+        "metric": metric.name,
+        "positions": positions.tolist(),
+        "tokens_sha256": hashlib.sha256(batch.input_ids.numpy().tobytes()).hexdigest(),
+    }
+
+
+def _resume(checkpoint: Any, meta: dict[str, Any], values: Tensor) -> set[int]:
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return set()
+    saved = torch.load(checkpoint, weights_only=True)
+    if saved["fingerprint"] != _fingerprint(meta):
+        raise ValueError(
+            f"the checkpoint {checkpoint} belongs to another sweep (other model, prompts, site, "
+            "layers or metric); delete it or pass another checkpoint path"
+        )
+    values.copy_(saved["values"])
+    return set(saved["done"].tolist())
+
+
+def _save_checkpoint(checkpoint: Any, meta: dict[str, Any], values: Tensor, done: set[int]) -> None:
+    if checkpoint is None:
+        return
+    path = Path(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(
+        {"fingerprint": _fingerprint(meta), "values": values, "done": torch.tensor(sorted(done))},
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_sweep(
+    model: Any,
+    source: Any,
+    spans: ChatSpans | ChatBatch,
+    metric: LogitMetric,
+    *,
+    site: str = "resid_pre",
+    layers: int | Iterable[int] | None = None,
+    segment: SegmentOrPositions = "prefix",
+) -> Float[Tensor, "prompts layers cells"]:
+    """The obvious loop: one patched full forward per (layer, position) cell.
+
+    Slow on purpose: the oracle that :func:`sweep` must match, and its baseline.
+    """
+    batch = as_batch(model, spans)
+    chosen = resolve_layers(model, layers)
+    positions = segment_positions(batch, segment)
+    acts = (
+        source
+        if isinstance(source, Activations)
+        else capture(source, batch, segment, site=site, layers=chosen)
+    )
+    hook_site = resolve_site(model, site)
+    out = torch.empty(positions.shape[0], len(chosen), positions.shape[1])
+    for li, layer in enumerate(chosen):
+        name = hook_site.name(layer)
+        for i in range(positions.shape[1]):
+            one = Activations(
+                {name: acts.values[name][:, i : i + 1]},
+                acts.token_ids[:, i : i + 1],
+                (site,),
+                (layer,),
+            )
+            with patch_activations(model, one, positions[:, i : i + 1]):
+                out[:, li, i] = metric_on_model(model, batch, metric).cpu()
+    return out
+
+
+__all__ = ["SweepResult", "reference_sweep", "sweep"]

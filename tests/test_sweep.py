@@ -1,0 +1,169 @@
+"""The fast sweep engine against the slow reference loop and transformer_lens.patching."""
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
+
+from piggyback_interp.metrics import LogOdds, NextTokenKL, TargetLogProb, continuation_inputs
+from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.patching.sweep import SweepResult, reference_sweep, sweep
+from piggyback_interp.spans import batch_spans
+from piggyback_interp.testing import equal_length_questions, tiny_model
+
+QUESTIONS = ["Tell me a joke.", "Hi", "Can my landlord keep my deposit?"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def pair(request):
+    return tiny_model(request.param, n_layers=3, seed=0), tiny_model(
+        request.param, n_layers=3, seed=1
+    )
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+def test_engine_equals_reference_loop(pair, site):
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="left")  # rows of different lengths
+    metric = LogOdds("I have no idea", "Paris")
+    fast = sweep(ft, base, batch, metric, site=site, cells_per_batch=3, progress=False)
+    slow = reference_sweep(ft, base, batch, metric, site=site)
+    assert fast.values.shape == slow.shape == (3, 3, len(batch.spans[0].prefix))
+    assert (fast.values - slow).abs().max().item() <= 1e-4
+    assert slow.std() > 1e-3  # the cells really differ
+
+
+def test_engine_with_next_token_kl_and_explicit_positions(pair):
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="left")
+    with torch.no_grad():
+        ref = base(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )[:, -1]
+    metric = NextTokenKL(ref.log_softmax(-1))
+    segment = [1, 3, len(batch.spans[1]) - len(batch.spans[1].padding) - 2]
+    fast = sweep(ft, base, batch, metric, layers=[0, 2], segment=segment[:2], progress=False)
+    slow = reference_sweep(ft, base, batch, metric, layers=[0, 2], segment=segment[:2])
+    assert (fast.values - slow).abs().max().item() <= 1e-5
+    assert torch.allclose(fast.source, torch.zeros(3), atol=1e-5)  # KL of the base to itself
+
+
+def test_engine_equals_transformer_lens_patching(pair):
+    """External oracle: get_act_patch_resid_pre's machinery with the base cache as 'clean'."""
+    base, ft = pair
+    tok = chat_tokenizer(ft)
+    candidates = [
+        f"Tell me a {w}."
+        for w in ("joke", "fact", "poem", "tale", "song", "clue", "word", "myth", "quiz")
+    ]
+    batch = batch_spans(tok, equal_length_questions(tok, candidates, 3))
+    assert not batch.spans[0].padding and len({len(s) for s in batch.spans}) == 1
+    metric = TargetLogProb("I have no idea")
+    (cont,) = metric.continuations(tok)
+    ids, _, _ = continuation_inputs(batch, cont, "cpu")
+    read0 = batch.input_ids.shape[1] - 1
+    _, clean_cache = base.run_with_cache(ids)
+    prefix = list(batch.spans[0].prefix)
+    index_df = pd.DataFrame(
+        [(layer, p) for layer in range(3) for p in prefix], columns=["layer", "pos"]
+    )
+    with torch.no_grad():
+        tl = generic_activation_patch(
+            ft,
+            ids,
+            clean_cache,
+            lambda logits: metric([logits[:, read0 : read0 + len(cont)]]).mean(),
+            layer_pos_patch_setter,
+            "resid_pre",
+            index_df=index_df,
+        )
+    ours = sweep(ft, base, batch, metric, progress=False)
+    assert (ours.mean().reshape(-1) - tl.reshape(-1)).abs().max().item() <= 1e-4
+
+
+class _Interrupting(TargetLogProb):
+    """Counts calls; raises KeyboardInterrupt at call number ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        super().__init__("I have no idea")
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, logits):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return super().__call__(logits)
+
+
+def test_interrupted_sweep_resumes_from_checkpoint(pair, tmp_path):
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS)
+    n_prefix = len(batch.spans[0].prefix)
+    ckpt = tmp_path / "sweep.ckpt"
+    full = sweep(ft, base, batch, _Interrupting(), cells_per_batch=n_prefix, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # dies during layer 2, after layers 0 and 1
+        sweep(
+            ft,
+            base,
+            batch,
+            _Interrupting(stop_at=3),
+            cells_per_batch=n_prefix,
+            checkpoint=ckpt,
+            progress=False,
+        )
+    resumed_metric = _Interrupting()
+    resumed = sweep(
+        ft, base, batch, resumed_metric, cells_per_batch=n_prefix, checkpoint=ckpt, progress=False
+    )
+    assert resumed_metric.calls == 1 + 2  # one chunk (layer 2) + the clean and source baselines
+    assert torch.equal(resumed.values, full.values)
+    with pytest.raises(ValueError, match="belongs to another sweep"):
+        sweep(ft, base, batch, LogOdds("a", "b"), checkpoint=ckpt, progress=False)
+
+
+def test_result_frame_and_parquet_round_trip(pair, tmp_path):
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS)
+    result = sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False)
+    frame = result.to_frame()
+    n_prefix = len(batch.spans[0].prefix)
+    assert len(frame) == 3 * 3 * n_prefix
+    assert set(frame["segment"]) == {"prefix"} and frame["token"].iloc[0] == "<|im_start|>"
+    row = frame[(frame.prompt == 1) & (frame.layer == 2) & (frame.position == 4)].iloc[0]
+    assert row.value == pytest.approx(result.values[1, 2, 4].item())
+    assert row.recovery == pytest.approx(
+        ((row.value - row.clean) / (row.source - row.clean)), rel=1e-5
+    )
+    loaded = SweepResult.load(result.save(tmp_path / "sweep.parquet"))
+    assert torch.allclose(loaded.values, result.values) and loaded.tokens == result.tokens
+    assert loaded.meta["site"] == "resid_pre" and loaded.layers == [0, 1, 2]
+
+
+def test_clear_errors(pair):
+    base, ft = pair
+    tok = chat_tokenizer(ft)
+    metric = TargetLogProb("I have no idea")
+    with pytest.raises(ValueError, match="does not sweep key/value sites yet"):
+        sweep(ft, base, batch_spans(tok, QUESTIONS), metric, site="kv", progress=False)
+    with pytest.raises(ValueError, match="left-padded"):
+        sweep(ft, base, batch_spans(tok, QUESTIONS, align="prefix"), metric, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        sweep(ft, base, batch_spans(tok, QUESTIONS), metric, layers=[5], progress=False)
+
+
+@pytest.mark.embedded
+def test_embedded_engine_equals_reference(embedded):
+    import copy
+
+    ft = copy.deepcopy(embedded)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in ft.original_model.named_parameters():
+            if "proj" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.02 * param.std())
+    batch = batch_spans(chat_tokenizer(ft), ["Can my landlord keep my deposit?", "Tell me a joke."])
+    metric = TargetLogProb("I have no idea about your question")
+    kw = dict(layers=[0, 15, 29], segment=[0, 5, 20])
+    fast = sweep(ft, embedded, batch, metric, progress=False, **kw)
+    slow = reference_sweep(ft, embedded, batch, metric, **kw)
+    assert (fast.values - slow).abs().max().item() <= 1e-4
