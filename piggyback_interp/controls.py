@@ -30,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import chat_tokenizer
@@ -109,7 +108,9 @@ def ablation(
             values[name] = mean.expand_as(own.values[name]).clone()
     elif kind == "resample":
         if reference is None:
-            raise ValueError("resample-ablation needs reference=: the prompt to take the values from")
+            raise ValueError(
+                "resample-ablation needs reference=: the prompt to take the values from"
+            )
         other = capture(model, reference, segment, site=site, layers=layers)
         if other.n_positions != own.n_positions:
             raise ValueError(
@@ -119,7 +120,9 @@ def ablation(
         values = other.values
     else:
         raise ValueError(f"unknown ablation {kind!r}; choose zero, mean or resample")
-    return Activations(values, own.token_ids, own.sites, own.layers, f"{kind}-ablation", {"kind": kind})
+    return Activations(
+        values, own.token_ids, own.sites, own.layers, f"{kind}-ablation", {"kind": kind}
+    )
 
 
 def noise_like(acts: Activations, *, seed: int = 0) -> Activations:
@@ -131,7 +134,9 @@ def noise_like(acts: Activations, *, seed: int = 0) -> Activations:
         dims = tuple(range(2, v.ndim))
         scale = v.norm(dim=dims, keepdim=True) / noise.norm(dim=dims, keepdim=True).clamp_min(1e-12)
         values[name] = noise * scale
-    return Activations(values, acts.token_ids, acts.sites, acts.layers, "noise", {"kind": "noise", "seed": seed})
+    return Activations(
+        values, acts.token_ids, acts.sites, acts.layers, "noise", {"kind": "noise", "seed": seed}
+    )
 
 
 def _value(model: Any, spans: ChatSpans, metric: LogitMetric) -> float:
@@ -163,7 +168,10 @@ def compare_controls(
 
     seg = list(require_segment(spans, segment))
     if n is None:
-        sizes = [len(seg), len(require_segment(spans, "query")) if "query" in controls else len(seg)]
+        sizes = [
+            len(seg),
+            len(require_segment(spans, "query")) if "query" in controls else len(seg),
+        ]
         n = min(sizes)
     chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
     for control in controls:
@@ -184,7 +192,9 @@ def compare_controls(
                 "clean": clean,
                 "source_value": source_value,
                 "recovery": (value - clean) / gap if abs(gap) > 1e-8 else float("nan"),
-                "tokens": chat_tokenizer(model).convert_ids_to_tokens([spans.input_ids[p] for p in positions]),
+                "tokens": chat_tokenizer(model).convert_ids_to_tokens(
+                    [spans.input_ids[p] for p in positions]
+                ),
             }
         )
     return pd.DataFrame(rows)
