@@ -63,6 +63,39 @@ _EXPORTS: dict[str, str] = {
         ],
         "piggyback_interp.spans",
     ),
+    **dict.fromkeys(
+        ["Activations", "capture", "patch_activations", "patch_prefix"], "piggyback_interp.patching"
+    ),
+    **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
+    **dict.fromkeys(
+        [
+            "AnswerLength",
+            "LogOdds",
+            "LogitMetric",
+            "NextTokenKL",
+            "TargetLogProb",
+            "TargetString",
+            "TextMetric",
+            "ToolCall",
+            "metric_on_model",
+            "recovery_fraction",
+        ],
+        "piggyback_interp.metrics",
+    ),
+    **dict.fromkeys(
+        [
+            "Perturbation",
+            "aggregate_trials",
+            "nearest_neighbours",
+            "perturb_segment",
+            "perturb_segments",
+        ],
+        "piggyback_interp.perturb",
+    ),
+    **dict.fromkeys(
+        ["ablation", "compare_controls", "control_positions", "noise_like"],
+        "piggyback_interp.controls",
+    ),
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -82,6 +115,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from piggyback_interp.controls import ablation, compare_controls, control_positions, noise_like
     from piggyback_interp.data import (
         ChatDataError,
         ChatDataset,
@@ -91,6 +125,18 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         train_test_split,
     )
     from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
+    from piggyback_interp.metrics import (
+        AnswerLength,
+        LogitMetric,
+        LogOdds,
+        NextTokenKL,
+        TargetLogProb,
+        TargetString,
+        TextMetric,
+        ToolCall,
+        metric_on_model,
+        recovery_fraction,
+    )
     from piggyback_interp.models import (
         BaseReleasedError,
         IncompatiblePairError,
@@ -101,6 +147,15 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         load_model,
         load_pair,
         model_info,
+    )
+    from piggyback_interp.patching import Activations, capture, patch_activations, patch_prefix
+    from piggyback_interp.patching.sweep import SweepResult, reference_sweep, sweep
+    from piggyback_interp.perturb import (
+        Perturbation,
+        aggregate_trials,
+        nearest_neighbours,
+        perturb_segment,
+        perturb_segments,
     )
     from piggyback_interp.spans import (
         SEGMENTS,

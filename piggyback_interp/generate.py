@@ -278,19 +278,18 @@ def _as_specs(patch: PatchArg) -> list[PatchSpec]:
 def _as_spans(
     tokenizer: Any, prompts: Sequence[Prompt] | ChatBatch, system_prompt: str | None
 ) -> list[ChatSpans]:
-    if isinstance(prompts, ChatBatch):
-        return [_unpad(spans) for spans in prompts.spans]
     if isinstance(prompts, str | ChatSpans):
         raise ValueError("prompts must be a list; wrap a single prompt in a list")
-    if len(prompts) == 0:
+    items = prompts.spans if isinstance(prompts, ChatBatch) else prompts
+    if len(items) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
     rows = [
-        p if isinstance(p, ChatSpans) else chat_spans(tokenizer, p, system_prompt=system_prompt)
-        for p in prompts
+        _unpad(p)
+        if isinstance(p, ChatSpans)
+        else chat_spans(tokenizer, p, system_prompt=system_prompt)
+        for p in items
     ]
     for i, spans in enumerate(rows):
-        if spans.padding:
-            rows[i] = _unpad(spans)
         if spans.response is not None:
             raise ValueError(
                 f"prompt {i} ends with an assistant message (a response); generation needs "

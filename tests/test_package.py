@@ -28,3 +28,23 @@ def test_import_is_lazy_and_silent():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+def test_type_checking_imports_match_the_lazy_exports():
+    """The TYPE_CHECKING block (for IDEs) names exactly the lazily exported names."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(piggyback_interp))
+    block = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
+    )
+    imported = {
+        (node.module, alias.name)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == {(module, name) for name, module in piggyback_interp._EXPORTS.items()}

@@ -194,3 +194,51 @@ def test_embedded_prefix_kv_patch_equals_base_prefix_cache(embedded):
     oracle = _prefix_cache_run(embedded, ft, ids, p)
     assert (patched[:, p:] - oracle).abs().max().item() <= 1e-4
     assert (ft(ids)[:, p:] - oracle).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_cached_generation_inside_patch_equals_full_recompute(pair):
+    """model.generate inside patch_prefix: the prompt is patched, decode steps pass through."""
+    base, ft = pair
+    spans = chat_spans(chat_tokenizer(ft), QUESTIONS[0])
+    kw = dict(max_new_tokens=6, do_sample=False, verbose=False, stop_at_eos=False)
+    with patch_prefix(ft, base, spans, site="kv"):
+        cached = ft.generate(spans.ids[None], use_past_kv_cache=True, **kw)
+        full = ft.generate(spans.ids[None], use_past_kv_cache=False, **kw)
+    assert torch.equal(cached, full)
+    plain = ft.generate(spans.ids[None], use_past_kv_cache=True, **kw)
+    assert not torch.equal(cached, plain)
+    with (
+        pytest.raises(ValueError, match="run the prompts the patch was made for"),
+        patch_prefix(ft, base, spans, site="kv"),
+    ):
+        ft(spans.ids[None, :5])
+
+
+@torch.no_grad()
+def test_isolated_postfix_patch_on_a_batch(pair):
+    """A shared empty-query postfix source merged with per-row clean values (batch > 1)."""
+    base, ft = pair
+    tok = chat_tokenizer(ft)
+    batch = batch_spans(tok, QUESTIONS, align="left")
+    with patch_prefix(ft, base, batch, segment="postfix", layers=[1]):
+        logits = ft(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )
+    for row, question in enumerate(QUESTIONS):
+        spans = chat_spans(tok, question)
+        with patch_prefix(ft, base, spans, segment="postfix", layers=[1]):
+            single = ft(spans.ids[None])
+        assert (logits[row, -1] - single[0, -1]).abs().max().item() <= 1e-4
+
+
+def test_token_check_reports_length_mismatch(pair):
+    base, ft = pair
+    tok = chat_tokenizer(ft)
+    spans = chat_spans(tok, QUESTIONS[0])
+    acts = capture(base, spans, "query", site="kv")
+    with (
+        pytest.raises(ValueError, match=r"take them from a batch of the same prompts|holds"),
+        patch_prefix(ft, acts, spans, segment=list(spans.query)[:-1]),
+    ):
+        pass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers
+from piggyback_interp.hooks import KV_SITES, HookSite
 from piggyback_interp.patching.activations import (
     Activations,
     Positions,
@@ -45,6 +45,8 @@ def patch_activations(
 
     ``positions`` is ``[rows, n]`` (or ``[1, n]`` shared by every row) in the padded
     coordinates of the batch that will be run. Hooks are removed on exit, also on error.
+    Generation works inside the block: the prompt forward is patched and cached
+    one-token decoding steps pass through (they read the patched prompt from the cache).
     """
     if positions.shape[-1] != acts.n_positions:
         raise ValueError(
@@ -52,12 +54,21 @@ def patch_activations(
             "take the source at a segment of the same length"
         )
     sites = _sites_by_name(model, acts)
+    needed = int(positions.max()) + 1
 
     def write(name: str, values: Tensor):
         site = sites[name]
 
         def hook(act: Tensor, hook: Any) -> Tensor:
-            return scatter(act, site, positions, values, heads)
+            length = act.shape[site.pos_dim]
+            if length >= needed:  # the prompt itself (or a longer full recompute)
+                return scatter(act, site, positions, values, heads)
+            if length == 1:  # a cached decoding step: the patched prompt is in the cache
+                return act
+            raise ValueError(
+                f"this patch writes positions up to {needed - 1} but the forward has only "
+                f"{length}; run the prompts the patch was made for inside the block"
+            )
 
         return hook
 
@@ -70,7 +81,9 @@ def check_tokens(acts: Activations, batch: ChatBatch, positions: Positions) -> N
     """Refuse a patch whose source had other tokens at the patched positions."""
     rows = torch.arange(batch.input_ids.shape[0])[:, None]
     target = batch.input_ids[rows, positions]
-    source = acts.token_ids.expand_as(target) if acts.token_ids.shape[0] == 1 else acts.token_ids
+    source = acts.token_ids
+    if source.shape[0] == 1 and source.shape[1] == target.shape[1]:
+        source = source.expand_as(target)
     if source.shape != target.shape:
         raise ValueError(
             f"the source activations have {tuple(source.shape)} (rows, positions) but the target "
@@ -156,9 +169,9 @@ def patch_prefix(
         segment: ``"prefix"``, ``"postfix"``, ``"query"``, or explicit positions
             of the unpadded prompt.
         heads: only these heads (KV heads for k/v, query heads for z).
-        isolate: for key/value sites on a subset of layers, keep the segment's
-            keys/values at the OTHER layers at the target's own clean values, so the
-            patch changes only what later positions read — the same as swapping those
+        isolate: for key/value sites on a subset of layers (or keys or values
+            alone), pin every other key/value of the segment to the target's own clean
+            value, so the patch changes only what later positions read — the same as swapping those
             layers' entries in the target's prefix cache (paper Eq. 1). With
             ``isolate=False`` the segment's own later layers see the patch too.
             Equal when every layer is patched.
@@ -176,19 +189,22 @@ def patch_prefix(
     else:
         acts = source_activations(source, batch, segment, site=site, layers=layers)
     check_tokens(acts, batch, positions)
-    kv = [s for s in acts.sites if s in KV_SITES]
-    others = sorted(set(resolve_layers(model, None)) - set(acts.layers))
-    if isolate and kv and others:
+    n_layers = model.cfg.n_layers
+    kv_patch = any(s in KV_SITES for s in acts.sites)
+    partial = set(acts.sites) != set(KV_SITES) or len(acts.layers) < n_layers
+    if isolate and kv_patch and partial:
         if heads is not None:
-            raise ValueError(
-                "isolate=True with heads is not supported; pass isolate=False for per-head K/V patches"
-            )
-        clean = capture(model, batch, segment, site=kv, layers=others)
+            raise ValueError("isolate=True with heads is not supported; pass isolate=False for per-head K/V patches")
+        # pin the segment's keys AND values at every layer to the target's clean ones,
+        # then write the patch over them: only later positions see the change
+        clean = capture(model, batch, segment, site=KV_SITES, layers=None)
+        rows = clean.token_ids.shape[0]  # a shared (1-row) source serves every row
+        values = {k: v.expand(rows, *v.shape[1:]) for k, v in acts.values.items()}
         acts = Activations(
-            {**clean.values, **acts.values},
-            acts.token_ids,
-            acts.sites,
-            tuple(sorted({*acts.layers, *others})),
+            {**clean.values, **values},
+            acts.token_ids.expand(rows, -1),
+            tuple(dict.fromkeys((*acts.sites, *KV_SITES))),
+            tuple(range(n_layers)),
             acts.source,
             acts.meta,
         )

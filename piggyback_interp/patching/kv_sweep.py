@@ -1,0 +1,181 @@
+"""Key/value layer sweeps over the prefix cache (paper Eq. 1, one layer window at a time).
+
+For every window of layers, the finetuned model's prefix cache gets the base
+model's prefix keys/values at those layers (the ``isolate=True`` meaning of a
+per-layer K/V patch: only what later positions read changes), and the rest of
+the prompt runs over it. The prefix is computed ONCE per model, many windows are
+stacked on the batch axis, and no prefix position is recomputed.
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.spans import batch_spans
+    >>> from piggyback_interp.metrics import TargetLogProb
+    >>> base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    >>> batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi"], align="prefix")
+    >>> result = kv_layer_sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False)
+    >>> result.values.shape, result.layers
+    (torch.Size([2, 2, 1]), [0, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from piggyback_interp.hooks import expand_sites, resolve_layers
+from piggyback_interp.metrics import LogitMetric, continuation_inputs
+from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.patching.activations import as_batch
+from piggyback_interp.patching.sweep import SweepResult, _metric_values
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
+
+
+def _prefix_cache(model: Any, batch: ChatBatch) -> Any:
+    ids = batch.input_ids[:1, : batch.prefix_len].to(model.cfg.device)
+    with torch.no_grad():
+        _, cache = model(ids, return_type="logits_and_cache")
+    return cache
+
+
+def kv_layer_sweep(
+    model: Any,
+    source: Any,
+    spans: ChatSpans | ChatBatch,
+    metric: LogitMetric,
+    *,
+    site: str = "kv",
+    layers: int | Iterable[int] | None = None,
+    window: int = 1,
+    windows_per_batch: int = 8,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch the source's PREFIX keys/values one layer window at a time.
+
+    Args:
+        model, source: the finetuned and the base model.
+        spans: prompts sharing one prefix, ``batch_spans(..., align="prefix")``
+            (or one :class:`ChatSpans`).
+        metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
+        site: ``"kv"``, ``"k"`` or ``"v"``.
+        layers: the first layers of the windows (default: every layer where a
+            window fits).
+        window: how many consecutive layers each cell patches.
+        windows_per_batch: cells stacked on the batch axis per forward.
+
+    Returns a :class:`SweepResult` whose layer axis is each window's first layer and
+    whose single cell is the whole prefix (``values``: ``[prompts, windows, 1]``).
+    """
+    sites = expand_sites(site)
+    if not set(sites) <= {"k", "v"}:
+        raise ValueError(
+            f"kv_layer_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}"
+        )
+    batch = as_batch(model, spans)
+    if len(batch) > 1 and batch.align != "prefix":
+        raise ValueError(
+            "kv_layer_sweep shares one prefix cache: build the batch with batch_spans(..., align='prefix')"
+        )
+    if batch.prefix_len is None:
+        batch = batch_spans(chat_tokenizer(model), batch.spans, align="prefix")
+    n_layers = model.cfg.n_layers
+    if window < 1 or window > n_layers:
+        raise ValueError(f"window must be between 1 and {n_layers}, got {window}")
+    starts = resolve_layers(model, layers if layers is not None else range(n_layers - window + 1))
+    if starts[-1] + window > n_layers:
+        raise ValueError(
+            f"a window of {window} layers starting at {starts[-1]} runs past layer {n_layers - 1}"
+        )
+    target_cache, source_cache = _prefix_cache(model, batch), _prefix_cache(source, batch)
+    tok = chat_tokenizer(model)
+    P, B = batch.prefix_len, len(batch)
+    values = torch.empty(len(starts), B)
+    rows = torch.arange(B)
+    bar = tqdm(total=len(starts), disable=not progress, desc=f"kv layer sweep ({site})")
+    with torch.no_grad():
+        for c0 in range(0, len(starts), windows_per_batch):
+            chunk = starts[c0 : c0 + windows_per_batch]
+            logits = []
+            for cont, n_read in zip(metric.continuations(tok), metric.n_read(tok), strict=True):
+                ids, mask, pos = continuation_inputs(batch, cont, model.cfg.device)
+                cache = _swapped_cache(target_cache, source_cache, chunk, window, sites, B)
+                out = model(
+                    ids[:, P:].repeat(len(chunk), 1),
+                    attention_mask=mask.repeat(len(chunk), 1),
+                    position_ids=pos[:, P:].repeat(len(chunk), 1),
+                    past_key_values=cache,
+                )
+                read_start = ids.shape[1] - len(cont) - 1 - P
+                logits.append(out[:, read_start : read_start + n_read])
+            vals = _metric_values(metric, logits, rows.repeat(len(chunk)))
+            values[c0 : c0 + len(chunk)] = vals.reshape(len(chunk), B).cpu()
+            bar.update(len(chunk))
+    bar.close()
+    clean = _with_cache(model, batch, metric, target_cache, tok)
+    src = _with_cache(source, batch, metric, source_cache, tok)
+    return SweepResult(
+        values=values.T[:, :, None].contiguous(),
+        clean=clean,
+        source=src,
+        layers=list(starts),
+        positions=[-1],  # one cell: the whole prefix
+        tokens=["<whole prefix>"],
+        segments=["prefix"],
+        meta={
+            "kind": "kv_layer_sweep",
+            "target": model_info(model).name,
+            "source": model_info(source).name,
+            "site": site,
+            "window": window,
+            "starts": list(starts),
+            "metric": metric.name,
+        },
+    )
+
+
+def _swapped_cache(
+    target: Any, source: Any, starts: Iterable[int], window: int, sites: tuple[str, ...], B: int
+) -> Any:
+    """A prefix cache of ``len(starts) * B`` rows; cell c's rows carry the source's
+    keys/values at layers ``starts[c] .. starts[c] + window - 1``."""
+    starts = list(starts)
+    cache = DynamicCache()
+    for layer in range(len(target.layers)):
+        k_rows, v_rows = [], []
+        for s in starts:
+            swap = s <= layer < s + window
+            k = source.layers[layer].keys if swap and "k" in sites else target.layers[layer].keys
+            v = (
+                source.layers[layer].values
+                if swap and "v" in sites
+                else target.layers[layer].values
+            )
+            k_rows.append(k.expand(B, -1, -1, -1))
+            v_rows.append(v.expand(B, -1, -1, -1))
+        cache.update(torch.cat(k_rows), torch.cat(v_rows), layer)
+    return cache
+
+
+def _with_cache(
+    model: Any, batch: ChatBatch, metric: LogitMetric, prefix_cache: Any, tok: Any
+) -> Tensor:
+    """The metric of ``model`` on the batch over its own prefix cache (unpatched)."""
+    P = batch.prefix_len
+    logits = []
+    with torch.no_grad():
+        for cont, n_read in zip(metric.continuations(tok), metric.n_read(tok), strict=True):
+            ids, mask, pos = continuation_inputs(batch, cont, model.cfg.device)
+            cache = _swapped_cache(prefix_cache, prefix_cache, [0], 1, (), len(batch))  # no swap
+            out = model(
+                ids[:, P:], attention_mask=mask, position_ids=pos[:, P:], past_key_values=cache
+            )
+            read_start = ids.shape[1] - len(cont) - 1 - P
+            logits.append(out[:, read_start : read_start + n_read])
+    return _metric_values(metric, logits, torch.arange(len(batch))).cpu()
+
+
+__all__ = ["kv_layer_sweep"]
