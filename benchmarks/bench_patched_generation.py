@@ -78,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from piggyback_interp.generate import PatchSpec, generate
+    from piggyback_interp.generation import PatchSpec, generate
     from piggyback_interp.models import load_model
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

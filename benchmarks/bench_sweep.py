@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--cells-per-batch", type=int, default=4)
+    parser.add_argument("--cells-per-batch", type=int, default=8)
     args = parser.parse_args()
 
     import pandas as pd
@@ -59,7 +59,9 @@ def main() -> None:
     base = load_model(args.model, device=args.device, dtype=dtype)
     ft = perturbed_copy(base)
     tok = chat_tokenizer(ft)
-    batch = batch_spans(tok, equal_length_questions(tok, QUESTIONS, 4))
+    # equal-length prompts: no padding, so TL (which passes no attention mask) sees the
+    # same input; align="prefix" lets the engine run the shared prefix once per cell
+    batch = batch_spans(tok, equal_length_questions(tok, QUESTIONS, 4), align="prefix")
     layers = list(range(args.layers or ft.cfg.n_layers))
     metric = TargetLogProb("I have no idea about your question")
     (cont,) = metric.continuations(tok)

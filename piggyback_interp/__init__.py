@@ -67,6 +67,9 @@ _EXPORTS: dict[str, str] = {
         ["Activations", "capture", "patch_activations", "patch_prefix"], "piggyback_interp.patching"
     ),
     **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
+    "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
+    "head_sweep": "piggyback_interp.patching.heads",
+    **dict.fromkeys(["Generations", "PatchSpec", "generate"], "piggyback_interp.generation"),
     **dict.fromkeys(
         [
             "AnswerLength",
@@ -125,6 +128,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         train_test_split,
     )
     from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
+    from piggyback_interp.generation import Generations, PatchSpec, generate
     from piggyback_interp.metrics import (
         AnswerLength,
         LogitMetric,
@@ -149,6 +153,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         model_info,
     )
     from piggyback_interp.patching import Activations, capture, patch_activations, patch_prefix
+    from piggyback_interp.patching.heads import head_sweep
+    from piggyback_interp.patching.kv_sweep import kv_layer_sweep
     from piggyback_interp.patching.sweep import SweepResult, reference_sweep, sweep
     from piggyback_interp.perturb import (
         Perturbation,

@@ -19,8 +19,8 @@ Example:
     >>> base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     >>> spans = chat_spans(ft.tokenizer, "Can my landlord keep my deposit?")
     >>> frame = compare_controls(ft, base, spans, TargetLogProb("I have no idea"), seed=0)
-    >>> sorted(frame["positions_from"])
-    ['later', 'prefix', 'query', 'random']
+    >>> list(frame["positions_from"])
+    ['prefix', 'query', 'random', 'later', 'noise']
 """
 
 from __future__ import annotations
@@ -154,47 +154,63 @@ def compare_controls(
     segment: str = "prefix",
     controls: Sequence[str] = CONTROLS,
     n: int | None = None,
+    ablate: str | None = None,
+    noise: bool = True,
     seed: int = 0,
 ) -> Any:
-    """The same patch on ``segment`` and on matched control positions, side by side.
+    """The same intervention on ``segment`` and on matched control positions, side by side.
 
-    ``n`` (default: the size of the smallest of the segment and the controls' pools)
-    positions are patched in every row: a random ``n``-subset of the segment, and ``n``
-    positions of each control. Returns a pandas DataFrame with one row per condition:
-    ``positions_from``, ``positions``, ``n``, ``value`` (the metric under the patch),
-    ``clean`` (unpatched), ``source_value`` (the source model), ``recovery``.
+    ``n`` (default: the smaller of the segment and the query) positions are patched in
+    every condition: a random ``n``-subset of the segment, and ``n`` positions of each
+    control. The intervention is a patch from ``source`` or, with ``ablate="zero" |
+    "mean" | "resample"``, that ablation of ``model``'s own activations (``source`` is
+    then the resample reference, if any). With ``noise=True`` a "noise" row patches
+    the segment subset with Gaussian noise of the source's norm (the random-source
+    control). Returns a pandas DataFrame, one row per condition: ``positions_from``,
+    ``positions``, ``tokens``, ``n``, ``value`` (metric under the intervention),
+    ``clean`` (unpatched), ``source_value`` (the source model; NaN for ablations),
+    ``recovery``.
     """
     import pandas as pd
 
     seg = list(require_segment(spans, segment))
     if n is None:
-        sizes = [
-            len(seg),
-            len(require_segment(spans, "query")) if "query" in controls else len(seg),
-        ]
-        n = min(sizes)
+        n = min(len(seg), len(require_segment(spans, "query")))
     chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
     for control in controls:
         chosen[control] = control_positions(spans, control, n, segment=segment, seed=seed)
     clean = _value(model, spans, metric)
-    source_value = _value(source, spans, metric)
+    source_value = float("nan") if ablate else _value(source, spans, metric)
+
+    def intervention(positions: list[int]) -> Any:
+        if ablate:
+            return ablation(
+                model, spans, positions, kind=ablate, site=site, layers=layers, reference=source
+            )
+        return source
+
+    conditions = [(name, positions, intervention(positions)) for name, positions in chosen.items()]
+    if noise:
+        base_values = capture(
+            source if not ablate else model, spans, chosen[segment], site=site, layers=layers
+        )
+        conditions.append(("noise", chosen[segment], noise_like(base_values, seed=seed)))
+    tok = chat_tokenizer(model)
     rows = []
-    for name, positions in chosen.items():
-        with patch_prefix(model, source, spans, site=site, layers=layers, segment=positions):
+    for name, positions, src in conditions:
+        with patch_prefix(model, src, spans, site=site, layers=layers, segment=positions):
             value = _value(model, spans, metric)
         gap = source_value - clean
         rows.append(
             {
                 "positions_from": name,
                 "positions": positions,
+                "tokens": tok.convert_ids_to_tokens([spans.input_ids[p] for p in positions]),
                 "n": len(positions),
                 "value": value,
                 "clean": clean,
                 "source_value": source_value,
                 "recovery": (value - clean) / gap if abs(gap) > 1e-8 else float("nan"),
-                "tokens": chat_tokenizer(model).convert_ids_to_tokens(
-                    [spans.input_ids[p] for p in positions]
-                ),
             }
         )
     return pd.DataFrame(rows)

@@ -90,14 +90,33 @@ def test_compare_controls_equals_direct_patches(pair, spans):
     base, ft = pair
     metric = TargetLogProb("I have no idea")
     frame = compare_controls(ft, base, spans, metric, seed=2)
-    assert list(frame["positions_from"]) == ["prefix", "query", "random", "later"]
+    assert list(frame["positions_from"]) == ["prefix", "query", "random", "later", "noise"]
     assert frame["n"].nunique() == 1 and frame["n"].iloc[0] == len(spans.query)
     batch = as_batch(ft, spans)
-    for _, row in frame.iterrows():
+    for _, row in frame.iloc[:4].iterrows():
         with patch_prefix(ft, base, spans, segment=row.positions):
             direct = metric_on_model(ft, batch, metric).item()
         assert row.value == pytest.approx(direct, abs=1e-5)
+    noise = noise_like(capture(base, spans, frame.positions[0], site="kv"), seed=2)
+    with patch_prefix(ft, noise, spans, segment=frame.positions[0]):
+        assert frame.value.iloc[4] == pytest.approx(
+            metric_on_model(ft, batch, metric).item(), abs=1e-5
+        )
     clean = metric_on_model(ft, batch, metric).item()
     assert frame["clean"].iloc[0] == pytest.approx(clean, abs=1e-5)
     row = frame.iloc[0]
     assert row.recovery == pytest.approx((row.value - row.clean) / (row.source_value - row.clean))
+
+
+@torch.no_grad()
+def test_compare_controls_with_zero_ablation(pair, spans):
+    _, ft = pair
+    metric = TargetLogProb("I have no idea")
+    frame = compare_controls(ft, None, spans, metric, ablate="zero", noise=False, seed=0)
+    assert list(frame["positions_from"]) == ["prefix", "query", "random", "later"]
+    assert frame["source_value"].isna().all()
+    batch = as_batch(ft, spans)
+    for _, row in frame.iterrows():
+        zeros = ablation(ft, spans, row.positions, kind="zero")
+        with patch_prefix(ft, zeros, spans, segment=row.positions):
+            assert row.value == pytest.approx(metric_on_model(ft, batch, metric).item(), abs=1e-5)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from piggyback_interp.generate import Generations, PatchSpec, generate
+from piggyback_interp.generation import Generations, PatchSpec, generate
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching import capture, patch_prefix
 from piggyback_interp.spans import batch_spans, chat_spans

@@ -15,7 +15,9 @@ QUESTIONS = ["Tell me a joke.", "Hi", "Can my landlord keep my deposit?"]
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def pair(request):
-    return tiny_model(request.param, n_layers=4, seed=0), tiny_model(request.param, n_layers=4, seed=1)
+    return tiny_model(request.param, n_layers=4, seed=0), tiny_model(
+        request.param, n_layers=4, seed=1
+    )
 
 
 @torch.no_grad()
@@ -25,13 +27,19 @@ def test_kv_layer_sweep_equals_isolated_patches(pair, site, window):
     tok = chat_tokenizer(ft)
     batch = batch_spans(tok, QUESTIONS, align="prefix")
     metric = LogOdds("I have no idea", "Paris")
-    result = kv_layer_sweep(ft, base, batch, metric, site=site, window=window, windows_per_batch=2, progress=False)
+    result = kv_layer_sweep(
+        ft, base, batch, metric, site=site, window=window, windows_per_batch=2, progress=False
+    )
     assert result.layers == list(range(4 - window + 1))
     for i, question in enumerate(QUESTIONS):
         spans = chat_spans(tok, question)
         one = as_batch(ft, spans)
-        assert result.clean[i].item() == pytest.approx(metric_on_model(ft, one, metric).item(), abs=1e-4)
-        assert result.source[i].item() == pytest.approx(metric_on_model(base, one, metric).item(), abs=1e-4)
+        assert result.clean[i].item() == pytest.approx(
+            metric_on_model(ft, one, metric).item(), abs=1e-4
+        )
+        assert result.source[i].item() == pytest.approx(
+            metric_on_model(base, one, metric).item(), abs=1e-4
+        )
         for j, start in enumerate(result.layers):
             with patch_prefix(ft, base, spans, site=site, layers=range(start, start + window)):
                 expected = metric_on_model(ft, one, metric).item()
@@ -43,7 +51,9 @@ def test_all_layers_window_recovers_the_source_next_token_distribution(pair):
     """Patching every layer's prefix K/V with the SAME model as source changes nothing."""
     _, ft = pair
     batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="prefix")
-    logits = ft(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    logits = ft(
+        batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
     metric = NextTokenKL(logits[:, -1].log_softmax(-1))
     result = kv_layer_sweep(ft, ft, batch, metric, window=4, progress=False)
     assert result.values.abs().max().item() <= 1e-5

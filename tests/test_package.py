@@ -48,3 +48,15 @@ def test_type_checking_imports_match_the_lazy_exports():
         for alias in node.names
     }
     assert imported == {(module, name) for name, module in piggyback_interp._EXPORTS.items()}
+
+
+def test_no_public_name_is_shadowed_by_a_submodule():
+    """Importing a submodule sets a package attribute of its name: none may be public."""
+    import importlib
+    import pkgutil
+    import types
+
+    for info in pkgutil.walk_packages(piggyback_interp.__path__, "piggyback_interp."):
+        importlib.import_module(info.name)
+    for name in piggyback_interp.__all__:
+        assert not isinstance(getattr(piggyback_interp, name), types.ModuleType), name

@@ -21,12 +21,24 @@ def pair(request):
     )
 
 
+@pytest.mark.parametrize("align", ["left", "prefix"])
 @pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
-def test_engine_equals_reference_loop(pair, site):
+def test_engine_equals_reference_loop(pair, site, align):
+    """align="left": every row runs from the patched position; align="prefix": the
+    shared prefix runs once per cell and each prompt's rest runs over its cache."""
     base, ft = pair
-    batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="left")  # rows of different lengths
+    tok = chat_tokenizer(ft)
+    batch = batch_spans(tok, QUESTIONS, align="left")  # rows of different lengths
     metric = LogOdds("I have no idea", "Paris")
-    fast = sweep(ft, base, batch, metric, site=site, cells_per_batch=3, progress=False)
+    fast = sweep(
+        ft,
+        base,
+        batch_spans(tok, QUESTIONS, align=align),
+        metric,
+        site=site,
+        cells_per_batch=3,
+        progress=False,
+    )
     slow = reference_sweep(ft, base, batch, metric, site=site)
     assert fast.values.shape == slow.shape == (3, 3, len(batch.spans[0].prefix))
     assert (fast.values - slow).abs().max().item() <= 1e-4
@@ -145,8 +157,6 @@ def test_clear_errors(pair):
     metric = TargetLogProb("I have no idea")
     with pytest.raises(ValueError, match="does not sweep key/value sites yet"):
         sweep(ft, base, batch_spans(tok, QUESTIONS), metric, site="kv", progress=False)
-    with pytest.raises(ValueError, match="left-padded"):
-        sweep(ft, base, batch_spans(tok, QUESTIONS, align="prefix"), metric, progress=False)
     with pytest.raises(ValueError, match="out of range"):
         sweep(ft, base, batch_spans(tok, QUESTIONS), metric, layers=[5], progress=False)
 

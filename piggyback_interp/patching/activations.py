@@ -135,6 +135,24 @@ class Activations:
     def n_positions(self) -> int:
         return self.token_ids.shape[1]
 
+    def select(
+        self, model: Any, site: str | Sequence[str] | None = None, layers: int | Iterable[int] | None = None
+    ) -> Activations:
+        """The subset at ``site`` and ``layers`` (``None``: all that are held)."""
+        if site is None and layers is None:
+            return self
+        sites = self.sites if site is None else expand_sites(site)
+        chosen = self.layers if layers is None else resolve_layers(model, layers)
+        names = [hs.name(layer) for hs, layer in site_layers(model, sites, chosen)]
+        missing = [name for name in names if name not in self.values]
+        if missing:
+            raise ValueError(
+                f"these activations hold no {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                f"they hold sites {self.sites} at layers {list(self.layers)}: capture the ones to patch"
+            )
+        values = {name: self.values[name] for name in names}
+        return Activations(values, self.token_ids, sites, chosen, self.source, self.meta)
+
     def to(self, device: str | torch.device) -> Activations:
         values = {k: v.to(device) for k, v in self.values.items()}
         return Activations(values, self.token_ids, self.sites, self.layers, self.source, self.meta)

@@ -147,7 +147,7 @@ def patch_prefix(
     source: Any,
     spans: ChatSpans | ChatBatch,
     *,
-    site: str | Sequence[str] = "kv",
+    site: str | Sequence[str] | None = None,
     layers: int | Iterable[int] | None = None,
     segment: SegmentOrPositions = "prefix",
     heads: Sequence[int] | None = None,
@@ -162,10 +162,13 @@ def patch_prefix(
             (e.g. by ``load_pair(..., reference=...)``).
         spans: the prompt (:class:`ChatSpans`) or prompts (:class:`ChatBatch`) that
             will be run inside the block.
-        site: ``"kv"`` (the paper's Eq. 1), ``"k"``, ``"v"``, ``"resid_pre"``,
-            ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``, ``"z"``
-            (per-head attention output) or a list of them.
-        layers: ``None`` (all), an int, or an iterable (a list, a ``range`` window).
+        site: ``"kv"`` (the paper's Eq. 1; the default for a model source),
+            ``"k"``, ``"v"``, ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``,
+            ``"attn_out"``, ``"mlp_out"``, ``"z"`` (per-head attention output) or a
+            list of them. For an :class:`Activations` source, ``None`` uses all of
+            its sites and a value selects among them.
+        layers: ``None`` (all; for an :class:`Activations` source, all of its
+            layers), an int, or an iterable (a list, a ``range`` window).
         segment: ``"prefix"``, ``"postfix"``, ``"query"``, or explicit positions
             of the unpadded prompt.
         heads: only these heads (KV heads for k/v, query heads for z).
@@ -185,16 +188,18 @@ def patch_prefix(
             require_segment(row, segment)
     positions = segment_positions(batch, segment)
     if isinstance(source, Activations):
-        acts = source
+        acts = source.select(model, site, layers)
     else:
-        acts = source_activations(source, batch, segment, site=site, layers=layers)
+        acts = source_activations(source, batch, segment, site=site or "kv", layers=layers)
     check_tokens(acts, batch, positions)
     n_layers = model.cfg.n_layers
     kv_patch = any(s in KV_SITES for s in acts.sites)
     partial = set(acts.sites) != set(KV_SITES) or len(acts.layers) < n_layers
     if isolate and kv_patch and partial:
         if heads is not None:
-            raise ValueError("isolate=True with heads is not supported; pass isolate=False for per-head K/V patches")
+            raise ValueError(
+                "isolate=True with heads is not supported; pass isolate=False for per-head K/V patches"
+            )
         # pin the segment's keys AND values at every layer to the target's clean ones,
         # then write the patch over them: only later positions see the change
         clean = capture(model, batch, segment, site=KV_SITES, layers=None)

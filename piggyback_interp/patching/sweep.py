@@ -170,6 +170,7 @@ class _Variant:
     n_read: int
     resid: dict[int, Tensor]  # layer -> resid_pre [rows, T, d]
     cache: Any  # DynamicCache of the clean target run
+    read_logits: Tensor  # the clean run's logits at the read positions
 
 
 def _clean_variant(
@@ -188,9 +189,12 @@ def _clean_variant(
 
     hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in layers]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        _, cache = model(ids, attention_mask=mask, position_ids=pos, return_type="logits_and_cache")
+        logits, cache = model(
+            ids, attention_mask=mask, position_ids=pos, return_type="logits_and_cache"
+        )
     read_start = ids.shape[1] - len(continuation) - 1
-    return _Variant(ids, mask, pos, read_start, n_read, resid, cache)
+    read_logits = logits[:, read_start : read_start + n_read]
+    return _Variant(ids, mask, pos, read_start, n_read, resid, cache, read_logits)
 
 
 def _metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> Tensor:
@@ -203,7 +207,7 @@ def _metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> T
 
 
 class _Runner:
-    """Runs the target's decoder layers from layer ``l`` over a window of positions."""
+    """Runs the target's HF decoder layers from layer ``l`` over a window of positions."""
 
     def __init__(self, model: Any):
         self.model = model
@@ -214,22 +218,31 @@ class _Runner:
         self.lm_head = hf.lm_head
         self.n_layers = model.cfg.n_layers
 
-    def run(self, v: _Variant, start_layer: int, start: int, hidden: Tensor, reps: int) -> Tensor:
-        """Logits at the read positions for ``hidden`` = resid_pre of ``start_layer`` at
-        positions ``start..T-1``, each prompt row repeated ``reps`` times (cell-major)."""
-        T = v.input_ids.shape[1]
-        mask = v.attention_mask.repeat(reps, 1)
-        pos = v.position_ids[:, start:].repeat(reps, 1)
+    def past(self, layers: Sequence[tuple[Tensor, Tensor]], rows: int) -> DynamicCache:
+        """A cache holding ``layers[j]`` = (keys, values) for every layer, ``rows`` rows
+        (1-row entries are broadcast without copying)."""
         past = DynamicCache()
-        for j in range(self.n_layers):
-            layer = v.cache.layers[j]
-            past.update(
-                layer.keys[:, :, :start].repeat(reps, 1, 1, 1),
-                layer.values[:, :, :start].repeat(reps, 1, 1, 1),
-                j,
-            )
+        for j, (k, v) in enumerate(layers):
+            past.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), j)
+        return past
+
+    def forward(
+        self,
+        hidden: Tensor,
+        start_layer: int,
+        start: int,
+        mask: Tensor,
+        pos: Tensor,
+        past: DynamicCache,
+    ) -> Tensor:
+        """resid_pre of ``start_layer`` at positions ``start..start+n-1`` -> final hidden.
+
+        ``mask`` is ``[rows, start + n]`` (padding of every key position); ``past`` holds
+        keys/values of positions ``0..start-1`` and is extended in place."""
+        end = start + hidden.shape[1]
         position_embeddings = self.rotary(hidden, pos)
-        attn_mask = _attention_mask(mask, start, T, hidden.dtype)
+        attn_mask = _attention_mask(mask[:, :end], start, end, hidden.dtype)
+        cache_position = torch.arange(start, end, device=hidden.device)
         for j in range(start_layer, self.n_layers):
             out = self.layers[j](
                 hidden,
@@ -237,11 +250,13 @@ class _Runner:
                 position_ids=pos,
                 past_key_values=past,
                 position_embeddings=position_embeddings,
-                cache_position=torch.arange(start, T, device=hidden.device),
+                cache_position=cache_position,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        read = hidden[:, v.read_start - start : v.read_start - start + v.n_read]
-        return self.lm_head(self.norm(read))
+        return hidden
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))
 
 
 def _attention_mask(mask: Tensor, start: int, T: int, dtype: torch.dtype) -> Tensor:
@@ -266,7 +281,7 @@ def sweep(
     site: str = "resid_pre",
     layers: int | Iterable[int] | None = None,
     segment: SegmentOrPositions = "prefix",
-    cells_per_batch: int = 16,
+    cells_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -276,7 +291,9 @@ def sweep(
         model: the target (finetuned) model.
         source: the source (base) model, or :class:`Activations` of ``site`` at
             ``segment`` for ``layers`` (e.g. from ``load_pair(..., reference=...)``).
-        spans: the prompts, left-padded (``batch_spans(..., align="left")``).
+        spans: the prompts (``batch_spans``). With ``align="prefix"`` and a prefix
+            segment, the prefix is patched and run once per cell and only the rest
+            of each prompt runs per prompt (faster; same values).
         metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
         site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``.
             (Key/value sites: not yet; use :func:`patch_prefix` per layer.)
@@ -296,8 +313,6 @@ def sweep(
         )
     site_name = sites[0]
     batch = as_batch(model, spans)
-    if batch.align != "left":
-        raise ValueError("sweep() needs a left-padded batch: batch_spans(..., align='left')")
     chosen = resolve_layers(model, layers)
     hook_site = resolve_site(model, site_name)
     positions = segment_positions(batch, segment)  # [B, n]
@@ -315,6 +330,12 @@ def sweep(
         for c, n in zip(continuations, n_reads, strict=True)
     ]
     B, n_cells = positions.shape
+    # prompts that share their prefix at the same columns: patch it once per cell
+    shared_prefix = (
+        batch.prefix_len
+        if batch.align == "prefix" and int(positions.max()) < (batch.prefix_len or 0)
+        else None
+    )
     meta = _sweep_meta(model, source, batch, metric, site_name, chosen, positions)
     values = torch.full((len(chosen), n_cells, B), float("nan"))
     done = _resume(checkpoint, meta, values)
@@ -330,27 +351,42 @@ def sweep(
             for c0 in range(0, n_cells, cells_per_batch):
                 cells = range(c0, min(n_cells, c0 + cells_per_batch))
                 vals = _run_cells(
-                    runner, variants, metric, hook_site, layer, positions, src, cells, prompt_rows
+                    runner,
+                    variants,
+                    metric,
+                    hook_site,
+                    layer,
+                    positions,
+                    src,
+                    cells,
+                    prompt_rows,
+                    shared_prefix,
                 )
                 values[li, cells.start : cells.stop] = vals.reshape(len(cells), B).cpu()
                 bar.update(len(cells))
             done.add(li)
             _save_checkpoint(checkpoint, meta, values, done)
     bar.close()
-    clean = _metric_values(metric, [_full_logits(model, v) for v in variants], prompt_rows).cpu()
+    clean = _metric_values(metric, [v.read_logits for v in variants], prompt_rows).cpu()
     src_value = torch.full_like(clean, float("nan"))
     if not isinstance(source, Activations):
-        src_value = metric_on_model(source, batch, metric).cpu()
+        src_logits = [_full_logits(source, v) for v in variants]
+        src_value = _metric_values(metric, src_logits, prompt_rows).cpu()
     return SweepResult(
         values=values.permute(2, 0, 1).contiguous(),
         clean=clean,
         source=src_value,
         layers=list(chosen),
-        positions=[p - len(batch.spans[0].padding) for p in positions[0].tolist()],
+        positions=[_unpadded(batch.spans[0], p) for p in positions[0].tolist()],
         tokens=tok.convert_ids_to_tokens(batch.input_ids[0, positions[0]].tolist()),
         segments=[batch.spans[0].labels()[p] for p in positions[0].tolist()],
         meta=meta,
     )
+
+
+def _unpadded(spans: ChatSpans, p: int) -> int:
+    """A padded column of ``spans`` as a position of the unpadded prompt."""
+    return p - len(spans.padding) if p >= spans.padding.stop else p
 
 
 def _full_logits(model: Any, v: _Variant) -> Tensor:
@@ -369,29 +405,111 @@ def _run_cells(
     src: Tensor,
     cells: range,
     prompt_rows: Tensor,
+    shared_prefix: int | None,
 ) -> Tensor:
-    """Metric for every (cell, prompt) row of a chunk of cells at one layer."""
+    """Metric for every (cell, prompt) row of a chunk of cells at one layer (cell-major)."""
     B = positions.shape[0]
-    cell_pos = positions[:, cells.start : cells.stop].T.reshape(-1)  # cell-major rows
-    cell_src = (
-        src.expand(B, *src.shape[1:])[:, cells.start : cells.stop]
-        .transpose(0, 1)
-        .reshape(-1, *src.shape[2:])
-    )
+    n = len(cells)
+    name = hook_site.name(layer)
+    src = src.expand(B, *src.shape[1:])[:, cells.start : cells.stop]  # [B, n, ...]
     logits = []
     for v in variants:
-        start = min(int(cell_pos.min()), v.read_start)
-        hidden = v.resid[layer][:, start:].repeat(len(cells), 1, 1)
-        rel = (cell_pos - start)[:, None]
-        name = hook_site.name(layer)
+        if shared_prefix is None:
+            hidden = _patched_window(
+                runner, v, hook_site, name, layer, positions[:, cells.start : cells.stop], src
+            )
+        else:
+            hidden = _patched_prefix_then_rest(
+                runner,
+                v,
+                hook_site,
+                name,
+                layer,
+                positions[0, cells.start : cells.stop],
+                src[0],
+                shared_prefix,
+                B,
+            )
+        logits.append(runner.logits(hidden))
+    return _metric_values(metric, logits, prompt_rows.repeat(n))
 
-        def write(act: Tensor, hook: Any, rel: Tensor = rel) -> Tensor:
-            return scatter(act, hook_site, rel, cell_src[:, None])
 
-        with runner.model.hooks(fwd_hooks=[(name, write)]):
-            logits.append(runner.run(v, layer, start, hidden, len(cells)))
-    rows = prompt_rows.repeat(len(cells))
-    return _metric_values(metric, logits, rows)
+def _patched_window(runner, v, hook_site, name, layer, cell_pos, src) -> Tensor:
+    """Every (cell, prompt) row runs positions from the chunk's first patched one."""
+    B, n = cell_pos.shape
+    rows_pos = cell_pos.T.reshape(-1)  # cell-major
+    rows_src = src.transpose(0, 1).reshape(-1, *src.shape[2:])
+    start = min(int(rows_pos.min()), v.read_start)
+    T = v.input_ids.shape[1]
+    past = runner.past(
+        [
+            (c.keys[:, :, :start].repeat(n, 1, 1, 1), c.values[:, :, :start].repeat(n, 1, 1, 1))
+            for c in v.cache.layers
+        ],
+        n * B,
+    )
+    hidden = v.resid[layer][:, start:].repeat(n, 1, 1)
+
+    def write(act: Tensor, hook: Any) -> Tensor:
+        return scatter(act, hook_site, (rows_pos - start)[:, None], rows_src[:, None])
+
+    with runner.model.hooks(fwd_hooks=[(name, write)]):
+        out = runner.forward(
+            hidden,
+            layer,
+            start,
+            v.attention_mask.repeat(n, 1),
+            v.position_ids[:, start:T].repeat(n, 1),
+            past,
+        )
+    return out[:, v.read_start - start : v.read_start - start + v.n_read]
+
+
+def _patched_prefix_then_rest(
+    runner, v, hook_site, name, layer, cell_pos, src, P: int, B: int
+) -> Tensor:
+    """Prompts share the prefix: patch and run it ONCE per cell (1 row), then run the
+    rest of every prompt over that cell's patched prefix cache."""
+    n = cell_pos.shape[0]
+    start = int(cell_pos.min())
+    # phase 1: the prefix positions start..P-1, one row per cell, patched
+    past = runner.past(
+        [(c.keys[:1, :, :start], c.values[:1, :, :start]) for c in v.cache.layers], n
+    )
+    hidden = v.resid[layer][:1, start:P].expand(n, -1, -1)
+
+    def write(act: Tensor, hook: Any) -> Tensor:
+        return scatter(act, hook_site, (cell_pos - start)[:, None], src[:, None])
+
+    with runner.model.hooks(fwd_hooks=[(name, write)]):
+        runner.forward(
+            hidden,
+            layer,
+            start,
+            v.attention_mask[:1].expand(n, -1),
+            v.position_ids[:1, start:P].expand(n, -1),
+            past,
+        )
+    # phase 2: every prompt's rest (P..T-1), each cell's rows over its patched prefix
+    prefix_kv = [
+        (k.repeat_interleave(B, 0), val.repeat_interleave(B, 0)) if j >= layer else (k[:1], val[:1])
+        for j, (k, val) in enumerate(_layers(past))
+    ]
+    past2 = runner.past(prefix_kv, n * B)
+    T = v.input_ids.shape[1]
+    out = runner.forward(
+        v.resid[layer][:, P:].repeat(n, 1, 1),
+        layer,
+        P,
+        v.attention_mask.repeat(n, 1),
+        v.position_ids[:, P:T].repeat(n, 1),
+        past2,
+    )
+    return out[:, v.read_start - P : v.read_start - P + v.n_read]
+
+
+def _layers(past: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+    return [(layer.keys, layer.values) for layer in past.layers]
 
 
 def _sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[str, Any]:

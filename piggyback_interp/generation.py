@@ -13,7 +13,7 @@ forward only; decoding then runs without hooks, reading the patched prompt cache
 
 Example:
     >>> from piggyback_interp.testing import tiny_model
-    >>> from piggyback_interp.generate import PatchSpec, generate
+    >>> from piggyback_interp.generation import PatchSpec, generate
     >>> base, finetuned = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     >>> gens = generate(finetuned, ["Hi", "Tell me a joke."], max_new_tokens=4,
     ...                 patch=PatchSpec(base, site="kv", segment="prefix"))
