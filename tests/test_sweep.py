@@ -155,8 +155,10 @@ def test_clear_errors(pair):
     base, ft = pair
     tok = chat_tokenizer(ft)
     metric = TargetLogProb("I have no idea")
-    with pytest.raises(ValueError, match="does not sweep key/value sites yet"):
-        sweep(ft, base, batch_spans(tok, QUESTIONS), metric, site="kv", progress=False)
+    with pytest.raises(ValueError, match="reference loop, which needs"):
+        sweep(
+            ft, base, batch_spans(tok, QUESTIONS, align="prefix"), metric, site="kv", progress=False
+        )
     with pytest.raises(ValueError, match="out of range"):
         sweep(ft, base, batch_spans(tok, QUESTIONS), metric, layers=[5], progress=False)
 
@@ -177,3 +179,29 @@ def test_embedded_engine_equals_reference(embedded):
     fast = sweep(ft, embedded, batch, metric, progress=False, **kw)
     slow = reference_sweep(ft, embedded, batch, metric, **kw)
     assert (fast.values - slow).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("site", ["kv", "k", "z"])
+def test_kv_and_head_output_sweeps_equal_single_patches(pair, site):
+    """Sites the engine does not batch run the reference loop; each cell equals one
+    patch_prefix at that (layer, position) on that prompt alone (K/V isolated)."""
+    from piggyback_interp.metrics import metric_on_model
+    from piggyback_interp.patching import as_batch, patch_prefix
+    from piggyback_interp.spans import chat_spans
+
+    base, ft = pair
+    tok = chat_tokenizer(ft)
+    batch = batch_spans(tok, QUESTIONS[:2])
+    metric = TargetLogProb("I have no idea")
+    result = sweep(
+        ft, base, batch, metric, site=site, layers=[0, 2], segment=[2, 5], progress=False
+    )
+    assert result.meta["engine"] == "reference loop" and result.positions == [2, 5]
+    for row, question in enumerate(QUESTIONS[:2]):
+        spans = chat_spans(tok, question)
+        for li, layer in enumerate([0, 2]):
+            for ci, pos in enumerate([2, 5]):
+                with patch_prefix(ft, base, spans, site=site, layers=[layer], segment=[pos]):
+                    expected = metric_on_model(ft, as_batch(ft, spans), metric).item()
+                assert result.values[row, li, ci].item() == pytest.approx(expected, abs=1e-4)

@@ -136,7 +136,10 @@ class Activations:
         return self.token_ids.shape[1]
 
     def select(
-        self, model: Any, site: str | Sequence[str] | None = None, layers: int | Iterable[int] | None = None
+        self,
+        model: Any,
+        site: str | Sequence[str] | None = None,
+        layers: int | Iterable[int] | None = None,
     ) -> Activations:
         """The subset at ``site`` and ``layers`` (``None``: all that are held)."""
         if site is None and layers is None:

@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from piggyback_interp.hooks import HookSite, expand_sites, resolve_layers, resolve_site
+from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.metrics import (
     LogitMetric,
     continuation_inputs,
@@ -295,8 +295,10 @@ def sweep(
             segment, the prefix is patched and run once per cell and only the rest
             of each prompt runs per prompt (faster; same values).
         metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
-        site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``.
-            (Key/value sites: not yet; use :func:`patch_prefix` per layer.)
+        site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``
+            run on the fast engine; ``kv`` | ``k`` | ``v`` | ``z`` run the reference
+            loop (one forward per cell; K/V cells isolated as in :func:`patch_prefix`).
+            For whole-prefix K/V layer windows use :func:`kv_layer_sweep`.
         layers: the layers to sweep (default all).
         segment: the positions to sweep: a segment name or explicit positions.
         cells_per_batch: how many positions share one forward (rows = this x prompts).
@@ -306,11 +308,7 @@ def sweep(
     """
     sites = expand_sites(site)
     if len(sites) != 1 or sites[0] not in SWEEP_SITES:
-        raise ValueError(
-            f"sweep() patches one of {', '.join(SWEEP_SITES)}, not {site!r}; the engine does not "
-            "sweep key/value sites yet: loop patch_prefix(..., site='kv', layers=[l]) with "
-            "metric_on_model over the layers instead"
-        )
+        return _loop_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
     site_name = sites[0]
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
@@ -377,11 +375,50 @@ def sweep(
         clean=clean,
         source=src_value,
         layers=list(chosen),
-        positions=[_unpadded(batch.spans[0], p) for p in positions[0].tolist()],
-        tokens=tok.convert_ids_to_tokens(batch.input_ids[0, positions[0]].tolist()),
-        segments=[batch.spans[0].labels()[p] for p in positions[0].tolist()],
+        **_cell_labels(batch, positions, tok),
         meta=meta,
     )
+
+
+def _loop_sweep(model, source, spans, metric, *, site, layers, segment) -> SweepResult:
+    """Sites the engine does not batch yet (k, v, kv, z): the reference loop."""
+    batch = as_batch(model, spans)
+    if batch.align != "left":
+        raise ValueError(
+            f"a {site!r} sweep runs the reference loop, which needs batch_spans(..., align='left')"
+        )
+    chosen = resolve_layers(model, layers)
+    values = reference_sweep(
+        model, source, batch, metric, site=site, layers=chosen, segment=segment
+    )
+    positions = segment_positions(batch, segment)
+    clean = metric_on_model(model, batch, metric).cpu()
+    src = torch.full_like(clean, float("nan"))
+    if not isinstance(source, Activations):
+        src = metric_on_model(source, batch, metric).cpu()
+    meta = {
+        **_sweep_meta(model, source, batch, metric, site, chosen, positions),
+        "engine": "reference loop",
+    }
+    tok = chat_tokenizer(model)
+    return SweepResult(
+        values=values,
+        clean=clean,
+        source=src,
+        layers=list(chosen),
+        **_cell_labels(batch, positions, tok),
+        meta=meta,
+    )
+
+
+def _cell_labels(batch: ChatBatch, positions: Tensor, tok: Any) -> dict[str, list]:
+    """Row 0's unpadded position, token string and segment of every cell."""
+    cols = positions[0].tolist()
+    return {
+        "positions": [_unpadded(batch.spans[0], p) for p in cols],
+        "tokens": tok.convert_ids_to_tokens(batch.input_ids[0, cols].tolist()),
+        "segments": [batch.spans[0].labels()[p] for p in cols],
+    }
 
 
 def _unpadded(spans: ChatSpans, p: int) -> int:
@@ -561,32 +598,40 @@ def reference_sweep(
     spans: ChatSpans | ChatBatch,
     metric: LogitMetric,
     *,
-    site: str = "resid_pre",
+    site: str | Sequence[str] = "resid_pre",
     layers: int | Iterable[int] | None = None,
     segment: SegmentOrPositions = "prefix",
+    isolate: bool = True,
 ) -> Float[Tensor, "prompts layers cells"]:
     """The obvious loop: one patched full forward per (layer, position) cell.
 
-    Slow on purpose: the oracle that :func:`sweep` must match, and its baseline.
+    Slow on purpose: the oracle that :func:`sweep` must match, and its baseline. Any
+    site works; for key/value sites with ``isolate=True`` every other key/value of
+    the cell's position is pinned to the target's clean value (as in
+    :func:`patch_prefix`), so only later positions see the patch.
     """
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
+    sites = expand_sites(site)
     positions = segment_positions(batch, segment)
-    acts = (
-        source
-        if isinstance(source, Activations)
-        else capture(source, batch, segment, site=site, layers=chosen)
-    )
-    hook_site = resolve_site(model, site)
+    if isinstance(source, Activations):
+        acts = source.select(model, sites, chosen)
+    else:
+        acts = capture(source, batch, segment, site=sites, layers=chosen)
+    pin = None
+    if isolate and set(sites) & set(KV_SITES):
+        pin = capture(model, batch, segment, site=KV_SITES, layers=None)
     out = torch.empty(positions.shape[0], len(chosen), positions.shape[1])
     for li, layer in enumerate(chosen):
-        name = hook_site.name(layer)
+        names = [resolve_site(model, s).name(layer) for s in sites]
         for i in range(positions.shape[1]):
+            values = {n: v[:, i : i + 1] for n, v in pin.values.items()} if pin else {}
+            values.update({n: acts.values[n][:, i : i + 1] for n in names})
             one = Activations(
-                {name: acts.values[name][:, i : i + 1]},
+                values,
                 acts.token_ids[:, i : i + 1],
-                (site,),
-                (layer,),
+                tuple(dict.fromkeys((*sites, *(KV_SITES if pin else ())))),
+                tuple(range(model.cfg.n_layers)) if pin else (layer,),
             )
             with patch_activations(model, one, positions[:, i : i + 1]):
                 out[:, li, i] = metric_on_model(model, batch, metric).cpu()
