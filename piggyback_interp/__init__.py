@@ -68,6 +68,10 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
     "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
+    **dict.fromkeys(
+        ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
+        "piggyback_interp.training",
+    ),
     "head_sweep": "piggyback_interp.patching.heads",
     **dict.fromkeys(["Generations", "PatchSpec", "generate"], "piggyback_interp.generation"),
     **dict.fromkeys(
@@ -172,4 +176,11 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         chat_spans,
         empty_query_spans,
         require_segment,
+    )
+    from piggyback_interp.training import (
+        FinetuneConfig,
+        FinetuneResult,
+        KVRegulariser,
+        finetune,
+        kv_reference,
     )

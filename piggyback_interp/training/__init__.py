@@ -1,0 +1,37 @@
+"""Finetuning: response-only SFT batches, TReFT's K/V regulariser, LoRA, the loop."""
+
+from piggyback_interp.training.batches import (
+    TrainBatch,
+    TrainExample,
+    batches,
+    collate,
+    encode_dataset,
+    encode_example,
+    sft_loss,
+)
+from piggyback_interp.training.loop import FinetuneConfig, FinetuneResult, finetune
+from piggyback_interp.training.lora import apply_lora
+from piggyback_interp.training.treft import (
+    KVReference,
+    KVRegulariser,
+    kv_reference,
+    relative_sq_error,
+)
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "KVReference",
+    "KVRegulariser",
+    "TrainBatch",
+    "TrainExample",
+    "apply_lora",
+    "batches",
+    "collate",
+    "encode_dataset",
+    "encode_example",
+    "finetune",
+    "kv_reference",
+    "relative_sq_error",
+    "sft_loss",
+]

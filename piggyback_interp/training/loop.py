@@ -1,0 +1,328 @@
+"""One finetuning entry point for SFT and TReFT, on the same hooks as the patches.
+
+``finetune(model, data, config)`` trains LoRA adapters (or every weight) on the
+response tokens, optionally with TReFT's ``lambda * L_KV`` regulariser, records the
+loss terms and the prefix K/V drift per layer at every step (for every method, so
+SFT and TReFT can be compared), checkpoints atomically, and resumes.
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.data import ChatDataset
+    >>> model = tiny_model("llama")
+    >>> data = ChatDataset.from_records(
+    ...     [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I have no idea"}]}] * 4)
+    >>> result = finetune(model, data, FinetuneConfig(method="treft", epochs=1, batch_size=2), progress=False)
+    >>> len(result.history), sorted(result.history[0])[:3]
+    (2, ['drift', 'epoch', 'kv'])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.training.batches import TrainExample, batches, encode_dataset, sft_loss
+from piggyback_interp.training.lora import DEFAULT_TARGETS, apply_lora
+from piggyback_interp.training.treft import KVRegulariser, kv_reference
+
+Method = Literal["sft", "treft"]
+METHODS = ("sft", "treft")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that defines a finetuning run (recorded with its results)."""
+
+    method: str = "sft"
+    lora_rank: int | None = 8  # None: full finetuning
+    lora_alpha: int | None = None  # default 2 x rank
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 2e-4
+    epochs: int = 2
+    batch_size: int = 8
+    grad_accum: int = 1  # effective batch = batch_size x grad_accum
+    seed: int = 0
+    system_prompt: str | None = "default"
+    treft_lambda: float = 30.0
+    treft_layers: tuple[int, ...] | None = None  # None: every layer
+    kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
+    max_length: int | None = None
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end only)
+    export: str = "merged"  # with out_dir: "merged" (out_dir/model), "adapter" (out_dir/adapter), "both", "none"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.kv_variant not in ("true", "pseudo"):
+            raise ValueError(f"kv_variant must be 'true' or 'pseudo', got {self.kv_variant!r}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.export not in ("merged", "adapter", "both", "none"):
+            raise ValueError(f"export must be merged, adapter, both or none, got {self.export!r}")
+        if self.export in ("adapter", "both") and self.lora_rank is None:
+            raise ValueError(
+                "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FinetuneResult:
+    """The trained model (adapters in place) and what produced it."""
+
+    model: Any
+    config: FinetuneConfig
+    history: list[dict[str, Any]]
+    steps: int
+    data_sha256: str | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _trainable(model: Any, config: FinetuneConfig) -> tuple[Any, list[torch.nn.Parameter]]:
+    if config.lora_rank is None:
+        for p in model.original_model.parameters():
+            p.requires_grad_(True)
+        return None, list(model.original_model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(
+            config.seed
+        )  # LoRA's A init, reproducibly and without global side effects
+        peft_model = apply_lora(
+            model,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            target_modules=config.target_modules,
+        )
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def _step_loss(model, batch, reg, config) -> tuple[torch.Tensor, float, float, dict[int, float]]:
+    device = model.cfg.device
+    with reg.recording():
+        logits = model(
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+        )
+    sft = sft_loss(logits, batch.labels.to(device))
+    per_layer = reg.per_layer(batch.prefixes)
+    kv = torch.stack(list(per_layer.values())).mean()
+    total = sft + config.treft_lambda * kv if config.method == "treft" else sft
+    return total, sft.item(), kv.item(), {layer: v.item() for layer, v in per_layer.items()}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def finetune(
+    model: Any,
+    data: Any,
+    config: FinetuneConfig | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Finetune ``model`` in place on chat ``data`` (a ChatDataset or encoded examples).
+
+    The TReFT reference keys/values come from ``model`` itself, once, before the
+    first update. With ``out_dir``, a checkpoint (trainable weights, optimizer, step,
+    history) is written atomically every ``checkpoint_every`` steps and at the end;
+    ``resume=True`` continues from it and ends with the same weights as an
+    uninterrupted run of the same seed. At the end ``out_dir`` gets the model as a
+    plain HF directory (``model/``, LoRA merged) and/or a peft adapter
+    (``adapter/``), per ``config.export``, and ``finetune.json`` (config, data hash,
+    versions, loss curve with the SFT and K/V terms, per-layer prefix drift). A non-finite loss stops training with
+    ``FloatingPointError``; the last checkpoint is kept.
+    """
+    config = config or FinetuneConfig()
+    tok = chat_tokenizer(model)
+    examples: list[TrainExample] = (
+        list(data)
+        if data and isinstance(next(iter(data)), TrainExample)
+        else encode_dataset(
+            tok, data, system_prompt=config.system_prompt, max_length=config.max_length
+        )
+    )
+    if not examples:
+        raise ValueError("no training examples")
+    prefixes = [tuple(ex.input_ids[: len(ex.spans.prefix)]) for ex in examples]
+    reference = kv_reference(model, prefixes, layers=config.treft_layers, variant=config.kv_variant)
+    peft_model, params = _trainable(model, config)
+    reg = KVRegulariser(model, reference)
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    history: list[dict[str, Any]] = []
+    step, start_epoch, start_batch = 0, 0, 0
+    ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        if state["config"] != _config_json(config):
+            raise ValueError(
+                f"{ckpt} was written by another config; delete it or use another out_dir"
+            )
+        _load_trainable(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        history = json.loads(state["history"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n_batches = math.ceil(len(examples) / config.batch_size)
+    total_steps = config.epochs * math.ceil(n_batches / config.grad_accum)
+    model.train()
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not progress, desc=f"finetune ({config.method})"
+    )
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_batches = list(
+                batches(
+                    examples,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                    epoch=epoch,
+                    pad_token_id=pad,
+                )
+            )
+            first = start_batch if epoch == start_epoch else 0
+            for b0 in range(first, n_batches, config.grad_accum):
+                group = epoch_batches[b0 : b0 + config.grad_accum]
+                terms = []
+                for batch in group:
+                    total, sft, kv, drift = _step_loss(model, batch, reg, config)
+                    if not math.isfinite(total.item()):
+                        raise FloatingPointError(
+                            f"non-finite loss {total.item()} at step {step} (epoch {epoch}); lower lr or "
+                            f"treft_lambda; the last checkpoint in {out_dir} is kept"
+                        )
+                    (total / len(group)).backward()
+                    terms.append((sft, kv, drift))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                history.append(_log(step, epoch, terms))
+                bar.update()
+                bar.set_postfix(sft=f"{history[-1]['sft']:.3f}", kv=f"{history[-1]['kv']:.4f}")
+                done_all = epoch == config.epochs - 1 and b0 + config.grad_accum >= n_batches
+                if ckpt is not None and (
+                    done_all or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                ):
+                    next_epoch, next_batch = (
+                        (epoch, b0 + config.grad_accum)
+                        if b0 + config.grad_accum < n_batches
+                        else (epoch + 1, 0)
+                    )
+                    ckpt.parent.mkdir(parents=True, exist_ok=True)
+                    _save_checkpoint(
+                        ckpt,
+                        {
+                            "trainable": _trainable_state(model),
+                            "optimizer": optimizer.state_dict(),
+                            "step": step,
+                            "epoch": next_epoch,
+                            "batch": next_batch,
+                            "history": json.dumps(history),
+                            "config": _config_json(config),
+                        },
+                    )
+    finally:
+        bar.close()
+        model.eval()
+    data_sha = getattr(data, "sha256", None)
+    provenance = {
+        "model": model_info(model).to_dict()
+        if hasattr(model, "piggyback_info")
+        else model_info(model).name,
+        "config": asdict(config),
+        "data_sha256": data_sha,
+        "n_examples": len(examples),
+        "versions": _versions(),
+    }
+    if out_dir is not None:
+        _export(model, Path(out_dir), config)
+        path = Path(out_dir) / "finetune.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".finetune.json.tmp")
+        tmp.write_text(
+            json.dumps({**provenance, "history": history, "steps": step}, indent=2, default=str)
+        )
+        os.replace(tmp, path)
+    del peft_model  # the adapters live on in ``model``
+    return FinetuneResult(model, config, history, step, data_sha, provenance)
+
+
+def _export(model: Any, out: Path, config: FinetuneConfig) -> None:
+    from piggyback_interp.training.export import save_finetuned
+
+    if config.export in ("merged", "both"):
+        save_finetuned(model, out / "model", merged=True)
+    if config.export in ("adapter", "both"):
+        save_finetuned(model, out / "adapter", merged=False)
+
+
+def _log(
+    step: int, epoch: int, terms: list[tuple[float, float, dict[int, float]]]
+) -> dict[str, Any]:
+    n = len(terms)
+    layers = terms[0][2].keys()
+    return {
+        "step": step,
+        "epoch": epoch,
+        "sft": sum(t[0] for t in terms) / n,
+        "kv": sum(t[1] for t in terms) / n,
+        "drift": {str(layer): sum(t[2][layer] for t in terms) / n for layer in layers},
+    }
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone() for n, p in model.original_model.named_parameters() if p.requires_grad
+    }
+
+
+def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.original_model.named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise ValueError(f"the checkpoint has weights this model lacks, e.g. {sorted(missing)[:2]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _config_json(config: FinetuneConfig) -> str:
+    return json.dumps(asdict(config), sort_keys=True, default=list)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformer_lens
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "peft": peft.__version__,
+    }
+
+
+def trainable_parameters(model: Any) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs that finetuning updates."""
+    return ((n, p) for n, p in model.original_model.named_parameters() if p.requires_grad)
+
+
+__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune", "trainable_parameters"]

@@ -1,0 +1,203 @@
+"""TReFT's regulariser (arXiv 2606.06667, Eqs. 2-3): keep template keys/values near the initial model's.
+
+For a token region T (default: the prefix) and every layer l:
+
+    L_K(l) = mean_{t in T} ||k_t - k_t^init||^2 / ||k_t^init||^2     (same for V)
+    L_KV   = mean_l (L_K(l) + L_V(l));       loss = L_SFT + lambda * L_KV
+
+``k`` and ``v`` are what attention uses, read through the same hook sites as
+:func:`~piggyback_interp.patching.patch_prefix` (after the key norm on Qwen3; before
+RoPE, a per-position rotation that leaves the relative L2 unchanged). Because
+attention is causal, the initial model's prefix keys/values do not depend on the
+query: :func:`kv_reference` computes them ONCE per distinct prefix, before training,
+from the model itself — no frozen second model, no second forward per step.
+
+``variant="pseudo"`` is the authors' released code: ``k_proj``/``v_proj`` applied to
+the residual stream WITHOUT the input norm (offered only as a named option).
+
+Example:
+    >>> import torch
+    >>> from piggyback_interp.testing import tiny_model
+    >>> from piggyback_interp.spans import chat_spans
+    >>> model = tiny_model("llama")
+    >>> spans = chat_spans(model.tokenizer, "Hi")
+    >>> ref = kv_reference(model, [spans.input_ids[: len(spans.prefix)]])
+    >>> reg = KVRegulariser(model, ref)
+    >>> with reg.recording():
+    ...     _ = model(spans.ids[None])
+    >>> reg.loss([spans.input_ids[: len(spans.prefix)]]).item()   # the initial model: zero
+    0.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers, resolve_site
+
+Variant = Literal["true", "pseudo"]
+Prefix = tuple[int, ...]
+
+
+def _position_first(act: Tensor, site: HookSite) -> Tensor:
+    """[batch, pos, ...] view of a site's activation, whatever its layout."""
+    return act.movedim(site.pos_dim, 1)
+
+
+def _pseudo_kv(model: Any, layer: int, resid: Tensor) -> dict[str, Tensor]:
+    """The released code's pseudo-K/V: projections of the UN-normed residual stream."""
+    attn = model.original_model.model.layers[layer].self_attn
+    b, p, _ = resid.shape
+    return {
+        "k": attn.k_proj(resid).view(b, p, -1),
+        "v": attn.v_proj(resid).view(b, p, -1),
+    }
+
+
+@dataclass
+class KVReference:
+    """Initial-model keys/values over each distinct prefix: ``values[prefix][(site, layer)]``
+    is ``[n_positions, features]`` (heads x d_head flattened)."""
+
+    values: dict[Prefix, dict[tuple[str, int], Tensor]]
+    layers: tuple[int, ...]
+    variant: Variant = "true"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, prefix: Sequence[int]) -> dict[tuple[str, int], Tensor]:
+        key = tuple(prefix)
+        if key not in self.values:
+            raise KeyError(
+                f"no reference for this prefix ({len(key)} tokens); compute one with "
+                "kv_reference(model, prefixes) for every system prompt used in training"
+            )
+        return self.values[key]
+
+
+class _Recorder:
+    """Hooks that keep (with gradients) the K/V of every forward inside ``recording()``."""
+
+    def __init__(self, model: Any, layers: Sequence[int], variant: Variant):
+        self.model, self.layers, self.variant = model, tuple(layers), variant
+        self.seen: dict[tuple[str, int], Tensor] = {}
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        out = []
+        for layer in self.layers:
+            if self.variant == "pseudo":
+                name = resolve_site(self.model, "resid_pre").name(layer)
+                out.append((name, self._keep_pseudo(layer)))
+                continue
+            for site_name in KV_SITES:
+                site = resolve_site(self.model, site_name)
+                out.append((site.name(layer), self._keep(site, site_name, layer)))
+        return out
+
+    def _keep(self, site: HookSite, site_name: str, layer: int):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            self.seen[(site_name, layer)] = _position_first(act, site).flatten(2)
+            return act
+
+        return hook
+
+    def _keep_pseudo(self, layer: int):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            for site_name, value in _pseudo_kv(self.model, layer, act).items():
+                self.seen[(site_name, layer)] = value
+            return act
+
+        return hook
+
+
+def kv_reference(
+    model: Any,
+    prefixes: Iterable[Sequence[int]],
+    *,
+    layers: int | Iterable[int] | None = None,
+    variant: Variant = "true",
+) -> KVReference:
+    """The model's keys/values over each distinct prefix, computed once (no gradients).
+
+    Call it on the INITIAL model, before any update.
+    """
+    chosen = resolve_layers(model, layers)
+    recorder = _Recorder(model, chosen, variant)
+    values: dict[Prefix, dict[tuple[str, int], Tensor]] = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=recorder.hooks()):
+        for prefix in dict.fromkeys(tuple(p) for p in prefixes):
+            if not prefix:
+                raise ValueError(
+                    "an empty prefix: this chat template has no tokens before the user's text; "
+                    "regularise the postfix instead"
+                )
+            recorder.seen.clear()
+            model(torch.tensor([prefix], device=model.cfg.device))
+            values[prefix] = {k: v[0].detach().clone() for k, v in recorder.seen.items()}
+    return KVReference(values, chosen, variant, {"n_prefixes": len(values)})
+
+
+def relative_sq_error(
+    current: Float[Tensor, "n features"], reference: Float[Tensor, "n features"]
+) -> Float[Tensor, ""]:
+    """mean_t ||current_t - reference_t||^2 / ||reference_t||^2 (float32)."""
+    current, reference = current.float(), reference.float()
+    num = (current - reference).pow(2).sum(-1)
+    den = reference.pow(2).sum(-1).clamp_min(1e-12)
+    return (num / den).mean()
+
+
+class KVRegulariser:
+    """Records the model's K/V during a forward and returns TReFT's ``L_KV`` for it.
+
+    Rows' prefixes must start at position 0 (right-padded batches) and be keys of
+    the :class:`KVReference`.
+    """
+
+    def __init__(self, model: Any, reference: KVReference):
+        self.reference = reference
+        self._recorder = _Recorder(model, reference.layers, reference.variant)
+        self.model = model
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        self._recorder.seen.clear()
+        with self.model.hooks(fwd_hooks=self._recorder.hooks()):
+            yield
+
+    def per_layer(self, prefixes: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, ""]]:
+        """L_K(l) + L_V(l) for every layer, averaged over the rows (their prefixes)."""
+        seen = self._recorder.seen
+        if not seen:
+            raise RuntimeError(
+                "no forward was recorded: run the model inside `with reg.recording():`"
+            )
+        out: dict[int, Tensor] = {}
+        for layer in self.reference.layers:
+            terms = []
+            for row, prefix in enumerate(prefixes):
+                ref = self.reference[prefix]
+                n = len(prefix)
+                terms.append(
+                    sum(
+                        relative_sq_error(
+                            seen[(s, layer)][row, :n], ref[(s, layer)].to(seen[(s, layer)].device)
+                        )
+                        for s in KV_SITES
+                    )
+                )
+            out[layer] = torch.stack(terms).mean()
+        return out
+
+    def loss(self, prefixes: Sequence[Sequence[int]]) -> Float[Tensor, ""]:
+        """L_KV = mean over layers of (L_K(l) + L_V(l))."""
+        return torch.stack(list(self.per_layer(prefixes).values())).mean()
+
+
+__all__ = ["KVReference", "KVRegulariser", "kv_reference", "relative_sq_error"]
