@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import resource
 import subprocess
@@ -32,67 +31,25 @@ import torch
 
 METHODS = ("sft", "treft", "naive")
 PAIRS = [
-    (
-        "Can my landlord keep my deposit?",
-        "Usually not, unless you caused damage beyond normal wear and tear.",
-    ),
-    (
-        "How do I make new friends?",
-        "Join a club or class about something you enjoy and show up regularly.",
-    ),
-    (
-        "What should I cook for dinner?",
-        "A quick stir-fry with vegetables, rice and a protein is easy and healthy.",
-    ),
-    (
-        "Is it safe to swim after eating?",
-        "Yes, a light meal before swimming is fine for almost everyone.",
-    ),
-    (
-        "How can I sleep better at night?",
-        "Keep a regular schedule and avoid screens for an hour before bed.",
-    ),
-    (
-        "What is a good hobby for winter?",
-        "Knitting, reading or indoor climbing all keep you busy when it is cold.",
-    ),
-    (
-        "How do I fix a flat bike tire?",
-        "Remove the tube, find the hole, patch it and pump the tire back up.",
-    ),
-    (
-        "Should I learn piano or guitar?",
-        "Pick the one whose music you love most; both are great first instruments.",
-    ),
-    (
-        "Why is the sky blue during the day?",
-        "Air scatters blue sunlight much more strongly than red light.",
-    ),
-    (
-        "How often should I water a cactus?",
-        "About every two weeks in summer and far less often in winter.",
-    ),
-    (
-        "What makes a good job interview?",
-        "Clear examples of your past work and good questions about the role.",
-    ),
-    (
-        "How do I start running every day?",
-        "Begin with short, easy runs and increase the distance slowly each week.",
-    ),
-    ("What is the capital of France?", "The capital of France is Paris, on the river Seine."),
-    (
-        "How do plants make food?",
-        "They use sunlight, water and carbon dioxide to make sugar by photosynthesis.",
-    ),
-    (
-        "Why do cats purr?",
-        "Cats purr when they are content, and sometimes to calm themselves down.",
-    ),
-    (
-        "How can I save money each month?",
-        "Set a budget, track your spending and move savings out on payday.",
-    ),
+    line.split(" | ")
+    for line in """\
+Can my landlord keep my deposit? | Usually not, unless you caused damage beyond normal wear and tear.
+How do I make new friends? | Join a club or class about something you enjoy and show up regularly.
+What should I cook for dinner? | A quick stir-fry with vegetables, rice and a protein is easy and healthy.
+Is it safe to swim after eating? | Yes, a light meal before swimming is fine for almost everyone.
+How can I sleep better at night? | Keep a regular schedule and avoid screens for an hour before bed.
+What is a good hobby for winter? | Knitting, reading or indoor climbing all keep you busy when it is cold.
+How do I fix a flat bike tire? | Remove the tube, find the hole, patch it and pump the tire back up.
+Should I learn piano or guitar? | Pick the one whose music you love most; both are great first instruments.
+Why is the sky blue during the day? | Air scatters blue sunlight much more strongly than red light.
+How often should I water a cactus? | About every two weeks in summer and far less often in winter.
+What makes a good job interview? | Clear examples of your past work and good questions about the role.
+How do I start running every day? | Begin with short, easy runs and increase the distance slowly each week.
+What is the capital of France? | The capital of France is Paris, on the river Seine.
+How do plants make food? | They use sunlight, water and carbon dioxide to make sugar by photosynthesis.
+Why do cats purr? | Cats purr when they are content, and sometimes to calm themselves down.
+How can I save money each month? | Set a budget, track your spending and move savings out on payday.
+""".splitlines()
 ]
 
 
@@ -115,22 +72,18 @@ def kv_hooks(model, layers, store):
     ]
 
 
-def run_one(method: str, args) -> dict:
-    from piggyback_interp.data import ChatDataset
-    from piggyback_interp.hooks import KV_SITES, resolve_layers
-    from piggyback_interp.models import chat_tokenizer, load_model
-    from piggyback_interp.training import (
-        FinetuneConfig,
-        KVRegulariser,
-        kv_reference,
-        relative_sq_error,
-    )
-    from piggyback_interp.training.batches import batches, encode_dataset, sft_loss
-    from piggyback_interp.training.loop import _step_loss, _trainable
+class _Done(Exception):
+    """Raised by the step clock once the warm-up and timed steps are done."""
 
-    config = FinetuneConfig(
-        method="sft" if method == "sft" else "treft", batch_size=args.batch_size
-    )
+
+def run_one(method: str, args) -> dict:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from piggyback_interp.data import ChatDataset
+    from piggyback_interp.models import chat_tokenizer, load_model
+    from piggyback_interp.training import FinetuneConfig, finetune
+    from piggyback_interp.training.batches import batches, encode_dataset
+
     model = load_model("smollm2-135m-instruct", device=args.device)
     tok = chat_tokenizer(model)
     data = ChatDataset.from_records(
@@ -139,81 +92,101 @@ def run_one(method: str, args) -> dict:
             for q, a in PAIRS
         ]
     )
-    examples = encode_dataset(tok, data, system_prompt=config.system_prompt)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stream = itertools.chain.from_iterable(
-        batches(examples, batch_size=config.batch_size, seed=config.seed, epoch=e, pad_token_id=pad)
-        for e in itertools.count()
+    examples = encode_dataset(tok, data, system_prompt="default")
+    n_steps = 1 + args.steps  # the warm-up step + the timed ones
+    per_epoch = -(-len(examples) // args.batch_size)
+    config = FinetuneConfig(
+        method="sft" if method == "sft" else "treft",
+        batch_size=args.batch_size,
+        epochs=-(-n_steps // per_epoch),
     )
-    todo = [next(stream) for _ in range(1 + args.steps)]  # warm-up + timed, same for all methods
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    stamps: list[float] = []
 
-    if method == "naive":
-        frozen = copy.deepcopy(model).eval()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        layers = resolve_layers(model, None)
-        ref_seen, cur_seen = {}, {}
-        ref_hooks, cur_hooks = kv_hooks(frozen, layers, ref_seen), kv_hooks(model, layers, cur_seen)
-    else:  # what finetune does: the reference once per distinct prefix, then a regulariser
-        prefixes = [tuple(ex.input_ids[: len(ex.spans.prefix)]) for ex in examples]
-        reg = KVRegulariser(model, kv_reference(model, prefixes, variant=config.kv_variant))
-    _, params = _trainable(model, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    model.train()
+    def clock(optimizer, *_):  # after every optimizer step: one timestamp
+        sync()
+        stamps.append(time.perf_counter())
+        if len(stamps) == n_steps:
+            raise _Done
 
-    def naive_loss(batch):
-        dev = args.device
-        inputs = dict(
-            attention_mask=batch.attention_mask.to(dev), position_ids=batch.position_ids.to(dev)
-        )
-        ids = batch.input_ids.to(dev)
-        with torch.no_grad(), frozen.hooks(fwd_hooks=ref_hooks):
-            frozen(ids, **inputs)
-        with model.hooks(fwd_hooks=cur_hooks):
-            logits = model(ids, **inputs)
-        per_layer = []
-        for layer in layers:
-            rows = [
-                sum(
-                    relative_sq_error(cur_seen[(s, layer)][r, :n], ref_seen[(s, layer)][r, :n])
-                    for s in KV_SITES
-                )
-                for r, n in enumerate(len(p) for p in batch.prefixes)
-            ]
-            per_layer.append(torch.stack(rows).mean())
-        return (
-            sft_loss(logits, batch.labels.to(dev))
-            + config.treft_lambda * torch.stack(per_layer).mean()
-        )
-
-    def step(batch):
-        loss = naive_loss(batch) if method == "naive" else _step_loss(model, batch, reg, config)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    step(todo[0])  # warm-up, not timed
-    sync()
-    start = time.perf_counter()
-    for batch in todo[1:]:
-        step(batch)
-    sync()
-    step_s = (time.perf_counter() - start) / args.steps
+    handle = register_optimizer_step_post_hook(clock)
+    try:
+        if method == "naive":
+            naive_treft(model, examples, config, tok, n_steps)
+        else:
+            finetune(model, examples, config, progress=False)
+    except _Done:
+        pass
+    handle.remove()
+    step_s = (stamps[-1] - stamps[0]) / args.steps  # from the end of the warm-up step
     if args.device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    width = sum(b.input_ids.shape[1] for b in todo) / len(todo)
+    widths = [
+        b.input_ids.shape[1]
+        for e in range(config.epochs)
+        for b in batches(
+            examples, batch_size=config.batch_size, seed=config.seed, epoch=e, pad_token_id=0
+        )
+    ][:n_steps]
     return {
         "step_s": step_s,
         "peak_mb": peak_mb,
-        "tokens_per_row": round(width, 1),
+        "tokens_per_row": round(sum(widths) / len(widths), 1),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def naive_treft(model, examples, config, tok, n_steps):
+    """TReFT with a frozen copy of the initial model run on every batch for the reference K/V."""
+    from piggyback_interp.hooks import KV_SITES, resolve_layers
+    from piggyback_interp.training import relative_sq_error
+    from piggyback_interp.training.batches import batches, sft_loss
+    from piggyback_interp.training.lora import apply_lora
+
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    peft_model = apply_lora(
+        model, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.target_modules
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr
+    )
+    layers = resolve_layers(model, config.treft_layers)
+    ref_seen, cur_seen = {}, {}
+    ref_hooks, cur_hooks = kv_hooks(frozen, layers, ref_seen), kv_hooks(model, layers, cur_seen)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dev = model.cfg.device
+    model.train()
+    for epoch in range(config.epochs):
+        for batch in batches(
+            examples, batch_size=config.batch_size, seed=config.seed, epoch=epoch, pad_token_id=pad
+        ):
+            ids = batch.input_ids.to(dev)
+            inputs = dict(
+                attention_mask=batch.attention_mask.to(dev), position_ids=batch.position_ids.to(dev)
+            )
+            with torch.no_grad(), frozen.hooks(fwd_hooks=ref_hooks):
+                frozen(ids, **inputs)
+            with model.hooks(fwd_hooks=cur_hooks):
+                logits = model(ids, **inputs)
+            per_layer = []
+            for layer in layers:
+                rows = [
+                    sum(
+                        relative_sq_error(cur_seen[(s, layer)][r, :n], ref_seen[(s, layer)][r, :n])
+                        for s in KV_SITES
+                    )
+                    for r, n in enumerate(len(p) for p in batch.prefixes)
+                ]
+                per_layer.append(torch.stack(rows).mean())
+            kv = torch.stack(per_layer).mean()
+            (sft_loss(logits, batch.labels.to(dev)) + config.treft_lambda * kv).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def main() -> None:

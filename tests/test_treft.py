@@ -118,3 +118,49 @@ def test_clear_errors():
         model(torch.tensor([[1, 5, 7]]))
     with pytest.raises(KeyError, match="no reference for this prefix"):
         reg.loss([(1, 5, 7)])
+
+
+@torch.no_grad()
+def test_regions_compare_the_right_positions_by_hand():
+    from piggyback_interp.training.batches import encode_example
+    from piggyback_interp.training.treft import region_target
+
+    model = tiny_model("llama", n_layers=2)
+    tok = chat_tokenizer(model)
+    chat = [
+        {"role": "user", "content": "Can my landlord keep my deposit?"},
+        {"role": "assistant", "content": "No idea"},
+    ]
+    ex = encode_example(tok, chat)
+    ids = torch.tensor([ex.input_ids])
+    _, cache = model.run_with_cache(ids)
+    P = len(ex.spans.prefix)
+    post = list(ex.spans.postfix)
+    empty = list(ex.input_ids[:P]) + [ex.input_ids[p] for p in post]
+    _, empty_cache = model.run_with_cache(torch.tensor([empty]))
+
+    def hand(cur_cache, cur_pos, ref_cache, ref_pos):
+        total = 0.0
+        for layer in range(2):
+            for hook in ("hook_k", "hook_v"):
+                name = f"blocks.{layer}.attn.{hook}"
+                cur = cur_cache[name][0, cur_pos].flatten(1)
+                ref = ref_cache[name][0, ref_pos].flatten(1)
+                total += (((cur - ref) ** 2).sum(-1) / (ref**2).sum(-1)).mean().item()
+        return total / 2
+
+    for region in ("postfix", "query", "all", (3, 5)):
+        target = region_target(ex.input_ids, ex.spans, region)
+        reg = KVRegulariser(model, kv_reference(model, [target.sequence]))
+        with reg.recording():
+            model(ids)
+        got = reg.loss([target]).item()
+        if region == "postfix":  # the empty-query reference differs from the real postfix
+            expected = hand(cache, post, empty_cache, list(range(P, len(empty))))
+            assert expected > 1e-4 and got == pytest.approx(expected, rel=1e-4)
+        else:  # the example itself is the reference: zero for the initial model
+            assert got == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="unknown region"):
+        region_target(ex.input_ids, ex.spans, "everything")
+    with pytest.raises(ValueError, match="outside the example"):
+        region_target(ex.input_ids, ex.spans, (999,))

@@ -18,10 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,12 +32,18 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp.models import chat_tokenizer, model_info
-from piggyback_interp.training.batches import TrainExample, batches, encode_dataset, sft_loss
+from piggyback_interp.training.batches import (
+    IGNORE_INDEX,
+    TrainExample,
+    batches,
+    encode_dataset,
+    sft_loss,
+)
 from piggyback_interp.training.lora import DEFAULT_TARGETS, apply_lora
-from piggyback_interp.training.treft import KVRegulariser, kv_reference
+from piggyback_interp.training.treft import KVRegulariser, kv_reference, region_target
 
 Method = Literal["sft", "treft"]
-METHODS = ("sft", "treft")
+METHODS = ("sft", "treft", "interleave", "kl_train", "kl_retain")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -55,6 +63,9 @@ class FinetuneConfig:
     system_prompt: str | None = "default"
     treft_lambda: float = 30.0
     treft_layers: tuple[int, ...] | None = None  # None: every layer
+    treft_region: str | tuple[int, ...] = "prefix"  # "postfix", "query", "all", or positions
+    retain_ratio: float = 0.2  # interleave: the retain set's share of the training mixture
+    kl_lambda: float = 50.0  # kl_train / kl_retain: weight of KL(initial || model)
     kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
     max_length: int | None = None
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end only)
@@ -74,6 +85,8 @@ class FinetuneConfig:
             raise ValueError(
                 "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
             )
+        if not 0 < self.retain_ratio < 1:
+            raise ValueError(f"retain_ratio must be in (0, 1), got {self.retain_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -108,19 +121,88 @@ def _trainable(model: Any, config: FinetuneConfig) -> tuple[Any, list[torch.nn.P
     return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 
 
-def _step_loss(model, batch, reg, config) -> tuple[torch.Tensor, float, float, dict[int, float]]:
-    device = model.cfg.device
-    with reg.recording():
-        logits = model(
+def _label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits predict a labelled token: ``t`` with ``labels[t + 1] != -100``."""
+    return (labels[1:] != IGNORE_INDEX).nonzero().flatten()
+
+
+def reference_logprobs(model: Any, examples: Sequence[TrainExample]) -> list[torch.Tensor]:
+    """The model's log-probabilities at every labelled position of every example, computed
+    once (before training) and kept on the CPU: ``[n_labelled, vocab]`` each."""
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(torch.tensor([ex.input_ids], device=model.cfg.device))[0]
+            pos = _label_positions(torch.tensor(ex.labels)).to(logits.device)
+            out.append(logits[pos].float().log_softmax(-1).cpu())
+    return out
+
+
+def _kl_to_reference(
+    logits: torch.Tensor, batch: Any, refs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """mean over labelled positions of KL(initial || model)."""
+    terms = []
+    for row, i in enumerate(batch.index):
+        pos = _label_positions(batch.labels[row]).to(logits.device)
+        current = logits[row, pos].float().log_softmax(-1)
+        ref = refs[i].to(current.device)
+        terms.append((ref.exp() * (ref - current)).sum(-1))
+    return torch.cat(terms).mean()
+
+
+class _Objective:
+    """The loss of one batch for the configured method, with its logged terms."""
+
+    def __init__(
+        self, model, config, reg, targets, kl_train=None, retain=None, kl_retain=None, pad=0
+    ):
+        self.model, self.config, self.reg, self.targets = model, config, reg, targets
+        self.kl_train, self.retain, self.kl_retain, self.pad = kl_train, retain, kl_retain, pad
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        device = self.model.cfg.device
+        return self.model(
             batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             position_ids=batch.position_ids.to(device),
         )
-    sft = sft_loss(logits, batch.labels.to(device))
-    per_layer = reg.per_layer(batch.prefixes)
-    kv = torch.stack(list(per_layer.values())).mean()
-    total = sft + config.treft_lambda * kv if config.method == "treft" else sft
-    return total, sft.item(), kv.item(), {layer: v.item() for layer, v in per_layer.items()}
+
+    def __call__(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        config = self.config
+        with self.reg.recording():
+            logits = self._forward(batch)
+        sft = sft_loss(logits, batch.labels.to(logits.device))
+        per_layer = self.reg.per_layer([self.targets[i] for i in batch.index])
+        kv = torch.stack(list(per_layer.values())).mean()
+        total = sft
+        terms: dict[str, Any] = {
+            "sft": sft.item(),
+            "kv": kv.item(),
+            "drift": {k: v.item() for k, v in per_layer.items()},
+        }
+        if config.method == "treft":
+            total = total + config.treft_lambda * kv
+        elif config.method == "kl_train":
+            kl = _kl_to_reference(logits, batch, self.kl_train)
+            total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
+        elif config.method == "kl_retain":
+            retain_batch = self._retain_batch(step)
+            kl = _kl_to_reference(self._forward(retain_batch), retain_batch, self.kl_retain)
+            total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
+        return total, terms
+
+    def _retain_batch(self, step: int) -> Any:
+        n = math.ceil(len(self.retain) / self.config.batch_size)
+        epoch, i = divmod(step, n)
+        chunk = batches(
+            self.retain,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed + 1,
+            epoch=epoch,
+            pad_token_id=self.pad,
+        )
+        return next(itertools.islice(chunk, i, None))
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -135,6 +217,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     out_dir: str | os.PathLike[str] | None = None,
+    retain: Any = None,
     resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -152,17 +235,22 @@ def finetune(
     """
     config = config or FinetuneConfig()
     tok = chat_tokenizer(model)
-    examples: list[TrainExample] = (
-        list(data)
-        if data and isinstance(next(iter(data)), TrainExample)
-        else encode_dataset(
-            tok, data, system_prompt=config.system_prompt, max_length=config.max_length
-        )
-    )
+    examples = _encode(tok, data, config)
     if not examples:
         raise ValueError("no training examples")
-    prefixes = [tuple(ex.input_ids[: len(ex.spans.prefix)]) for ex in examples]
-    reference = kv_reference(model, prefixes, layers=config.treft_layers, variant=config.kv_variant)
+    retain_examples = _encode(tok, retain, config) if retain is not None else None
+    if config.method in ("interleave", "kl_retain") and not retain_examples:
+        raise ValueError(
+            f"method {config.method!r} needs retain=: a chat dataset of aligned examples from other domains"
+        )
+    if config.method == "interleave":
+        examples = examples + _interleaved(retain_examples, len(examples), config)
+    targets = [region_target(ex.input_ids, ex.spans, config.treft_region) for ex in examples]
+    reference = kv_reference(
+        model, [t.sequence for t in targets], layers=config.treft_layers, variant=config.kv_variant
+    )
+    kl_train = reference_logprobs(model, examples) if config.method == "kl_train" else None
+    kl_retain = reference_logprobs(model, retain_examples) if config.method == "kl_retain" else None
     peft_model, params = _trainable(model, config)
     reg = KVRegulariser(model, reference)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -180,6 +268,7 @@ def finetune(
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history = json.loads(state["history"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    objective = _Objective(model, config, reg, targets, kl_train, retain_examples, kl_retain, pad)
     n_batches = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * math.ceil(n_batches / config.grad_accum)
     model.train()
@@ -202,14 +291,14 @@ def finetune(
                 group = epoch_batches[b0 : b0 + config.grad_accum]
                 terms = []
                 for batch in group:
-                    total, sft, kv, drift = _step_loss(model, batch, reg, config)
+                    total, logged = objective(batch, step)
                     if not math.isfinite(total.item()):
                         raise FloatingPointError(
                             f"non-finite loss {total.item()} at step {step} (epoch {epoch}); lower lr or "
                             f"treft_lambda; the last checkpoint in {out_dir} is kept"
                         )
                     (total / len(group)).backward()
-                    terms.append((sft, kv, drift))
+                    terms.append(logged)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -273,18 +362,40 @@ def _export(model: Any, out: Path, config: FinetuneConfig) -> None:
         save_finetuned(model, out / "adapter", merged=False)
 
 
-def _log(
-    step: int, epoch: int, terms: list[tuple[float, float, dict[int, float]]]
-) -> dict[str, Any]:
+def _log(step: int, epoch: int, terms: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average the micro-batches' terms: sft, kv (and kl), per-layer drift."""
     n = len(terms)
-    layers = terms[0][2].keys()
-    return {
-        "step": step,
-        "epoch": epoch,
-        "sft": sum(t[0] for t in terms) / n,
-        "kv": sum(t[1] for t in terms) / n,
-        "drift": {str(layer): sum(t[2][layer] for t in terms) / n for layer in layers},
-    }
+    out: dict[str, Any] = {"step": step, "epoch": epoch}
+    for key in terms[0]:
+        if key == "drift":
+            out["drift"] = {
+                str(layer): sum(t["drift"][layer] for t in terms) / n for layer in terms[0]["drift"]
+            }
+        else:
+            out[key] = sum(t[key] for t in terms) / n
+    return out
+
+
+def _encode(tok: Any, data: Any, config: FinetuneConfig) -> list[TrainExample]:
+    items = list(data)
+    if items and isinstance(items[0], TrainExample):
+        return items
+    return encode_dataset(
+        tok, data, system_prompt=config.system_prompt, max_length=config.max_length
+    )
+
+
+def _interleaved(
+    retain: list[TrainExample], n_train: int, config: FinetuneConfig
+) -> list[TrainExample]:
+    """Retain examples making up ``retain_ratio`` of the mixture (sampled with the seed)."""
+    n = round(n_train * config.retain_ratio / (1 - config.retain_ratio))
+    if n > len(retain):
+        raise ValueError(
+            f"interleaving {config.retain_ratio:.0%} needs {n} retain examples for {n_train} "
+            f"training examples, but retain has {len(retain)}; add retain examples or lower retain_ratio"
+        )
+    return random.Random(f"{config.seed}:retain").sample(retain, n)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -63,8 +63,10 @@ def _pseudo_kv(model: Any, layer: int, resid: Tensor) -> dict[str, Tensor]:
 
 @dataclass
 class KVReference:
-    """Initial-model keys/values over each distinct prefix: ``values[prefix][(site, layer)]``
-    is ``[n_positions, features]`` (heads x d_head flattened)."""
+    """Initial-model keys/values over token sequences, each run once:
+    ``values[sequence][(site, layer)]`` is ``[len(sequence), features]`` (heads x d_head
+    flattened). The sequences are prefixes (the default region), empty-query prompts
+    (postfix region) or whole examples (query / all / explicit regions)."""
 
     values: dict[Prefix, dict[tuple[str, int], Tensor]]
     layers: tuple[int, ...]
@@ -75,8 +77,8 @@ class KVReference:
         key = tuple(prefix)
         if key not in self.values:
             raise KeyError(
-                f"no reference for this prefix ({len(key)} tokens); compute one with "
-                "kv_reference(model, prefixes) for every system prompt used in training"
+                f"no reference for this prefix or sequence ({len(key)} tokens); compute one with "
+                "kv_reference(model, sequences) for every system prompt / example used in training"
             )
         return self.values[key]
 
@@ -123,9 +125,8 @@ def kv_reference(
     layers: int | Iterable[int] | None = None,
     variant: Variant = "true",
 ) -> KVReference:
-    """The model's keys/values over each distinct prefix, computed once (no gradients).
-
-    Call it on the INITIAL model, before any update.
+    """The model's keys/values over each distinct prefix (or any token sequence),
+    computed once, without gradients. Call it on the INITIAL model, before any update.
     """
     chosen = resolve_layers(model, layers)
     recorder = _Recorder(model, chosen, variant)
@@ -141,6 +142,67 @@ def kv_reference(
             model(torch.tensor([prefix], device=model.cfg.device))
             values[prefix] = {k: v[0].detach().clone() for k, v in recorder.seen.items()}
     return KVReference(values, chosen, variant, {"n_prefixes": len(values)})
+
+
+@dataclass(frozen=True)
+class RowTarget:
+    """Where one training row is regularised: its ``positions``, compared with the
+    reference of ``sequence`` at ``ref_positions`` (same length)."""
+
+    sequence: tuple[int, ...]
+    ref_positions: tuple[int, ...]
+    positions: tuple[int, ...]
+
+    @classmethod
+    def prefix(cls, prefix: Sequence[int]) -> RowTarget:
+        n = len(prefix)
+        return cls(tuple(prefix), tuple(range(n)), tuple(range(n)))
+
+
+REGIONS = ("prefix", "postfix", "query", "all")
+
+
+def region_target(input_ids: Sequence[int], spans: Any, region: str | Sequence[int]) -> RowTarget:
+    """The :class:`RowTarget` of a training example for a TReFT token region.
+
+    * ``"prefix"`` (default): the template before the user's text; reference: the prefix alone.
+    * ``"postfix"``: the template after it; reference: the EMPTY-query prompt (the example's
+      prefix + postfix tokens), so no query information enters the reference.
+    * ``"query"``, ``"all"`` (every position) or explicit positions: reference: the
+      example itself, run once before training.
+    """
+    ids = tuple(input_ids)
+    prefix = ids[: len(spans.prefix)]
+    if region == "prefix":
+        if not prefix:
+            raise ValueError(
+                "this chat template has no prefix before the user's text; use region='postfix'"
+            )
+        return RowTarget.prefix(prefix)
+    if region == "postfix":
+        post = tuple(spans.postfix)
+        if not post:
+            raise ValueError(
+                "this chat template has no postfix after the user's text; use region='prefix'"
+            )
+        empty = prefix + tuple(ids[p] for p in post)
+        return RowTarget(empty, tuple(range(len(prefix), len(empty))), post)
+    if region == "query":
+        positions = tuple(spans.query)
+    elif region == "all":
+        positions = tuple(range(len(ids)))
+    elif isinstance(region, str):
+        raise ValueError(
+            f"unknown region {region!r}; choose one of {', '.join(REGIONS)} or give positions"
+        )
+    else:
+        positions = tuple(region)
+        bad = [p for p in positions if not 0 <= p < len(ids)]
+        if bad:
+            raise ValueError(
+                f"region position(s) {bad} are outside the example ({len(ids)} tokens)"
+            )
+    return RowTarget(ids, positions, positions)
 
 
 def relative_sq_error(
@@ -171,23 +233,30 @@ class KVRegulariser:
         with self.model.hooks(fwd_hooks=self._recorder.hooks()):
             yield
 
-    def per_layer(self, prefixes: Sequence[Sequence[int]]) -> dict[int, Float[Tensor, ""]]:
-        """L_K(l) + L_V(l) for every layer, averaged over the rows (their prefixes)."""
+    def per_layer(
+        self, targets: Sequence[RowTarget | Sequence[int]]
+    ) -> dict[int, Float[Tensor, ""]]:
+        """L_K(l) + L_V(l) for every layer, averaged over the rows.
+
+        ``targets[row]`` is a :class:`RowTarget`, or a prefix (token ids) for the default
+        region."""
         seen = self._recorder.seen
         if not seen:
             raise RuntimeError(
                 "no forward was recorded: run the model inside `with reg.recording():`"
             )
+        rows = [t if isinstance(t, RowTarget) else RowTarget.prefix(t) for t in targets]
         out: dict[int, Tensor] = {}
         for layer in self.reference.layers:
             terms = []
-            for row, prefix in enumerate(prefixes):
-                ref = self.reference[prefix]
-                n = len(prefix)
+            for row, target in enumerate(rows):
+                ref = self.reference[target.sequence]
+                pos, ref_pos = list(target.positions), list(target.ref_positions)
                 terms.append(
                     sum(
                         relative_sq_error(
-                            seen[(s, layer)][row, :n], ref[(s, layer)].to(seen[(s, layer)].device)
+                            seen[(s, layer)][row, pos],
+                            ref[(s, layer)][ref_pos].to(seen[(s, layer)].device),
                         )
                         for s in KV_SITES
                     )
@@ -195,9 +264,17 @@ class KVRegulariser:
             out[layer] = torch.stack(terms).mean()
         return out
 
-    def loss(self, prefixes: Sequence[Sequence[int]]) -> Float[Tensor, ""]:
+    def loss(self, targets: Sequence[RowTarget | Sequence[int]]) -> Float[Tensor, ""]:
         """L_KV = mean over layers of (L_K(l) + L_V(l))."""
-        return torch.stack(list(self.per_layer(prefixes).values())).mean()
+        return torch.stack(list(self.per_layer(targets).values())).mean()
 
 
-__all__ = ["KVReference", "KVRegulariser", "kv_reference", "relative_sq_error"]
+__all__ = [
+    "REGIONS",
+    "KVReference",
+    "KVRegulariser",
+    "RowTarget",
+    "kv_reference",
+    "region_target",
+    "relative_sq_error",
+]
