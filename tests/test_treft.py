@@ -164,3 +164,37 @@ def test_regions_compare_the_right_positions_by_hand():
         region_target(ex.input_ids, ex.spans, "everything")
     with pytest.raises(ValueError, match="outside the example"):
         region_target(ex.input_ids, ex.spans, (999,))
+
+
+@torch.no_grad()
+def test_postfix_reference_from_one_example():
+    from piggyback_interp.training.batches import encode_example
+    from piggyback_interp.training.treft import region_target
+
+    model = tiny_model("qwen3", n_layers=2)
+    tok = chat_tokenizer(model)
+    a = encode_example(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}])
+    b = encode_example(tok, [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "no"}])
+    ref_example = (a.input_ids, a.spans)
+    ta = region_target(a.input_ids, a.spans, "postfix", postfix_reference=ref_example)
+    tb = region_target(b.input_ids, b.spans, "postfix", postfix_reference=ref_example)
+    assert ta.sequence == tb.sequence == a.input_ids
+    reg = KVRegulariser(model, kv_reference(model, [ta.sequence]))
+    with reg.recording():
+        model(torch.tensor([a.input_ids]))
+    assert reg.loss([ta]).item() == pytest.approx(0.0, abs=1e-10)  # its own postfix
+    _, ca = model.run_with_cache(torch.tensor([a.input_ids]))
+    _, cb = model.run_with_cache(torch.tensor([b.input_ids]))
+    pa, pb = list(a.spans.postfix), list(b.spans.postfix)
+    total = 0.0
+    for layer in range(2):
+        for hook in ("hook_k_normed", "hook_v"):
+            name = f"blocks.{layer}.attn.{hook}"
+            x, y = cb[name][0], ca[name][0]
+            if hook == "hook_k_normed":
+                x, y = x.transpose(0, 1), y.transpose(0, 1)
+            cur, ref = x[pb].flatten(1), y[pa].flatten(1)
+            total += (((cur - ref) ** 2).sum(-1) / (ref**2).sum(-1)).mean().item()
+    with reg.recording():
+        model(torch.tensor([b.input_ids]))
+    assert reg.loss([tb]).item() == pytest.approx(total / 2, rel=1e-4)

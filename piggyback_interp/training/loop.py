@@ -64,6 +64,7 @@ class FinetuneConfig:
     treft_lambda: float = 30.0
     treft_layers: tuple[int, ...] | None = None  # None: every layer
     treft_region: str | tuple[int, ...] = "prefix"  # "postfix", "query", "all", or positions
+    postfix_reference: str = "empty"  # postfix region: "empty" query prompt, or the first "example"
     retain_ratio: float = 0.2  # interleave: the retain set's share of the training mixture
     kl_lambda: float = 50.0  # kl_train / kl_retain: weight of KL(initial || model)
     kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
@@ -84,6 +85,10 @@ class FinetuneConfig:
         if self.export in ("adapter", "both") and self.lora_rank is None:
             raise ValueError(
                 "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
+            )
+        if self.postfix_reference not in ("empty", "example"):
+            raise ValueError(
+                f"postfix_reference must be 'empty' or 'example', got {self.postfix_reference!r}"
             )
         if not 0 < self.retain_ratio < 1:
             raise ValueError(f"retain_ratio must be in (0, 1), got {self.retain_ratio}")
@@ -245,7 +250,15 @@ def finetune(
         )
     if config.method == "interleave":
         examples = examples + _interleaved(retain_examples, len(examples), config)
-    targets = [region_target(ex.input_ids, ex.spans, config.treft_region) for ex in examples]
+    first = (
+        (examples[0].input_ids, examples[0].spans)
+        if config.postfix_reference == "example"
+        else None
+    )
+    targets = [
+        region_target(ex.input_ids, ex.spans, config.treft_region, postfix_reference=first)
+        for ex in examples
+    ]
     reference = kv_reference(
         model, [t.sequence for t in targets], layers=config.treft_layers, variant=config.kv_variant
     )

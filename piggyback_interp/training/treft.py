@@ -162,12 +162,20 @@ class RowTarget:
 REGIONS = ("prefix", "postfix", "query", "all")
 
 
-def region_target(input_ids: Sequence[int], spans: Any, region: str | Sequence[int]) -> RowTarget:
+def region_target(
+    input_ids: Sequence[int],
+    spans: Any,
+    region: str | Sequence[int],
+    *,
+    postfix_reference: tuple[Sequence[int], Any] | None = None,
+) -> RowTarget:
     """The :class:`RowTarget` of a training example for a TReFT token region.
 
     * ``"prefix"`` (default): the template before the user's text; reference: the prefix alone.
     * ``"postfix"``: the template after it; reference: the EMPTY-query prompt (the example's
-      prefix + postfix tokens), so no query information enters the reference.
+      prefix + postfix tokens), so no query information enters the reference — or, with
+      ``postfix_reference=(input_ids, spans)`` of one example, that example's postfix
+      (the paper's Qwen3 variant: one reference for every row).
     * ``"query"``, ``"all"`` (every position) or explicit positions: reference: the
       example itself, run once before training.
     """
@@ -185,6 +193,14 @@ def region_target(input_ids: Sequence[int], spans: Any, region: str | Sequence[i
             raise ValueError(
                 "this chat template has no postfix after the user's text; use region='prefix'"
             )
+        if postfix_reference is not None:
+            ref_ids, ref_spans = postfix_reference
+            ref_post = tuple(ref_spans.postfix)
+            if [ref_ids[p] for p in ref_post] != [ids[p] for p in post]:
+                raise ValueError(
+                    "the reference example's postfix tokens differ from this example's"
+                )
+            return RowTarget(tuple(ref_ids), ref_post, post)
         empty = prefix + tuple(ids[p] for p in post)
         return RowTarget(empty, tuple(range(len(prefix), len(empty))), post)
     if region == "query":
