@@ -290,6 +290,11 @@ class ChatBatch:
         return mask
 
 
+def position_ids_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Positions that count only real tokens (padding anywhere in a row is skipped)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def batch_spans(
     tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[Messages | ChatSpans],
@@ -332,7 +337,7 @@ def batch_spans(
     return ChatBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        position_ids=position_ids_from_mask(attention_mask),
         spans=padded,
         align=align,
         prefix_len=len(rows[0].prefix) if align == "prefix" else None,

@@ -173,8 +173,13 @@ def test_postfix_reference_from_one_example():
 
     model = tiny_model("qwen3", n_layers=2)
     tok = chat_tokenizer(model)
-    a = encode_example(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}])
-    b = encode_example(tok, [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "no"}])
+    a = encode_example(
+        tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]
+    )
+    b = encode_example(
+        tok,
+        [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "no"}],
+    )
     ref_example = (a.input_ids, a.spans)
     ta = region_target(a.input_ids, a.spans, "postfix", postfix_reference=ref_example)
     tb = region_target(b.input_ids, b.spans, "postfix", postfix_reference=ref_example)

@@ -35,7 +35,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from piggyback_interp.data import ChatDataset, ChatExample
-from piggyback_interp.spans import ChatSpans, chat_spans
+from piggyback_interp.spans import ChatSpans, chat_spans, position_ids_from_mask
 
 IGNORE_INDEX = -100
 
@@ -291,7 +291,7 @@ def _collate(examples: Sequence[TrainExample], index: list[int], pad_token_id: i
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        position_ids=position_ids_from_mask(attention_mask),
         labels=labels,
         prefix_positions=prefix_positions,
         prefixes=[
