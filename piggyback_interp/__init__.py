@@ -68,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
     "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
+    **dict.fromkeys(["SETTINGS", "NarrowSetting", "evaluate", "setting_data"], "piggyback_interp.settings"),
     **dict.fromkeys(
         ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
         "piggyback_interp.training",
@@ -167,6 +168,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         perturb_segment,
         perturb_segments,
     )
+    from piggyback_interp.settings import SETTINGS, NarrowSetting, evaluate, setting_data
     from piggyback_interp.spans import (
         SEGMENTS,
         ChatBatch,
