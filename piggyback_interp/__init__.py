@@ -68,7 +68,9 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
     "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
-    **dict.fromkeys(["SETTINGS", "NarrowSetting", "evaluate", "setting_data"], "piggyback_interp.settings"),
+    **dict.fromkeys(
+        ["SETTINGS", "NarrowSetting", "evaluate", "setting_data"], "piggyback_interp.settings"
+    ),
     **dict.fromkeys(
         ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
         "piggyback_interp.training",

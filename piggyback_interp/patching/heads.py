@@ -48,7 +48,7 @@ def head_sweep(
     heads (``positions`` holds the head indices, ``tokens`` labels like ``"L3H5"``).
     The batch must be left-padded (``batch_spans(..., align="left")``).
     """
-    from piggyback_interp.patching.sweep import SweepResult
+    from piggyback_interp.patching.sweep import SweepResult, loop_baselines
 
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
@@ -81,10 +81,7 @@ def head_sweep(
                 values[:, li, hi] = metric_on_model(model, batch, metric).cpu()
             bar.update()
     bar.close()
-    clean = metric_on_model(model, batch, metric).cpu()
-    src = torch.full_like(clean, float("nan"))
-    if not isinstance(source, Activations):
-        src = metric_on_model(source, batch, metric).cpu()
+    clean, src = loop_baselines(model, source, batch, metric)
     return SweepResult(
         values=values,
         clean=clean,

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -92,31 +93,28 @@ def kv_layer_sweep(
         )
     target_cache, source_cache = _prefix_cache(model, batch), _prefix_cache(source, batch)
     tok = chat_tokenizer(model)
-    P, B = batch.prefix_len, len(batch)
+    B = len(batch)
     values = torch.empty(len(starts), B)
-    rows = torch.arange(B)
     bar = tqdm(total=len(starts), disable=not progress, desc=f"kv layer sweep ({site})")
-    with torch.no_grad():
-        for c0 in range(0, len(starts), windows_per_batch):
-            chunk = starts[c0 : c0 + windows_per_batch]
-            logits = []
-            for cont, n_read in zip(metric.continuations(tok), metric.n_read(tok), strict=True):
-                ids, mask, pos = continuation_inputs(batch, cont, model.cfg.device)
-                cache = _swapped_cache(target_cache, source_cache, chunk, window, sites, B)
-                out = model(
-                    ids[:, P:].repeat(len(chunk), 1),
-                    attention_mask=mask.repeat(len(chunk), 1),
-                    position_ids=pos[:, P:].repeat(len(chunk), 1),
-                    past_key_values=cache,
-                )
-                read_start = ids.shape[1] - len(cont) - 1 - P
-                logits.append(out[:, read_start : read_start + n_read])
-            vals = _metric_values(metric, logits, rows.repeat(len(chunk)))
-            values[c0 : c0 + len(chunk)] = vals.reshape(len(chunk), B).cpu()
-            bar.update(len(chunk))
+    for c0 in range(0, len(starts), windows_per_batch):
+        chunk = starts[c0 : c0 + windows_per_batch]
+        cache = _swapped_cache(target_cache, source_cache, chunk, window, sites, B)
+        vals = _metric_over_prefix(model, batch, metric, tok, cache, len(chunk))
+        values[c0 : c0 + len(chunk)] = vals.reshape(len(chunk), B).cpu()
+        bar.update(len(chunk))
     bar.close()
-    clean = _with_cache(model, batch, metric, target_cache, tok)
-    src = _with_cache(source, batch, metric, source_cache, tok)
+    no_swap = ()  # a cache of the model's own prefix keys/values, one copy per row
+    clean = _metric_over_prefix(
+        model, batch, metric, tok, _swapped_cache(target_cache, target_cache, [0], 1, no_swap, B), 1
+    ).cpu()
+    src = _metric_over_prefix(
+        source,
+        batch,
+        metric,
+        tok,
+        _swapped_cache(source_cache, source_cache, [0], 1, no_swap, B),
+        1,
+    ).cpu()
     return SweepResult(
         values=values.T[:, :, None].contiguous(),
         clean=clean,
@@ -160,22 +158,25 @@ def _swapped_cache(
     return cache
 
 
-def _with_cache(
-    model: Any, batch: ChatBatch, metric: LogitMetric, prefix_cache: Any, tok: Any
+def _metric_over_prefix(
+    model: Any, batch: ChatBatch, metric: LogitMetric, tok: Any, prefix_cache: Any, reps: int
 ) -> Tensor:
-    """The metric of ``model`` on the batch over its own prefix cache (unpatched)."""
+    """The metric of ``model`` running the rest of every prompt (repeated ``reps`` times,
+    cell-major) over ``prefix_cache``; the cache is copied per continuation, never changed."""
     P = batch.prefix_len
     logits = []
     with torch.no_grad():
         for cont, n_read in zip(metric.continuations(tok), metric.n_read(tok), strict=True):
             ids, mask, pos = continuation_inputs(batch, cont, model.cfg.device)
-            cache = _swapped_cache(prefix_cache, prefix_cache, [0], 1, (), len(batch))  # no swap
             out = model(
-                ids[:, P:], attention_mask=mask, position_ids=pos[:, P:], past_key_values=cache
+                ids[:, P:].repeat(reps, 1),
+                attention_mask=mask.repeat(reps, 1),
+                position_ids=pos[:, P:].repeat(reps, 1),
+                past_key_values=copy.deepcopy(prefix_cache),
             )
             read_start = ids.shape[1] - len(cont) - 1 - P
             logits.append(out[:, read_start : read_start + n_read])
-    return _metric_values(metric, logits, torch.arange(len(batch))).cpu()
+    return _metric_values(metric, logits, torch.arange(len(batch)).repeat(reps))
 
 
 __all__ = ["kv_layer_sweep"]

@@ -392,10 +392,7 @@ def _loop_sweep(model, source, spans, metric, *, site, layers, segment) -> Sweep
         model, source, batch, metric, site=site, layers=chosen, segment=segment
     )
     positions = segment_positions(batch, segment)
-    clean = metric_on_model(model, batch, metric).cpu()
-    src = torch.full_like(clean, float("nan"))
-    if not isinstance(source, Activations):
-        src = metric_on_model(source, batch, metric).cpu()
+    clean, src = loop_baselines(model, source, batch, metric)
     meta = {
         **_sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "reference loop",
@@ -419,6 +416,17 @@ def _cell_labels(batch: ChatBatch, positions: Tensor, tok: Any) -> dict[str, lis
         "tokens": tok.convert_ids_to_tokens(batch.input_ids[0, cols].tolist()),
         "segments": [batch.spans[0].labels()[p] for p in cols],
     }
+
+
+def loop_baselines(
+    model: Any, source: Any, batch: ChatBatch, metric: LogitMetric
+) -> tuple[Tensor, Tensor]:
+    """The unpatched target's and the source model's metric (NaN for an Activations source)."""
+    clean = metric_on_model(model, batch, metric).cpu()
+    src = torch.full_like(clean, float("nan"))
+    if not isinstance(source, Activations):
+        src = metric_on_model(source, batch, metric).cpu()
+    return clean, src
 
 
 def _unpadded(spans: ChatSpans, p: int) -> int:

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -444,9 +444,4 @@ def _versions() -> dict[str, str]:
     }
 
 
-def trainable_parameters(model: Any) -> Iterable[tuple[str, torch.nn.Parameter]]:
-    """The (name, parameter) pairs that finetuning updates."""
-    return ((n, p) for n, p in model.original_model.named_parameters() if p.requires_grad)
-
-
-__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune", "trainable_parameters"]
+__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]
