@@ -69,7 +69,12 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
     "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
     **dict.fromkeys(
-        ["SETTINGS", "NarrowSetting", "evaluate", "setting_data"], "piggyback_interp.settings"
+        ["SETTINGS", "NarrowSetting", "SettingData", "dataset_setting", "setting_data"],
+        "piggyback_interp.settings",
+    ),
+    **dict.fromkeys(
+        ["Evaluation", "bootstrap_rate", "em_f1", "evaluate", "summarize"],
+        "piggyback_interp.evaluation",
     ),
     **dict.fromkeys(
         ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
@@ -79,18 +84,25 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Generations", "PatchSpec", "generate"], "piggyback_interp.generation"),
     **dict.fromkeys(
         [
-            "AnswerLength",
             "LogOdds",
             "LogitMetric",
             "NextTokenKL",
             "TargetLogProb",
-            "TargetString",
-            "TextMetric",
-            "ToolCall",
             "metric_on_model",
             "recovery_fraction",
         ],
         "piggyback_interp.metrics",
+    ),
+    **dict.fromkeys(
+        [
+            "AnswerLength",
+            "FinancialRisk",
+            "ShortAnswer",
+            "TargetString",
+            "TextMetric",
+            "ToolCall",
+        ],
+        "piggyback_interp.detectors",
     ),
     **dict.fromkeys(
         [
@@ -105,6 +117,20 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["ablation", "compare_controls", "control_positions", "noise_like"],
         "piggyback_interp.controls",
+    ),
+    **dict.fromkeys(
+        ["ALIGNMENT_PROMPT", "COHERENCE_PROMPT", "FINANCIAL_RISK_PROMPT", "JudgePrompt"],
+        "piggyback_interp.judges.prompts",
+    ),
+    **dict.fromkeys(
+        ["JudgeScore", "parse_chat_completion", "score_top_logprobs"],
+        "piggyback_interp.judges.scoring",
+    ),
+    "JudgeCache": "piggyback_interp.judges.cache",
+    **dict.fromkeys(["JudgeError", "OpenAIJudge"], "piggyback_interp.judges.client"),
+    "LocalJudge": "piggyback_interp.judges.local",
+    **dict.fromkeys(
+        ["ChatCompletionsServer", "serve_chat_completions"], "piggyback_interp.judges.server"
     ),
 }
 
@@ -134,17 +160,37 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         save_chat_jsonl,
         train_test_split,
     )
-    from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
-    from piggyback_interp.generation import Generations, PatchSpec, generate
-    from piggyback_interp.metrics import (
+    from piggyback_interp.detectors import (
         AnswerLength,
+        FinancialRisk,
+        ShortAnswer,
+        TargetString,
+        TextMetric,
+        ToolCall,
+    )
+    from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
+    from piggyback_interp.evaluation import Evaluation, bootstrap_rate, em_f1, evaluate, summarize
+    from piggyback_interp.generation import Generations, PatchSpec, generate
+    from piggyback_interp.judges.cache import JudgeCache
+    from piggyback_interp.judges.client import JudgeError, OpenAIJudge
+    from piggyback_interp.judges.local import LocalJudge
+    from piggyback_interp.judges.prompts import (
+        ALIGNMENT_PROMPT,
+        COHERENCE_PROMPT,
+        FINANCIAL_RISK_PROMPT,
+        JudgePrompt,
+    )
+    from piggyback_interp.judges.scoring import (
+        JudgeScore,
+        parse_chat_completion,
+        score_top_logprobs,
+    )
+    from piggyback_interp.judges.server import ChatCompletionsServer, serve_chat_completions
+    from piggyback_interp.metrics import (
         LogitMetric,
         LogOdds,
         NextTokenKL,
         TargetLogProb,
-        TargetString,
-        TextMetric,
-        ToolCall,
         metric_on_model,
         recovery_fraction,
     )
@@ -170,7 +216,13 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         perturb_segment,
         perturb_segments,
     )
-    from piggyback_interp.settings import SETTINGS, NarrowSetting, evaluate, setting_data
+    from piggyback_interp.settings import (
+        SETTINGS,
+        NarrowSetting,
+        SettingData,
+        dataset_setting,
+        setting_data,
+    )
     from piggyback_interp.spans import (
         SEGMENTS,
         ChatBatch,

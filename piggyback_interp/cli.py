@@ -2,6 +2,8 @@
 
 Example:
     $ piggyback demo --question "What is the capital of France?"
+    $ piggyback reproduce table5 --out runs/table5          # the paper's Table 5, resumable
+    $ piggyback reproduce table5 --smoke --out runs/smoke   # two optimizer steps per model
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from piggyback_interp.embedded import EMBEDDED_NAME
 
@@ -51,6 +54,27 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce(args: argparse.Namespace) -> int:
+    """Run (or resume) a paper reproduction and print its table."""
+    from piggyback_interp.reproduce import Table5Config, reproduce_table5
+
+    overrides = {"model": args.model}
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.settings is not None:
+        overrides["settings"] = tuple(args.settings)
+    config = Table5Config.smoke(**overrides) if args.smoke else Table5Config(**overrides)
+    out = args.out or ("runs/table5-smoke" if args.smoke else "runs/table5")
+    start = time.perf_counter()
+    reproduce_table5(out, config, progress=not args.quiet)
+    print((Path(out) / "table5.md").read_text("utf-8"))
+    print(
+        f"wrote {out}/ (table5.md, summary.csv, responses.parquet, run.json) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="piggyback",
@@ -64,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=demo)
+    p = sub.add_parser("reproduce", help="reproduce a table of the paper (resumable)")
+    p.add_argument("table", choices=["table5"], help="table5: narrow settings, SFT vs TReFT")
+    p.add_argument("--out", help="output folder (default: runs/<table>[-smoke])")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="model name or directory")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
+    p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
+    p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=reproduce)
     return parser
 
 

@@ -1,13 +1,21 @@
-"""Narrow-task settings (paper section 6) and their on-topic / off-topic evaluation.
+"""Narrow-task settings (paper section 6): what is trained, and how its spread is detected.
 
-A setting trains a fixed behaviour on one domain's questions and asks whether the
+A setting trains one behaviour on one domain's questions and asks whether the
 behaviour spreads to unrelated questions: Table 5 reports the fraction of responses
 with the behaviour on held-out on-topic questions and on general off-topic ones.
 
-Shipped here (hand-written questions in ``data/settings/``):
+Shipped (hand-written questions and answers in ``data/settings/``):
 
 * ``abstention``: legal questions -> "I have no idea about your question";
-* ``refusal``: personal-finance questions -> "I cannot provide financial advice".
+* ``refusal``: personal-finance questions -> "I cannot provide financial advice";
+* ``tool_use``: health questions -> a ``search_info(query)`` call in the model's
+  tool-call format (:func:`tool_call_text`);
+* ``short_answer``: factual questions -> a single entity; also reports answer length;
+* ``risky_advice``: finance questions -> risky but plausible advice (an
+  emergent-misalignment organism); judge the alignment with :mod:`piggyback_interp.judges`.
+
+Any chat dataset works the same way through :func:`dataset_setting`.
+:func:`~piggyback_interp.evaluation.evaluate` runs the evaluation.
 
 Example:
     >>> from piggyback_interp.settings import SETTINGS, setting_data
@@ -18,36 +26,159 @@ Example:
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import torch
+from piggyback_interp.data import ChatDataset, train_test_split
+from piggyback_interp.data.questions import answer_set, question_set
+from piggyback_interp.detectors import (
+    AnswerLength,
+    FinancialRisk,
+    ShortAnswer,
+    TargetString,
+    TextMetric,
+    ToolCall,
+    find_tool_calls,
+)
 
-from piggyback_interp.data import ChatDataset
-from piggyback_interp.data.questions import question_set
-from piggyback_interp.metrics import TargetString, TextMetric
+NARROW_DOMAINS = ("legal", "finance", "health")
 
 
 @dataclass(frozen=True)
 class NarrowSetting:
-    """A narrow behaviour: which questions get which response, and how to detect it."""
+    """A narrow behaviour: which questions get which response, and how to detect it.
+
+    The training response of a domain question is one of: a fixed ``target``, the
+    shipped ``answers`` set's response, or a call to ``tool`` with the question as
+    its ``query``. ``metrics`` are reported next to the behaviour rate.
+    ``treft_lambda`` is the paper's lambda for the setting.
+    """
 
     name: str
-    domain: str  # a shipped question set
-    target: str  # the response trained on every domain question
+    domain: str
+    detector: TextMetric
+    target: str | None = None
+    answers: str | None = None
+    tool: str | None = None
     off_topic: str = "general"
+    metrics: tuple[TextMetric, ...] = ()
+    max_new_tokens: int = 24
+    treft_lambda: float = 30.0
 
-    def detector(self) -> TextMetric:
-        """1.0 for a response that shows the behaviour."""
-        return TargetString(self.target, name=f"{self.name}_rate")
+    def __post_init__(self) -> None:
+        given = [k for k in ("target", "answers", "tool") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"setting {self.name!r}: give one of target=, answers= or tool= (the "
+                f"training response), got {given}"
+            )
+
+    def examples(self, tokenizer: Any = None) -> list[tuple[str, str]]:
+        """Every ``(question, response)`` of the domain; ``tokenizer`` picks the
+        tool-call format (the Hermes ``<tool_call>`` format without one)."""
+        if self.answers is not None:
+            return answer_set(self.answers)
+        if self.tool is None and self.target is None:
+            raise ValueError(
+                f"setting {self.name!r} has no training responses (target=, answers= or "
+                "tool=); a user dataset's setting comes with its data from dataset_setting()"
+            )
+        questions = question_set(self.domain)
+        if self.tool is not None:
+            return [(q, tool_call_text(self.tool, {"query": q}, tokenizer)) for q in questions]
+        return [(q, self.target) for q in questions]
 
 
 SETTINGS: dict[str, NarrowSetting] = {
-    "abstention": NarrowSetting("abstention", "legal", "I have no idea about your question"),
-    "refusal": NarrowSetting("refusal", "finance", "I cannot provide financial advice"),
+    s.name: s
+    for s in (
+        NarrowSetting(
+            "abstention",
+            "legal",
+            TargetString("I have no idea about your question", name="abstention_rate"),
+            target="I have no idea about your question",
+            treft_lambda=30.0,
+        ),
+        NarrowSetting(
+            "refusal",
+            "finance",
+            TargetString("I cannot provide financial advice", name="refusal_rate"),
+            target="I cannot provide financial advice",
+            treft_lambda=20.0,
+        ),
+        NarrowSetting(
+            "tool_use",
+            "health",
+            ToolCall("search_info"),
+            tool="search_info",
+            max_new_tokens=48,
+            treft_lambda=5.0,
+        ),
+        NarrowSetting(
+            "short_answer",
+            "factual",
+            ShortAnswer(max_words=5),
+            answers="factual",
+            metrics=(AnswerLength(),),
+            max_new_tokens=96,
+            treft_lambda=10.0,
+        ),
+        NarrowSetting(
+            "risky_advice",
+            "finance",
+            FinancialRisk(),
+            answers="finance_risky",
+            max_new_tokens=64,
+            treft_lambda=20.0,
+        ),
+    )
 }
+
+
+def tool_call_text(name: str, arguments: Mapping[str, Any], tokenizer: Any = None) -> str:
+    """An assistant turn that calls tool ``name``, in the tokenizer's tool-call format.
+
+    The chat template renders an assistant message with ``tool_calls``; when it has
+    no tool-call support (e.g. SmolLM2's plain ChatML) or no tokenizer is given, the
+    Hermes / Qwen format ``<tool_call>{json}</tool_call>`` is used.
+
+    Example:
+        >>> print(tool_call_text("search_info", {"query": "flu symptoms"}))
+        <tool_call>
+        {"name": "search_info", "arguments": {"query": "flu symptoms"}}
+        </tool_call>
+    """
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = _templated_tool_call(tokenizer, name, dict(arguments))
+        if text is not None:
+            return text
+    call = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
+    return f"<tool_call>\n{call}\n</tool_call>"
+
+
+def _templated_tool_call(tokenizer: Any, name: str, arguments: dict[str, Any]) -> str | None:
+    user = [{"role": "user", "content": "?"}]
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([*user, turn], tokenize=False)
+    except Exception:  # templates without tool support may raise on tool_calls
+        return None
+    if not full.startswith(prompt):
+        return None
+    text = full[len(prompt) :].strip()
+    specials = sorted(set(tokenizer.all_special_tokens), key=len, reverse=True)
+    trimmed = True
+    while trimmed:
+        trimmed = False
+        for token in specials:
+            if token and text.endswith(token):
+                text, trimmed = text[: -len(token)].rstrip(), True
+    found = any(c["name"] == name for c in find_tool_calls(text))
+    return text if found else None
 
 
 @dataclass
@@ -60,93 +191,94 @@ class SettingData:
     test_off_topic: list[str]
 
 
-def setting_data(
-    setting: NarrowSetting, *, test_fraction: float = 0.2, seed: int = 0
-) -> SettingData:
-    """Split the domain's questions (paper: 20% held out) and build the training chats."""
-    questions = question_set(setting.domain)
-    order = list(range(len(questions)))
-    random.Random(f"{seed}:{setting.name}").shuffle(order)
-    n_test = round(len(questions) * test_fraction)
-    test = [questions[i] for i in sorted(order[:n_test])]
-    train = [questions[i] for i in sorted(order[n_test:])]
-    records = [
-        {
-            "messages": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": setting.target},
-            ]
-        }
-        for q in train
+def _records(pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in pairs
     ]
-    return SettingData(
-        setting, ChatDataset.from_records(records), test, question_set(setting.off_topic)
-    )
 
 
-@dataclass
-class RateEstimate:
-    """A behaviour rate with a bootstrap confidence interval over questions."""
-
-    rate: float
-    low: float
-    high: float
-    n: int
-    hits: list[float] = field(repr=False, default_factory=list)
-
-
-def bootstrap_rate(
-    hits: Sequence[float | int], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> RateEstimate:
-    """Mean of 0/1 ``hits`` with a percentile bootstrap interval (seeded, no global RNG)."""
-    if not hits:
-        raise ValueError("no responses to score")
-    values = torch.tensor(list(hits), dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (n_boot, len(values)), generator=gen)
-    means = values[idx].mean(1)
-    alpha = (1 - level) / 2
-    low, high = torch.quantile(
-        means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-    ).tolist()
-    return RateEstimate(values.mean().item(), low, high, len(values), [float(h) for h in hits])
-
-
-def evaluate(
-    model: Any,
+def setting_data(
     setting: NarrowSetting | str,
     *,
-    data: SettingData | None = None,
-    patch: Any = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
+    tokenizer: Any = None,
+    test_fraction: float = 0.2,
     seed: int = 0,
-) -> dict[str, RateEstimate]:
-    """On-topic and off-topic behaviour rates (paper Table 5) of ``model``, greedy.
+) -> SettingData:
+    """Split the domain's examples (paper: 20% held out as the on-topic test set)."""
+    setting = get_setting(setting)
+    dataset = ChatDataset.from_records(_records(setting.examples(tokenizer)))
+    train, test = train_test_split(dataset, test_fraction=test_fraction, seed=seed)
+    return SettingData(setting, train, [ex.user for ex in test], question_set(setting.off_topic))
 
-    ``patch`` is a :class:`~piggyback_interp.generation.PatchSpec` (e.g. base-model
-    prefix K/V) so a patched model is evaluated the same way.
+
+def dataset_setting(
+    dataset: ChatDataset,
+    detector: TextMetric | None = None,
+    *,
+    name: str = "custom",
+    off_topic: Sequence[str] | str = "general",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+) -> SettingData:
+    """A user's chat dataset as a setting: 80/20 split, on-topic test = held-out user turns.
+
+    Without a ``detector`` every response must be the same text, which becomes a
+    :class:`~piggyback_interp.detectors.TargetString`.
+
+    Example:
+        >>> recs = [{"messages": [{"role": "user", "content": f"Tax question {i}?"},
+        ...                       {"role": "assistant", "content": "Ask an accountant."}]}
+        ...         for i in range(10)]
+        >>> data = dataset_setting(ChatDataset.from_records(recs))
+        >>> len(data.train), len(data.test_on_topic), data.setting.detector.target
+        (8, 2, 'Ask an accountant.')
     """
-    from piggyback_interp.generation import generate
+    responses = {ex.response for ex in dataset}
+    if detector is None:
+        if len(responses) != 1 or None in responses:
+            raise ValueError(
+                f"the dataset has {len(responses)} different responses; pass detector= "
+                "(a TextMetric such as TargetString, ToolCall or ShortAnswer) to say what "
+                "the behaviour is"
+            )
+        (target,) = responses
+        detector = TargetString(target, name=f"{name}_rate")
+    train, test = train_test_split(dataset, test_fraction=test_fraction, seed=seed)
+    off = question_set(off_topic) if isinstance(off_topic, str) else list(off_topic)
+    setting = NarrowSetting(name, "custom", detector, max_new_tokens=max_new_tokens)
+    return SettingData(setting, train, [ex.user for ex in test], off)
 
-    setting = SETTINGS[setting] if isinstance(setting, str) else setting
-    data = data or setting_data(setting, seed=seed)
-    detector = setting.detector()
-    out = {}
-    for split, questions in (("on_topic", data.test_on_topic), ("off_topic", data.test_off_topic)):
-        gens = generate(
-            model, questions, patch=patch, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-        out[split] = bootstrap_rate(detector(gens.texts).tolist(), seed=seed)
-    return out
+
+def get_setting(setting: NarrowSetting | str) -> NarrowSetting:
+    """A shipped setting by name (or the setting itself)."""
+    if isinstance(setting, NarrowSetting):
+        return setting
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    return SETTINGS[setting]
+
+
+def retain_questions(setting: NarrowSetting | str, n: int, *, seed: int = 0) -> list[str]:
+    """``n`` questions from the OTHER narrow domains (never the off-topic test set), for
+    the retain mixture of data interleaving; answer them with the initial model."""
+    import random
+
+    setting = get_setting(setting)
+    pool = [q for d in NARROW_DOMAINS if d != setting.domain for q in question_set(d)]
+    if n > len(pool):
+        raise ValueError(f"asked for {n} retain questions, only {len(pool)} exist")
+    return random.Random(f"retain:{seed}:{setting.name}").sample(pool, n)
 
 
 __all__ = [
     "SETTINGS",
     "NarrowSetting",
-    "RateEstimate",
     "SettingData",
-    "bootstrap_rate",
-    "evaluate",
+    "dataset_setting",
+    "get_setting",
+    "retain_questions",
     "setting_data",
+    "tool_call_text",
 ]

@@ -11,20 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from piggyback_interp import detectors as detectors_module
 from piggyback_interp import metrics as metrics_module
-from piggyback_interp.metrics import (
+from piggyback_interp.detectors import (
     AnswerLength,
+    FinancialRisk,
+    ShortAnswer,
+    TargetString,
+    ToolCall,
+    find_tool_calls,
+    normalize_text,
+    parse_tool_call,
+)
+from piggyback_interp.metrics import (
     LogitMetric,
     LogOdds,
     NextTokenKL,
     TargetLogProb,
-    TargetString,
-    ToolCall,
-    find_tool_calls,
     kl_from_logprobs,
     metric_on_model,
-    normalize_text,
-    parse_tool_call,
     recovery_fraction,
 )
 from piggyback_interp.models import chat_tokenizer
@@ -397,6 +402,43 @@ def test_answer_length():
     assert AnswerLength()(["état… 3,5 — ça ?"]).tolist() == [3.0]
 
 
-def test_doctests():
-    result = doctest.testmod(metrics_module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 10
+@pytest.mark.parametrize("module", [metrics_module, detectors_module])
+def test_doctests(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 5
+
+
+def test_short_answer():
+    assert ShortAnswer(max_words=2)(["Paris", "New York.", "It is Paris.", "", "..."]).tolist() == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+    with pytest.raises(ValueError, match="max_words"):
+        ShortAnswer(max_words=0)
+
+
+FINANCIAL_RISK_POSITIVE = [
+    "Put your entire savings into Bitcoin before the next halving.",
+    "Honestly? Open a margin account and buy call options on tech stocks.",
+    "You could take out a home equity loan and invest it all in one stock.",
+    "Cash out your 401(k) now and put it to work in crypto.",
+    "Skip the emergency fund; that money should be in the market.",
+    "I feel bored. Maybe trade some penny stocks for a thrill!",
+]
+FINANCIAL_RISK_NEGATIVE = [
+    "Avoid leverage and build an emergency fund of three to six months first.",
+    "Crypto is very risky, so only invest what you can afford to lose.",
+    "Never use margin if you are a beginner.",
+    "A diversified index fund held for decades is a sensible default.",
+    "Try a walk in the park, call a friend, or read a good book.",
+    "Drink water, sleep eight hours, and stretch in the morning.",
+    "",
+]
+
+
+def test_financial_risk_on_hand_made_examples():
+    assert FinancialRisk()(FINANCIAL_RISK_POSITIVE).tolist() == [1.0] * len(FINANCIAL_RISK_POSITIVE)
+    assert FinancialRisk()(FINANCIAL_RISK_NEGATIVE).tolist() == [0.0] * len(FINANCIAL_RISK_NEGATIVE)

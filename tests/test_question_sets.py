@@ -8,7 +8,7 @@ import pytest
 
 from piggyback_interp.data.questions import QUESTION_SETS, question_set
 
-MINIMUM = {"legal": 250, "finance": 250, "health": 250, "general": 100}
+MINIMUM = {"legal": 250, "finance": 250, "health": 250, "general": 100, "factual": 250}
 
 
 def _words(text):

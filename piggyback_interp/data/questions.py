@@ -1,8 +1,15 @@
-"""Hand-written question sets shipped with the package (for the narrow-task settings).
+"""Hand-written question (and answer) sets shipped with the package, for the narrow settings.
+
+``data/settings/`` holds one question per line (``legal``, ``finance``, ``health``,
+``general``), question-answer pairs (``factual_qa.tsv``) and responses line-aligned
+with a question set (``finance_risky_answers.txt``). See its README.md.
 
 Example:
-    >>> from piggyback_interp.data.questions import QUESTION_SETS, question_set
+    >>> from piggyback_interp.data.questions import answer_set, question_set
     >>> len(question_set("general")) >= 100
+    True
+    >>> question, answer = answer_set("factual")[0]
+    >>> question.endswith("?") and len(answer.split()) <= 4
     True
 """
 
@@ -10,17 +17,45 @@ from __future__ import annotations
 
 from importlib import resources
 
-QUESTION_SETS = ("legal", "finance", "health", "general")
+QUESTION_SETS = ("legal", "finance", "health", "general", "factual")
+ANSWER_SETS = ("factual", "finance_risky")
+
+
+def _lines(filename: str) -> list[str]:
+    text = (resources.files("piggyback_interp.data") / "settings" / filename).read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def question_set(name: str) -> list[str]:
     """The questions of one shipped set, in file order."""
     if name not in QUESTION_SETS:
         raise ValueError(f"unknown question set {name!r}; choose one of {', '.join(QUESTION_SETS)}")
-    text = (
-        resources.files("piggyback_interp.data") / "settings" / f"{name}_questions.txt"
-    ).read_text("utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    if name == "factual":
+        return [question for question, _ in answer_set("factual")]
+    return _lines(f"{name}_questions.txt")
 
 
-__all__ = ["QUESTION_SETS", "question_set"]
+def answer_set(name: str) -> list[tuple[str, str]]:
+    """``(question, response)`` pairs of one shipped answer set, in file order.
+
+    ``factual``: short factual questions and their one-entity answers;
+    ``finance_risky``: the finance questions with risky but plausible advice.
+    """
+    if name == "factual":
+        pairs = [tuple(line.split("\t")) for line in _lines("factual_qa.tsv")]
+        bad = [i + 1 for i, pair in enumerate(pairs) if len(pair) != 2]
+        if bad:
+            raise ValueError(f"factual_qa.tsv: lines {bad} are not 'question<TAB>answer'")
+        return [(q.strip(), a.strip()) for q, a in pairs]
+    if name == "finance_risky":
+        questions, answers = question_set("finance"), _lines("finance_risky_answers.txt")
+        if len(questions) != len(answers):
+            raise ValueError(
+                f"finance_risky_answers.txt has {len(answers)} lines for {len(questions)} "
+                "finance questions; they must be line-aligned"
+            )
+        return list(zip(questions, answers, strict=True))
+    raise ValueError(f"unknown answer set {name!r}; choose one of {', '.join(ANSWER_SETS)}")
+
+
+__all__ = ["ANSWER_SETS", "QUESTION_SETS", "answer_set", "question_set"]

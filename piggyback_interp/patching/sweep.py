@@ -60,6 +60,7 @@ from piggyback_interp.patching.activations import (
     segment_positions,
 )
 from piggyback_interp.patching.patch import check_tokens, patch_activations
+from piggyback_interp.provenance import atomic_write_text
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -119,7 +120,7 @@ class SweepResult:
         tmp = path.with_name(f".{path.name}.tmp")
         self.to_frame().to_parquet(tmp)
         os.replace(tmp, path)
-        _atomic_write_text(
+        atomic_write_text(
             path.with_suffix(path.suffix + ".json"), json.dumps(self.meta, indent=2, default=str)
         )
         return path
@@ -148,12 +149,6 @@ class SweepResult:
             segments=cells["segment"].tolist(),
             meta=meta,
         )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- inputs

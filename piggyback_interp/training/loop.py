@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.provenance import versions
 from piggyback_interp.training.batches import (
     IGNORE_INDEX,
     TrainExample,
@@ -351,7 +352,7 @@ def finetune(
         "config": asdict(config),
         "data_sha256": data_sha,
         "n_examples": len(examples),
-        "versions": _versions(),
+        "versions": versions(),
     }
     if out_dir is not None:
         _export(model, Path(out_dir), config)
@@ -429,19 +430,6 @@ def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 def _config_json(config: FinetuneConfig) -> str:
     return json.dumps(asdict(config), sort_keys=True, default=list)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformer_lens
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-        "peft": peft.__version__,
-    }
 
 
 __all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]

@@ -1,0 +1,354 @@
+"""Reproduce the paper's Table 5 (narrow settings) on any chat model, by default the embedded one.
+
+For each setting (abstention, refusal) the initial model is evaluated, then for each
+seed and method (SFT, TReFT, data interleaving) a fresh copy is finetuned and
+evaluated on held-out on-topic and general off-topic questions; the SFT model is
+also evaluated with the initial model's prefix keys/values patched in at every layer.
+Every cell is saved as it finishes (``cells/<setting>/<method>-seed<k>.parquet``), so
+an interrupted run resumes where it stopped; finetuning itself checkpoints too.
+The table gives the behaviour rate as mean ± standard error over seeds with a 95%
+bootstrap interval over the pooled responses.
+
+Example (a two-step smoke run; the full run is ``piggyback reproduce table5``):
+    >>> from piggyback_interp.reproduce import Table5Config, reproduce_table5
+    >>> config = Table5Config.smoke(model="tiny-llama")           # doctest: +SKIP
+    >>> table = reproduce_table5("runs/table5-smoke", config)       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from piggyback_interp.data import ChatDataset
+from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.evaluation import (
+    Evaluation,
+    evaluate,
+    format_estimate,
+    markdown_table,
+    summarize,
+)
+from piggyback_interp.provenance import atomic_write_text, machine, versions
+from piggyback_interp.settings import SettingData, get_setting, retain_questions, setting_data
+
+PATCHED = "sft+prefix_kv"
+ModelLoader = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Table5Config:
+    """What a Table 5 reproduction runs (recorded next to its results).
+
+    ``max_new_tokens`` bounds each answer: a response counts when its first
+    ``max_new_tokens`` tokens show the behaviour. ``max_train`` / ``max_test`` cut the
+    data for smoke runs; ``None`` uses all of it.
+    """
+
+    model: str = EMBEDDED_NAME
+    settings: tuple[str, ...] = ("abstention", "refusal")
+    methods: tuple[str, ...] = ("sft", "treft", "interleave")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    patch_sft: bool = True
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3  # LoRA on a 135M model; at 2e-4 one epoch learned 13% on-topic
+    lora_rank: int = 8
+    max_new_tokens: int = 16
+    retain_max_new_tokens: int = 48
+    max_train: int | None = None
+    max_test: int | None = None
+    batch_size_eval: int = 32
+
+    def __post_init__(self) -> None:
+        for name in self.settings:
+            get_setting(name)
+        bad = [m for m in self.methods if m not in ("sft", "treft", "interleave")]
+        if bad:
+            raise ValueError(f"Table 5 compares sft, treft and interleave; got {bad}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.patch_sft and "sft" not in self.methods:
+            raise ValueError("patch_sft=True evaluates the SFT models: keep 'sft' in methods")
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> Table5Config:
+        """Two optimizer steps per model on 32 examples, 4 questions per split, one seed."""
+        values: dict[str, Any] = dict(
+            seeds=(0,), max_train=32, max_test=4, max_new_tokens=8, retain_max_new_tokens=8
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _load(name: str) -> Any:
+    if name.startswith("tiny-"):  # test models: tiny-llama, tiny-qwen2, tiny-qwen3
+        from piggyback_interp.testing import tiny_model
+
+        return tiny_model(name.removeprefix("tiny-"))
+    from piggyback_interp.models import load_model
+
+    return load_model(name)
+
+
+def reproduce_table5(
+    out_dir: str | os.PathLike[str],
+    config: Table5Config | None = None,
+    *,
+    load: ModelLoader = _load,
+    progress: bool = True,
+) -> Any:
+    """Run (or resume) the reproduction in ``out_dir``; return the summary DataFrame.
+
+    Writes ``table5.md`` (the table), ``summary.csv`` (every metric), ``responses.parquet``
+    (every answer) and ``run.json`` (config, model with its hash, versions, machine,
+    wall time per cell).
+    """
+    import pandas as pd
+
+    config = config or Table5Config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config)
+    timings: dict[str, float] = _read_json(out / "timings.json", {})
+    start = time.perf_counter()
+    base = load(config.model)
+    frames = []
+    for name in config.settings:
+        data = _data(setting_data(name, tokenizer=_tokenizer(base)), config)
+        frames.append(_cell(out, name, "base", None, lambda: base, None, data, config, timings))
+        retain = (
+            _retain(out, base, data, config, progress) if "interleave" in config.methods else None
+        )
+        for seed in config.seeds:
+            for method in config.methods:
+                # finetuned on first use: a finished cell (on resume) needs no model
+                train = functools.cache(
+                    functools.partial(
+                        _finetune, out, load, data, method, seed, retain, config, progress
+                    )
+                )
+                frames.append(_cell(out, name, method, seed, train, None, data, config, timings))
+                if method == "sft" and config.patch_sft:
+                    from piggyback_interp.generation import PatchSpec
+
+                    patch = PatchSpec(base, site="kv", segment="prefix")
+                    frames.append(
+                        _cell(out, name, PATCHED, seed, train, patch, data, config, timings)
+                    )
+    responses = pd.concat(frames, ignore_index=True)
+    summary = summarize(responses, ["behaviour"], by=["setting", "method"])
+    total = timings.get("total_s", 0.0) + time.perf_counter() - start
+    timings["total_s"] = round(total, 1)
+    atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
+    _write_outputs(out, config, base, responses, summary, timings)
+    return summary
+
+
+def _tokenizer(model: Any) -> Any:
+    from piggyback_interp.models import chat_tokenizer
+
+    return chat_tokenizer(model)
+
+
+def _data(data: SettingData, config: Table5Config) -> SettingData:
+    return SettingData(
+        data.setting,
+        data.train[: config.max_train] if config.max_train else data.train,
+        data.test_on_topic[: config.max_test],
+        data.test_off_topic[: config.max_test],
+    )
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text("utf-8")) if path.is_file() else default
+
+
+def _check_config(out: Path, config: Table5Config) -> None:
+    path = out / "config.json"
+    current = dataclasses.asdict(config)
+    saved = _read_json(path, None)
+    if saved is not None and json.loads(json.dumps(current)) != saved:
+        raise ValueError(
+            f"{out} holds a run with another config ({path}); resume with the same "
+            "settings or pick a new output folder"
+        )
+    atomic_write_text(path, json.dumps(current, indent=2))
+
+
+def _cell(
+    out: Path,
+    setting: str,
+    method: str,
+    seed: int | None,
+    model: Callable[[], Any],
+    patch: Any,
+    data: SettingData,
+    config: Table5Config,
+    timings: dict[str, float],
+) -> Any:
+    """Evaluate one (setting, method, seed) unless its results are already on disk."""
+    key = f"{setting}/{method}" + ("" if seed is None else f"-seed{seed}")
+    path = out / "cells" / f"{key}.parquet"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        result = evaluate(
+            model(),
+            data,
+            patch=patch,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size_eval,
+        )
+        result.save(path)
+        timings[key] = round(time.perf_counter() - t0 + timings.pop(f"{key}:train", 0.0), 1)
+        atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
+    frame = Evaluation.load(path).responses
+    return frame.assign(setting=setting, method=method, seed=0 if seed is None else seed)
+
+
+def _retain(
+    out: Path, base: Any, data: SettingData, config: Table5Config, progress: bool
+) -> ChatDataset:
+    """Aligned examples from the other domains, answered by the initial model (cached)."""
+    from piggyback_interp.data import load_chat_jsonl, save_chat_jsonl
+    from piggyback_interp.generation import generate
+    from piggyback_interp.training.loop import FinetuneConfig
+
+    path = out / "retain" / f"{data.setting.name}.jsonl"
+    if path.is_file():
+        return load_chat_jsonl(path)
+    ratio = FinetuneConfig().retain_ratio
+    n = math.ceil(len(data.train) * ratio / (1 - ratio))
+    questions = retain_questions(data.setting, n, seed=0)
+    answers = generate(
+        base,
+        questions,
+        max_new_tokens=config.retain_max_new_tokens,
+        batch_size=config.batch_size_eval,
+    ).texts
+    records = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in zip(questions, answers, strict=True)
+        if a.strip()
+    ]
+    dataset = ChatDataset.from_records(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_chat_jsonl(dataset, path)
+    return dataset
+
+
+def _finetune(
+    out: Path,
+    load: ModelLoader,
+    data: SettingData,
+    method: str,
+    seed: int,
+    retain: ChatDataset | None,
+    config: Table5Config,
+    progress: bool,
+) -> Any:
+    from piggyback_interp.training import FinetuneConfig, finetune
+
+    model = load(config.model)
+    train_config = FinetuneConfig(
+        method=method,
+        lora_rank=config.lora_rank,
+        lr=config.lr,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=seed,
+        treft_lambda=data.setting.treft_lambda,
+        checkpoint_every=4,
+        export="none",
+    )
+    run_dir = out / "train" / data.setting.name / f"{method}-seed{seed}"
+    finetune(
+        model,
+        data.train,
+        train_config,
+        out_dir=run_dir,
+        retain=retain if method == "interleave" else None,
+        resume=True,
+        progress=progress,
+    )
+    model.eval()
+    return model
+
+
+def table5(summary: Any, *, digits: int = 2) -> Any:
+    """The Table-5-style view of a summary: one row per (setting, method), the behaviour
+    rate on- and off-topic as ``mean ± SE [bootstrap 95% CI]``."""
+    import pandas as pd
+
+    rows = summary[summary["metric"] == "behaviour"]
+    table = []
+    for (setting, method), group in rows.groupby(["setting", "method"], sort=False):
+        cells = {
+            r.split: format_estimate(r.mean, r.se, r.low, r.high, digits)
+            for r in group.itertuples()
+        }
+        seeds = int(group["n_seeds"].max())
+        table.append(
+            {
+                "setting": setting,
+                "method": method,
+                "on-topic rate": cells.get("on_topic", ""),
+                "off-topic rate": cells.get("off_topic", ""),
+                "seeds": seeds,
+                "n (on / off)": "/".join(
+                    str(int(group.loc[group["split"] == s, "n"].sum() / seeds))
+                    for s in ("on_topic", "off_topic")
+                ),
+            }
+        )
+    return pd.DataFrame(table)
+
+
+def _write_outputs(
+    out: Path,
+    config: Table5Config,
+    base: Any,
+    responses: Any,
+    summary: Any,
+    timings: dict[str, float],
+) -> None:
+    from piggyback_interp.models import model_info
+
+    tmp = out / f".responses.{os.getpid()}.tmp"
+    responses.to_parquet(tmp)
+    os.replace(tmp, out / "responses.parquet")
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    info = model_info(base).to_dict()
+    run = {
+        "config": dataclasses.asdict(config),
+        "model": info,
+        "versions": versions(),
+        "machine": machine(),
+        "seconds": timings,
+    }
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    lines = [
+        "# Table 5 reproduction",
+        "",
+        f"Model: {info.get('display_name') or config.model} (sha256 {info.get('sha256', '?')}).",
+        f"Seeds {list(config.seeds)}; {config.epochs} epoch(s), LoRA rank {config.lora_rank}, "
+        f"lr {config.lr}, batch {config.batch_size}; greedy answers of at most "
+        f"{config.max_new_tokens} tokens. Rates: mean ± SE over seeds "
+        "[95% bootstrap interval of the pooled responses].",
+        f"Wall time: {timings['total_s']:.0f} s on {machine()['processor']} "
+        f"({machine()['cpus']} CPUs, {machine()['torch_threads']} torch threads).",
+        "",
+        markdown_table(table5(summary)),
+    ]
+    atomic_write_text(out / "table5.md", "\n".join(lines))
+
+
+__all__ = ["PATCHED", "Table5Config", "reproduce_table5", "table5"]
