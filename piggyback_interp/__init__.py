@@ -119,6 +119,27 @@ _EXPORTS: dict[str, str] = {
         "piggyback_interp.controls",
     ),
     **dict.fromkeys(
+        [
+            "AttentionView",
+            "attention_shift",
+            "attention_view",
+            "compare_template_attention",
+            "save_attention_view",
+            "template_attention",
+        ],
+        "piggyback_interp.attention",
+    ),
+    **dict.fromkeys(
+        [
+            "TaskVector",
+            "apply_task_vector",
+            "cosine_similarity",
+            "scaled_task_vector",
+            "task_vector",
+        ],
+        "piggyback_interp.task_vectors",
+    ),
+    **dict.fromkeys(
         ["ALIGNMENT_PROMPT", "COHERENCE_PROMPT", "FINANCIAL_RISK_PROMPT", "JudgePrompt"],
         "piggyback_interp.judges.prompts",
     ),
@@ -151,6 +172,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from piggyback_interp.attention import (
+        AttentionView,
+        attention_shift,
+        attention_view,
+        compare_template_attention,
+        save_attention_view,
+        template_attention,
+    )
     from piggyback_interp.controls import ablation, compare_controls, control_positions, noise_like
     from piggyback_interp.data import (
         ChatDataError,
@@ -232,6 +261,13 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         chat_spans,
         empty_query_spans,
         require_segment,
+    )
+    from piggyback_interp.task_vectors import (
+        TaskVector,
+        apply_task_vector,
+        cosine_similarity,
+        scaled_task_vector,
+        task_vector,
     )
     from piggyback_interp.training import (
         FinetuneConfig,

@@ -66,7 +66,7 @@ def reproduce(args: argparse.Namespace) -> int:
     config = Table5Config.smoke(**overrides) if args.smoke else Table5Config(**overrides)
     out = args.out or ("runs/table5-smoke" if args.smoke else "runs/table5")
     start = time.perf_counter()
-    reproduce_table5(out, config, progress=not args.quiet)
+    reproduce_table5(out, config, progress=not args.quiet, reverse=args.reverse)
     print((Path(out) / "table5.md").read_text("utf-8"))
     print(
         f"wrote {out}/ (table5.md, summary.csv, responses.parquet, run.json) "
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
     p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="walk the cells in reverse: a second process on the same --out shares the work",
+    )
     p.set_defaults(func=reproduce)
     return parser
 

@@ -98,6 +98,23 @@ def resolve_layers(model: Any, layers: int | Iterable[int] | range | None) -> tu
     return tuple(sorted(set(chosen)))
 
 
+PATTERN_SITE = HookSite("pattern", "blocks.{layer}.attn.hook_pattern", pos_dim=2, head_dim=1)
+"""Attention probabilities ``[batch, head, query_pos, key_pos]`` (after mask and softmax).
+
+Read-only: not one of :data:`SITE_NAMES`, so sweeps and patches never write it.
+"""
+
+
+def pattern_site(model: Any) -> HookSite:
+    """:data:`PATTERN_SITE`, checked to exist on ``model``."""
+    if PATTERN_SITE.name(0) not in model.hook_dict:
+        raise ValueError(
+            f"this model has no hook {PATTERN_SITE.name(0)!r} for attention patterns; load it "
+            "with attn_implementation='eager' (load_model does) as a TransformerBridge"
+        )
+    return PATTERN_SITE
+
+
 def n_heads_at(model: Any, site: HookSite) -> int:
     """Number of heads on the site's head axis (KV heads for k/v, query heads for z)."""
     if site.site in KV_SITES:

@@ -105,12 +105,15 @@ def reproduce_table5(
     *,
     load: ModelLoader = _load,
     progress: bool = True,
+    reverse: bool = False,
 ) -> Any:
     """Run (or resume) the reproduction in ``out_dir``; return the summary DataFrame.
 
     Writes ``table5.md`` (the table), ``summary.csv`` (every metric), ``responses.parquet``
     (every answer) and ``run.json`` (config, model with its hash, versions, machine,
-    wall time per cell).
+    seconds per cell). ``reverse=True`` walks the cells in reverse order: a second
+    process started that way on the same folder shares the work (each skips the cells
+    the other has written; where they meet, at most one cell is computed twice).
     """
     import pandas as pd
 
@@ -118,39 +121,71 @@ def reproduce_table5(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config)
-    timings: dict[str, float] = _read_json(out / "timings.json", {})
-    start = time.perf_counter()
     base = load(config.model)
-    frames = []
-    for name in config.settings:
-        data = _data(setting_data(name, tokenizer=_tokenizer(base)), config)
-        frames.append(_cell(out, name, "base", None, lambda: base, None, data, config, timings))
-        retain = (
-            _retain(out, base, data, config, progress) if "interleave" in config.methods else None
-        )
-        for seed in config.seeds:
-            for method in config.methods:
-                # finetuned on first use: a finished cell (on resume) needs no model
-                train = functools.cache(
-                    functools.partial(
-                        _finetune, out, load, data, method, seed, retain, config, progress
-                    )
-                )
-                frames.append(_cell(out, name, method, seed, train, None, data, config, timings))
-                if method == "sft" and config.patch_sft:
-                    from piggyback_interp.generation import PatchSpec
 
-                    patch = PatchSpec(base, site="kv", segment="prefix")
-                    frames.append(
-                        _cell(out, name, PATCHED, seed, train, patch, data, config, timings)
-                    )
-    responses = pd.concat(frames, ignore_index=True)
+    @functools.cache
+    def data(name: str) -> SettingData:
+        return _data(setting_data(name, tokenizer=_tokenizer(base)), config)
+
+    @functools.cache
+    def retain(name: str) -> ChatDataset | None:
+        if "interleave" not in config.methods:
+            return None
+        return _retain(out, base, data(name), config)
+
+    @functools.lru_cache(maxsize=1)  # one finetuned model in memory at a time
+    def trained(name: str, method: str, seed: int) -> Any:
+        return _finetune(out, load, data(name), method, seed, retain(name), config, progress)
+
+    cells = _cells(config)
+    frames = {}
+    for name, method, seed in reversed(cells) if reverse else cells:
+        if method == "base":
+            model = functools.partial(lambda: base)
+        else:
+            model = functools.partial(trained, name, "sft" if method == PATCHED else method, seed)
+        patch = None
+        if method == PATCHED:
+            from piggyback_interp.generation import PatchSpec
+
+            patch = PatchSpec(base, site="kv", segment="prefix")
+        frames[name, method, seed] = _cell(
+            out, name, method, seed, model, patch, data(name), config
+        )
+    responses = pd.concat([frames[c] for c in cells], ignore_index=True)
     summary = summarize(responses, ["behaviour"], by=["setting", "method"])
-    total = timings.get("total_s", 0.0) + time.perf_counter() - start
-    timings["total_s"] = round(total, 1)
-    atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
-    _write_outputs(out, config, base, responses, summary, timings)
+    _write_outputs(out, config, base, responses, summary, _timings(out, cells))
     return summary
+
+
+def _cells(config: Table5Config) -> list[tuple[str, str, int | None]]:
+    """Every (setting, method, seed) in the canonical order of the table."""
+    methods = [
+        m
+        for x in config.methods
+        for m in ([x, PATCHED] if x == "sft" and config.patch_sft else [x])
+    ]
+    return [
+        (name, method, seed)
+        for name in config.settings
+        for method, seed in [("base", None)] + [(m, s) for s in config.seeds for m in methods]
+    ]
+
+
+def _key(setting: str, method: str, seed: int | None) -> str:
+    return f"{setting}/{method}" + ("" if seed is None else f"-seed{seed}")
+
+
+def _timings(out: Path, cells: list[tuple[str, str, int | None]]) -> dict[str, float]:
+    """Seconds per cell, from each cell's metadata: its evaluation plus the finetuning
+    of its model when it was the first cell to need that model."""
+    legacy = _read_json(out / "timings.json", {})  # written by earlier versions
+    timings = {}
+    for cell in cells:
+        key = _key(*cell)
+        meta = _read_json(out / "cells" / f"{key}.parquet.json", {}).get("meta", {})
+        timings[key] = meta.get("cell_seconds", legacy.get(key, math.nan))
+    return timings
 
 
 def _tokenizer(model: Any) -> Any:
@@ -193,11 +228,9 @@ def _cell(
     patch: Any,
     data: SettingData,
     config: Table5Config,
-    timings: dict[str, float],
 ) -> Any:
     """Evaluate one (setting, method, seed) unless its results are already on disk."""
-    key = f"{setting}/{method}" + ("" if seed is None else f"-seed{seed}")
-    path = out / "cells" / f"{key}.parquet"
+    path = out / "cells" / f"{_key(setting, method, seed)}.parquet"
     if not path.is_file():
         t0 = time.perf_counter()
         result = evaluate(
@@ -207,16 +240,13 @@ def _cell(
             max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size_eval,
         )
+        result.meta["cell_seconds"] = round(time.perf_counter() - t0, 1)  # + finetuning
         result.save(path)
-        timings[key] = round(time.perf_counter() - t0 + timings.pop(f"{key}:train", 0.0), 1)
-        atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
     frame = Evaluation.load(path).responses
     return frame.assign(setting=setting, method=method, seed=0 if seed is None else seed)
 
 
-def _retain(
-    out: Path, base: Any, data: SettingData, config: Table5Config, progress: bool
-) -> ChatDataset:
+def _retain(out: Path, base: Any, data: SettingData, config: Table5Config) -> ChatDataset:
     """Aligned examples from the other domains, answered by the initial model (cached)."""
     from piggyback_interp.data import load_chat_jsonl, save_chat_jsonl
     from piggyback_interp.generation import generate
@@ -343,8 +373,9 @@ def _write_outputs(
         f"lr {config.lr}, batch {config.batch_size}; greedy answers of at most "
         f"{config.max_new_tokens} tokens. Rates: mean ± SE over seeds "
         "[95% bootstrap interval of the pooled responses].",
-        f"Wall time: {timings['total_s']:.0f} s on {machine()['processor']} "
-        f"({machine()['cpus']} CPUs, {machine()['torch_threads']} torch threads).",
+        f"Compute: {sum(v for v in timings.values() if not math.isnan(v)):.0f} s summed over "
+        f"cells (finetuning + evaluation) on {machine()['processor']} ({machine()['cpus']} "
+        f"CPUs, {machine()['torch_threads']} torch threads).",
         "",
         markdown_table(table5(summary)),
     ]

@@ -52,6 +52,24 @@ def test_smoke_run_writes_the_table_and_resumes(tmp_path):
         reproduce_table5(tmp_path, Table5Config.smoke(model="tiny-llama"), progress=False)
 
 
+def test_reverse_walk_shares_a_folder_and_gives_the_same_table(tmp_path):
+    config = Table5Config.smoke(model="tiny-llama", settings=("refusal",))
+    forward = reproduce_table5(tmp_path / "a", config, progress=False)
+    # a reverse walker that finds half the cells written by a forward one
+    reverse_dir = tmp_path / "b"
+    reproduce_table5(reverse_dir, config, progress=False)
+    for cell in ("sft-seed0", "sft+prefix_kv-seed0"):
+        (reverse_dir / "cells" / "refusal" / f"{cell}.parquet").unlink()
+    calls = []
+    again = reproduce_table5(
+        reverse_dir, config, load=_counting_loader(calls), progress=False, reverse=True
+    )
+    assert calls == ["tiny-llama"] * 2  # the base, and one SFT model for both SFT cells
+    pd.testing.assert_frame_equal(again, forward)
+    run = (reverse_dir / "run.json").read_text()
+    assert '"refusal/sft-seed0"' in run
+
+
 def test_table5_formats_mean_se_and_interval():
     summary = pd.DataFrame(
         {
