@@ -131,6 +131,18 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         [
+            "layer_recovery_curve",
+            "method_comparison",
+            "patching_heatmap",
+            "save_figure",
+            "segment_bars",
+            "task_vector_heatmap",
+            "training_curves",
+        ],
+        "piggyback_interp.figures",
+    ),
+    **dict.fromkeys(
+        [
             "TaskVector",
             "apply_task_vector",
             "cosine_similarity",
@@ -199,6 +211,15 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     )
     from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
     from piggyback_interp.evaluation import Evaluation, bootstrap_rate, em_f1, evaluate, summarize
+    from piggyback_interp.figures import (
+        layer_recovery_curve,
+        method_comparison,
+        patching_heatmap,
+        save_figure,
+        segment_bars,
+        task_vector_heatmap,
+        training_curves,
+    )
     from piggyback_interp.generation import Generations, PatchSpec, generate
     from piggyback_interp.judges.cache import JudgeCache
     from piggyback_interp.judges.client import JudgeError, OpenAIJudge
