@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (python 3.10+, no GPU needed):
 #   make demo   runs the main job on the embedded model
-#   make test   runs lint and the test suite
+#   make test   runs lint, the test suite and the notebooks (small configuration)
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The notebooks run too (nbmake), on the small configuration they select by this variable.
 test: lint
-	$(PY) -m pytest -n 2 -q
+	PIGGYBACK_NOTEBOOK_SMALL=1 $(PY) -m pytest -n 2 -q tests notebooks --nbmake --nbmake-timeout=900
 
 demo: $(STAMP)
 	$(PY) -m piggyback_interp.cli demo
