@@ -560,9 +560,13 @@ def test_unsupported_adapters(dirs, tmp_path):
 # ================================================================ docs
 
 
-def test_doctests():
-    result = doctest.testmod(tv_module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+@pytest.mark.parametrize("name", ["", ".names", ".sources", ".vector", ".compare", ".apply"])
+def test_doctests(name):
+    import importlib
+
+    module = importlib.import_module(tv_module.__name__ + name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
 
 
 @pytest.mark.embedded
