@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from piggyback_interp.models import chat_tokenizer, model_info
-from piggyback_interp.provenance import atomic_write_text, versions
+from piggyback_interp.provenance import atomic_write_parquet, atomic_write_text, versions
 from piggyback_interp.settings import NarrowSetting, SettingData, get_setting, setting_data
 
 SPLITS = ("on_topic", "off_topic")
@@ -117,11 +117,7 @@ class Evaluation:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """``path`` (parquet, the responses) and ``path.json`` (metrics, meta), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.responses.to_parquet(tmp)
-        os.replace(tmp, path)
+        path = atomic_write_parquet(self.responses, path)
         meta = {"metrics": self.metrics, "meta": self.meta}
         atomic_write_text(f"{path}.json", json.dumps(meta, indent=2, default=str))
         return path

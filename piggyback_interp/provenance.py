@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def versions() -> dict[str, str]:
@@ -57,4 +58,14 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-__all__ = ["atomic_write_text", "machine", "versions"]
+def atomic_write_parquet(frame: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a pandas DataFrame to ``path`` as parquet through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["atomic_write_parquet", "atomic_write_text", "machine", "versions"]

@@ -37,8 +37,19 @@ from piggyback_interp.evaluation import (
     markdown_table,
     summarize,
 )
-from piggyback_interp.provenance import atomic_write_text, machine, versions
-from piggyback_interp.settings import SettingData, get_setting, retain_questions, setting_data
+from piggyback_interp.provenance import (
+    atomic_write_parquet,
+    atomic_write_text,
+    machine,
+    versions,
+)
+from piggyback_interp.settings import (
+    SettingData,
+    get_setting,
+    qa_dataset,
+    retain_questions,
+    setting_data,
+)
 
 PATCHED = "sft+prefix_kv"
 ModelLoader = Callable[[str], Any]
@@ -264,12 +275,7 @@ def _retain(out: Path, base: Any, data: SettingData, config: Table5Config) -> Ch
         max_new_tokens=config.retain_max_new_tokens,
         batch_size=config.batch_size_eval,
     ).texts
-    records = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in zip(questions, answers, strict=True)
-        if a.strip()
-    ]
-    dataset = ChatDataset.from_records(records)
+    dataset = qa_dataset([(q, a) for q, a in zip(questions, answers, strict=True) if a.strip()])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_chat_jsonl(dataset, path)
     return dataset
@@ -352,9 +358,7 @@ def _write_outputs(
 ) -> None:
     from piggyback_interp.models import model_info
 
-    tmp = out / f".responses.{os.getpid()}.tmp"
-    responses.to_parquet(tmp)
-    os.replace(tmp, out / "responses.parquet")
+    atomic_write_parquet(responses, out / "responses.parquet")
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     info = model_info(base).to_dict()
     run = {

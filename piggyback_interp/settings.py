@@ -191,11 +191,14 @@ class SettingData:
     test_off_topic: list[str]
 
 
-def _records(pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    return [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in pairs
-    ]
+def qa_dataset(pairs: Sequence[tuple[str, str]]) -> ChatDataset:
+    """One single-turn chat per ``(question, response)`` pair."""
+    return ChatDataset.from_records(
+        [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in pairs
+        ]
+    )
 
 
 def setting_data(
@@ -207,7 +210,7 @@ def setting_data(
 ) -> SettingData:
     """Split the domain's examples (paper: 20% held out as the on-topic test set)."""
     setting = get_setting(setting)
-    dataset = ChatDataset.from_records(_records(setting.examples(tokenizer)))
+    dataset = qa_dataset(setting.examples(tokenizer))
     train, test = train_test_split(dataset, test_fraction=test_fraction, seed=seed)
     return SettingData(setting, train, [ex.user for ex in test], question_set(setting.off_topic))
 
@@ -278,6 +281,7 @@ __all__ = [
     "SettingData",
     "dataset_setting",
     "get_setting",
+    "qa_dataset",
     "retain_questions",
     "setting_data",
     "tool_call_text",

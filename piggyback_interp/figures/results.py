@@ -177,6 +177,29 @@ def _error(row: pd.Series) -> tuple[float, float, str]:
     return 0.0, 0.0, f"{mean:.3g}"
 
 
+def _bars(
+    order: Sequence[str], cells: list[pd.DataFrame], name: str, colour: str, *, legendgroup: str
+) -> go.Bar:
+    """One bar per method (``cells[i]``: its summary row, or empty) with asymmetric error
+    bars from :func:`_error` and a hover text saying what they are."""
+    errors = [_error(c.iloc[0]) if len(c) else (0.0, 0.0, "no data") for c in cells]
+    return go.Bar(
+        x=list(order),
+        y=[float(c["mean"].iloc[0]) if len(c) else None for c in cells],
+        name=name,
+        legendgroup=legendgroup,
+        marker_color=colour,
+        error_y={
+            "type": "data",
+            "symmetric": False,
+            "array": [e[0] for e in errors],
+            "arrayminus": [e[1] for e in errors],
+        },
+        hovertext=[f"{name}: {e[2]}" for e in errors],
+        hoverinfo="x+text",
+    )
+
+
 def method_comparison(
     summary: pd.DataFrame | Mapping[str, pd.DataFrame | Evaluation],
     *,
@@ -238,51 +261,13 @@ def method_comparison(
             cells = [part[(part["method"] == m) & (part["split"] == split)] for m in order]
             if any(len(c) > 1 for c in cells):
                 raise ValueError(f"several {metric!r} rows for one (method, split={split!r})")
-            errors = [_error(c.iloc[0]) if len(c) else (0.0, 0.0, "no data") for c in cells]
-            fig.add_trace(
-                go.Bar(
-                    x=order,
-                    y=[float(c["mean"].iloc[0]) if len(c) else None for c in cells],
-                    name=names[split],
-                    legendgroup=split,
-                    showlegend=col == 1,
-                    marker_color=SPLIT_COLOURS[split],
-                    error_y={
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [e[0] for e in errors],
-                        "arrayminus": [e[1] for e in errors],
-                    },
-                    hovertext=[f"{names[split]}: {e[2]}" for e in errors],
-                    hoverinfo="x+text",
-                ),
-                row=1,
-                col=col,
-            )
+            bars = _bars(order, cells, names[split], SPLIT_COLOURS[split], legendgroup=split)
+            fig.add_trace(bars.update(showlegend=col == 1), row=1, col=col)
         if n_rows == 2:
             part = rows_of(em, setting)
             cells = [part[part["method"] == m] for m in order]
-            errors = [_error(c.iloc[0]) if len(c) else (0.0, 0.0, "no data") for c in cells]
-            fig.add_trace(
-                go.Bar(
-                    x=order,
-                    y=[float(c["mean"].iloc[0]) if len(c) else None for c in cells],
-                    name="EM-F1",
-                    legendgroup="em_f1",
-                    showlegend=col == 1,
-                    marker_color="#54A24B",
-                    error_y={
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [e[0] for e in errors],
-                        "arrayminus": [e[1] for e in errors],
-                    },
-                    hovertext=[f"EM-F1: {e[2]}" for e in errors],
-                    hoverinfo="x+text",
-                ),
-                row=2,
-                col=col,
-            )
+            bars = _bars(order, cells, "EM-F1", "#54A24B", legendgroup="em_f1")
+            fig.add_trace(bars.update(showlegend=col == 1), row=2, col=col)
     label = {"behaviour": "behaviour rate", "alignment": "alignment (0-100)"}.get(metric, metric)
     fig.update_yaxes(title_text=html_escape(label), row=1, col=1)
     if metric in ("behaviour", "misaligned") and main["mean"].between(0, 1).all():

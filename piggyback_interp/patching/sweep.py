@@ -60,7 +60,7 @@ from piggyback_interp.patching.activations import (
     segment_positions,
 )
 from piggyback_interp.patching.patch import check_tokens, patch_activations
-from piggyback_interp.provenance import atomic_write_text
+from piggyback_interp.provenance import atomic_write_parquet, atomic_write_text
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -115,11 +115,7 @@ class SweepResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (parquet, the tidy frame) and ``path.json`` (metadata), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.to_frame().to_parquet(tmp)
-        os.replace(tmp, path)
+        path = atomic_write_parquet(self.to_frame(), path)
         atomic_write_text(
             path.with_suffix(path.suffix + ".json"), json.dumps(self.meta, indent=2, default=str)
         )
