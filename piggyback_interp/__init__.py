@@ -165,6 +165,16 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["ChatCompletionsServer", "serve_chat_completions"], "piggyback_interp.judges.server"
     ),
+    **dict.fromkeys(
+        ["ScanConfig", "ScanResult", "Verdict", "carrier_verdict", "find_carriers"],
+        "piggyback_interp.scan",
+    ),
+    **dict.fromkeys(["Report", "Section"], "piggyback_interp.report"),
+    **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.demo"),
+    **dict.fromkeys(["RunDir", "load_config"], "piggyback_interp.runs"),
+    "build_report": "piggyback_interp.findings",
+    "load_prompts": "piggyback_interp.data.questions",
+    "carrier_bars": "piggyback_interp.figures",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -201,6 +211,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         save_chat_jsonl,
         train_test_split,
     )
+    from piggyback_interp.data.questions import load_prompts
+    from piggyback_interp.demo import DemoConfig, run_demo
     from piggyback_interp.detectors import (
         AnswerLength,
         FinancialRisk,
@@ -212,6 +224,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
     from piggyback_interp.evaluation import Evaluation, bootstrap_rate, em_f1, evaluate, summarize
     from piggyback_interp.figures import (
+        carrier_bars,
         layer_recovery_curve,
         method_comparison,
         patching_heatmap,
@@ -220,6 +233,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         task_vector_heatmap,
         training_curves,
     )
+    from piggyback_interp.findings import build_report
     from piggyback_interp.generation import Generations, PatchSpec, generate
     from piggyback_interp.judges.cache import JudgeCache
     from piggyback_interp.judges.client import JudgeError, OpenAIJudge
@@ -265,6 +279,15 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         nearest_neighbours,
         perturb_segment,
         perturb_segments,
+    )
+    from piggyback_interp.report import Report, Section
+    from piggyback_interp.runs import RunDir, load_config
+    from piggyback_interp.scan import (
+        ScanConfig,
+        ScanResult,
+        Verdict,
+        carrier_verdict,
+        find_carriers,
     )
     from piggyback_interp.settings import (
         SETTINGS,

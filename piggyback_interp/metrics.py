@@ -289,7 +289,11 @@ class NextTokenKL(LogitMetric):
                 "or 'model_to_ref' (KL(model || ref))"
             )
         ref = reference_logprobs.detach()
-        self.reference_logprobs = ref.to(_compute_dtype(ref)).log_softmax(-1)
+        ref = ref.to(_compute_dtype(ref))
+        # log-probs are kept bit for bit: a second log-softmax shifts them by a rounding
+        # error (~1 ulp of log(vocab)), and KL(p || p) would come out ~5e-7, not 0
+        normalized = ref.numel() > 0 and bool((ref.logsumexp(-1).abs() < 1e-5).all())
+        self.reference_logprobs = ref if normalized else ref.log_softmax(-1)
         self.direction = direction
         if name is not None:
             self.name = name
@@ -393,6 +397,18 @@ def _continuation_logits(
             f"{list(continuation)} but that continuation predicts {read.shape[1]}"
         )
     return read
+
+
+def next_token_logprobs(model: Any, batch: ChatBatch) -> Float[Tensor, "batch vocab"]:
+    """``model``'s next-token log-probs after every prompt of a left-padded ``batch``
+    (the reference of :class:`NextTokenKL`: ``NextTokenKL(next_token_logprobs(base, batch))``)."""
+    if batch.align != "left":
+        raise ValueError(
+            "next_token_logprobs needs a left-padded batch: batch_spans(..., align='left')"
+        )
+    with torch.no_grad():
+        logits = _continuation_logits(model, batch, [], 1)[:, 0]
+    return logits.to(_compute_dtype(logits)).log_softmax(-1)
 
 
 def metric_on_model(

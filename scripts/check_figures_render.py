@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/check_figures_render.py runs/figures            # every *.html there
     .venv/bin/python scripts/check_figures_render.py a.html b.html --png-dir /tmp/rendered
+    .venv/bin/python scripts/check_figures_render.py runs/demo/report.html --expect-graphs 0
 
 Each file is loaded as a whole document with every network load blocked; its own
 plotly.js plots it; the live page is then read (page errors, traces, text nodes) and the
@@ -25,6 +26,9 @@ def main() -> int:
     parser.add_argument("--png-dir", default=None, help="also write each rendered PNG here")
     parser.add_argument("--width", type=int, default=900)
     parser.add_argument("--height", type=int, default=500)
+    parser.add_argument(
+        "--expect-graphs", type=int, default=1, help="graphs per page (0: at least one)"
+    )
     args = parser.parse_args()
     files: list[Path] = []
     for raw in args.paths:
@@ -33,10 +37,17 @@ def main() -> int:
     if not files:
         print(json.dumps({"ok": False, "error": "no HTML files found"}))
         return 1
-    reports = check_html_renders(files, width=args.width, height=args.height, png_dir=args.png_dir)
+    reports = check_html_renders(
+        files,
+        width=args.width,
+        height=args.height,
+        png_dir=args.png_dir,
+        expect_graphs=args.expect_graphs or None,
+    )
     for report in reports:
-        texts = report.pop("texts", [])
-        report["n_texts"], report["texts_head"] = len(texts), texts[:12]
+        for entry in [report, *report.get("graphs", [])]:
+            texts = entry.pop("texts", [])
+            entry["n_texts"], entry["texts_head"] = len(texts), texts[:12]
     ok = all(r["ok"] for r in reports)
     print(json.dumps({"ok": ok, "files": len(reports), "reports": reports}, indent=2))
     return 0 if ok else 1

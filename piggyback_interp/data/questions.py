@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 from importlib import resources
+from pathlib import Path
 
 QUESTION_SETS = ("legal", "finance", "health", "general", "factual")
 ANSWER_SETS = ("factual", "finance_risky")
@@ -58,4 +60,31 @@ def answer_set(name: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown answer set {name!r}; choose one of {', '.join(ANSWER_SETS)}")
 
 
-__all__ = ["ANSWER_SETS", "QUESTION_SETS", "answer_set", "question_set"]
+def load_prompts(path: str | os.PathLike[str] | None = None, n: int | None = None) -> list[str]:
+    """Prompts from a file, or the shipped ``general`` questions when ``path`` is None.
+
+    A ``.jsonl`` file is a chat dataset: its user turns are the prompts. Any other file
+    has one prompt per line (blank lines and lines starting with ``#`` are skipped).
+    ``n`` keeps the first ``n``.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if path is None:
+        prompts = question_set("general")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        if path.suffix.lower() == ".jsonl":
+            from piggyback_interp.data.chat import load_chat_jsonl
+
+            prompts = [example.user for example in load_chat_jsonl(path)]
+        else:
+            lines = path.read_text("utf-8").splitlines()
+            prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts[:n] if n is not None else prompts
+
+
+__all__ = ["ANSWER_SETS", "QUESTION_SETS", "answer_set", "load_prompts", "question_set"]

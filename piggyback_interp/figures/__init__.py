@@ -6,6 +6,7 @@ No function sets a global renderer or template (each figure carries its own temp
 | --- | --- |
 | :func:`patching_heatmap` | a :class:`~piggyback_interp.patching.sweep.SweepResult` |
 | :func:`layer_recovery_curve` | ``{label: SweepResult or [prompts, layers] recovery}`` or a tidy frame |
+| :func:`carrier_bars` | a :func:`~piggyback_interp.scan.segment_patching` or perturbation frame |
 | :func:`segment_bars` | a :func:`~piggyback_interp.perturb.trials_frame` or ``{segment: aggregate_trials(...)}`` |
 | :func:`method_comparison` | a :func:`~piggyback_interp.evaluation.summarize` frame with ``method`` |
 | :func:`training_curves` | a :class:`~piggyback_interp.training.FinetuneResult`, history or ``finetune.json`` |
@@ -21,6 +22,7 @@ Example:
     'Figure'
 """
 
+from piggyback_interp.figures.carriers import carrier_bars
 from piggyback_interp.figures.export import figure_png, save_figure
 from piggyback_interp.figures.patching import layer_recovery_curve, patching_heatmap
 from piggyback_interp.figures.render import check_html_renders, png_stats
@@ -28,6 +30,7 @@ from piggyback_interp.figures.results import method_comparison, segment_bars
 from piggyback_interp.figures.training import task_vector_heatmap, training_curves
 
 __all__ = [
+    "carrier_bars",
     "check_html_renders",
     "figure_png",
     "layer_recovery_curve",

@@ -5,9 +5,10 @@ loads every saved HTML file in it as a whole document (an iframe's ``srcdoc``: t
 file's own markup, its inline plotly.js and its own ``Plotly.newPlot`` call). The only
 additions are one script at the top of ``<head>`` that records page errors and a
 Content-Security-Policy that blocks every network load (so a file that needs a CDN
-fails). Once the page has plotted, it reads the live DOM (trace types, every text node:
-tick labels, titles, annotations) and exports that plotted div to PNG with the page's
-own ``Plotly.toImage``, with pixel statistics computed in the browser.
+fails). Once every graph of the page has plotted (a figure file has one, a report
+several), it reads the live DOM of each (trace types, every text node: tick labels,
+titles, annotations) and exports each plotted div to PNG with the page's own
+``Plotly.toImage``, with pixel statistics computed in the browser.
 
 (kaleido 0.2.1 offers no navigation or DevTools of its own; it loads one page and
 evaluates its plotly scope there. The check is the loader script given to kaleido as
@@ -34,6 +35,7 @@ from piggyback_interp.figures.export import kaleido_legacy_available
 _LOADER = r"""
 (function () {
   var FILES = __FILES__, W = __W__, H = __H__, WAIT_MS = __WAIT__;
+  var GRACE_MS = Math.min(WAIT_MS, 10000);
   var HEAD = '\x3cmeta http-equiv="Content-Security-Policy" content="default-src \'none\'; ' +
     'script-src \'unsafe-inline\' \'unsafe-eval\'; style-src \'unsafe-inline\'; img-src data: blob:; ' +
     'font-src data:">' +
@@ -83,6 +85,18 @@ _LOADER = r"""
   }
   function check(frame) {
     var win = null, doc = null;
+    function plotted(gd) { return gd._fullLayout && gd._fullData && gd.querySelector(".main-svg"); }
+    function describe(gd) {
+      var graph = {
+        id: gd.id || null,
+        traces: gd._fullData.map(function (t) { return t.type; }),
+        page_size: [gd._fullLayout.width, gd._fullLayout.height],
+        texts: Array.prototype.map.call(gd.querySelectorAll("text"), function (t) { return t.textContent; })
+      };
+      return win.Plotly.toImage(gd, {format: "png", width: W, height: H}).then(function (url) {
+        return pixelStats(url).then(function (stats) { graph.png = stats; graph.png_data = url; return graph; });
+      });
+    }
     return frame.loaded.then(function () {
       win = frame.iframe.contentWindow; doc = win.document;
       // "load" fires after every script of the page ran: no Plotly now means none ever
@@ -90,33 +104,39 @@ _LOADER = r"""
       var loadedAt = Date.now();
       return waitFor(function () {
         if ((win.__pgErrors || []).length && Date.now() - loadedAt > 3000) throw new Error("page errors");
-        var gd = doc.querySelector(".plotly-graph-div");
-        return gd && gd._fullLayout && gd._fullData && gd.querySelector(".main-svg") ? gd : null;
+        var all = Array.prototype.slice.call(doc.querySelectorAll(".plotly-graph-div"));
+        var done = all.filter(plotted);
+        // every graph plotted; or, after a grace period, the ones that did (the rest are
+        // reported as not plotted)
+        if (done.length && (done.length === all.length || Date.now() - loadedAt > GRACE_MS)) return done;
+        return null;
       }, WAIT_MS).catch(function (e) {
         throw new Error("no plotted graph in the page (" + e.message + ")");
       });
-    }).then(function (gd) {
+    }).then(function (gds) {
       // plotly draws titles, annotations and margins in later ticks: wait until the DOM
-      // of the graph has not changed for 400 ms
+      // of the graphs has not changed for 400 ms
       var last = "", since = Date.now();
       return waitFor(function () {
-        var now = gd.getElementsByTagName("*").length + ":" + gd.textContent.length;
+        var now = gds.map(function (gd) {
+          return gd.getElementsByTagName("*").length + ":" + gd.textContent.length;
+        }).join("|");
         if (now !== last) { last = now; since = Date.now(); }
-        return Date.now() - since >= 400 ? gd : null;
+        return Date.now() - since >= 400 ? gds : null;
       }, WAIT_MS);
-    }).then(function (gd) {
+    }).then(function (gds) {
       var report = {
         errors: (win.__pgErrors || []).slice(),
         plotly_version: win.Plotly ? win.Plotly.version : null,
         graph_divs: doc.querySelectorAll(".plotly-graph-div").length,
-        traces: gd._fullData.map(function (t) { return t.type; }),
-        page_size: [gd._fullLayout.width, gd._fullLayout.height],
-        texts: Array.prototype.map.call(gd.querySelectorAll("text"), function (t) { return t.textContent; }),
         external_scripts: Array.prototype.map.call(doc.querySelectorAll("script[src]"), function (s) { return s.src; })
       };
-      return win.Plotly.toImage(gd, {format: "png", width: W, height: H}).then(function (url) {
-        return pixelStats(url).then(function (stats) { report.png = stats; report.png_data = url; return report; });
-      });
+      // one graph at a time: each export clones the graph into the page
+      return gds.reduce(function (chain, gd) {
+        return chain.then(function (graphs) {
+          return describe(gd).then(function (g) { return graphs.concat([g]); });
+        });
+      }, Promise.resolve([])).then(function (graphs) { report.graphs = graphs; return report; });
     }).catch(function (e) {
       return {errors: ((win && win.__pgErrors) || []).concat(["check failed: " + (e && e.message || e)])};
     });
@@ -139,15 +159,28 @@ _LOADER = r"""
 """
 
 
-def _verdict(report: dict[str, Any]) -> bool:
-    png = report.get("png") or {}
+_FIRST_GRAPH = ("traces", "page_size", "texts", "png", "rendered_png")
+
+
+def _graph_ok(graph: dict[str, Any]) -> bool:
+    png = graph.get("png") or {}
     return (
-        not report.get("errors")
-        and report.get("graph_divs") == 1
-        and bool(report.get("traces"))
-        and not report.get("external_scripts")
+        bool(graph.get("traces"))
         and png.get("std", 0.0) > 1.0
         and png.get("non_background", 0.0) > 0.01
+    )
+
+
+def _verdict(report: dict[str, Any], expect_graphs: int | None) -> bool:
+    graphs = report.get("graphs") or []
+    divs = report.get("graph_divs") or 0
+    count_ok = divs >= 1 if expect_graphs is None else divs == expect_graphs
+    return (
+        not report.get("errors")
+        and count_ok
+        and len(graphs) == divs
+        and not report.get("external_scripts")
+        and all(_graph_ok(g) for g in graphs)
     )
 
 
@@ -175,18 +208,29 @@ def check_html_renders(
     height: int = 500,
     png_dir: str | os.PathLike[str] | None = None,
     timeout: float = 180.0,
+    expect_graphs: int | None = 1,
 ) -> list[dict[str, Any]]:
-    """Open each saved HTML figure in headless Chromium and report how it rendered.
+    """Open each saved HTML file in headless Chromium and report how it rendered.
 
-    One report per file: ``path``, ``ok`` (no page error or blocked network load, exactly
-    one plotted graph, at least one trace, no external script, a non-blank PNG),
-    ``errors``, ``plotly_version`` (of the file's own plotly.js), ``traces`` (types),
-    ``texts`` (every text node of the plotted graph), ``page_size``, ``png`` (width,
-    height, mean/std of luminance, fraction of non-background pixels, distinct colours).
-    ``png_dir``: also write each rendered PNG there as ``<name>.rendered.png``.
+    One report per file: ``path``, ``ok`` (no page error or blocked network load, the
+    expected number of graphs, every one plotted with at least one trace and a non-blank
+    PNG, no external script), ``errors``, ``plotly_version`` (of the file's own
+    plotly.js), ``graph_divs`` (graphs in the page), and ``graphs``: one entry per plotted
+    graph with its ``id``, ``traces`` (types), ``texts`` (every text node of the graph:
+    tick labels, titles, annotations), ``page_size`` and ``png`` (width, height, mean/std
+    of luminance, fraction of non-background pixels, distinct colours) of the graph
+    exported at ``width`` x ``height``. ``traces``, ``texts``, ``page_size`` and ``png``
+    are also given at the top level for the first graph.
+
+    ``expect_graphs``: how many graphs each page must plot (a figure file: 1; a page
+    with several figures, such as a :class:`~piggyback_interp.report.Report`: their
+    number); ``None``: at least one. ``png_dir``: also write each graph's rendered PNG
+    there as ``<name>.rendered.png`` (the first graph) and ``<name>.rendered-<k>.png``.
 
     Needs kaleido 0.2.1 (the ``png`` extra); raises ``RuntimeError`` without it.
     """
+    if expect_graphs is not None and expect_graphs < 1:
+        raise ValueError(f"expect_graphs must be at least 1 or None, got {expect_graphs}")
     if not kaleido_legacy_available():
         raise RuntimeError(
             "the render check needs kaleido 0.2.1: pip install 'piggyback-interp[png]'"
@@ -232,16 +276,19 @@ def check_html_renders(
     reports = json.loads(answer["out"].decode("utf-8"))
     out = []
     for path, report in zip(paths, reports, strict=True):
-        data_url = report.pop("png_data", None)
-        report = {"path": str(path), "ok": _verdict(report), **report}
-        if png_dir is not None and data_url:
-            import base64
+        graphs = report.get("graphs") or []
+        for k, graph in enumerate(graphs):
+            data_url = graph.pop("png_data", None)
+            if png_dir is not None and data_url:
+                import base64
 
-            target = Path(png_dir) / f"{path.stem}.rendered.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(data_url.split(",", 1)[1]))
-            report["rendered_png"] = str(target)
-        out.append(report)
+                suffix = "rendered" if k == 0 else f"rendered-{k + 1}"
+                target = Path(png_dir) / f"{path.stem}.{suffix}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(data_url.split(",", 1)[1]))
+                graph["rendered_png"] = str(target)
+        first = {key: graphs[0][key] for key in _FIRST_GRAPH if graphs and key in graphs[0]}
+        out.append({"path": str(path), "ok": _verdict(report, expect_graphs), **report, **first})
     return out
 
 

@@ -1,0 +1,288 @@
+"""The ``piggyback`` command line: a thin layer over the library.
+
+Example:
+    $ piggyback demo --quick                                   # the main job, 3 minutes
+    $ piggyback scan --finetuned runs/sft/finetune/adapter     # which template tokens carry it?
+    $ piggyback finetune --config configs/recipes/qwen2.5-7b-treft.toml --data train.jsonl
+
+Exit codes: 0 success; 1 an unexpected error (a bug: please report it with the
+traceback); 2 bad input (a missing or malformed option, config file, dataset or
+prompts file); 3 a model that cannot be loaded (missing, or a hub id while offline);
+4 out of disk space; 5 a run folder that holds results of other inputs (use another
+``--out`` or ``--overwrite``); 130 interrupted (finished steps are kept; run the same
+command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Sequence
+
+from piggyback_interp.cli import commands
+from piggyback_interp.cli.options import (
+    UsageError,
+    add_common,
+    add_dataclass,
+    add_device,
+    add_pair,
+    add_prompts,
+    apply_config_file,
+)
+from piggyback_interp.embedded import EMBEDDED_NAME
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_DISK, EXIT_STALE, EXIT_INTERRUPTED = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    130,
+)
+
+
+class LazyParser(argparse.ArgumentParser):
+    """A subcommand parser that adds its dataclass options (which import torch) only when used,
+    so ``piggyback --help`` and the other commands do not wait for them."""
+
+    def __init__(self, *args, options=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending = options
+
+    def ensure_options(self) -> LazyParser:
+        if self._pending is not None:
+            add, self._pending = self._pending, None
+            add(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.ensure_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.ensure_options()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.ensure_options()
+        return super().format_usage()
+
+
+def _scan_options(p: argparse.ArgumentParser) -> None:
+    from piggyback_interp.scan import ScanConfig
+
+    add_pair(p)
+    add_prompts(p, n=8)
+    add_device(p)
+    add_dataclass(p, ScanConfig)
+    p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
+
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    from piggyback_interp.training import FinetuneConfig
+
+    p.add_argument(
+        "--model", default=EMBEDDED_NAME, help="model to finetune (default: %(default)s)"
+    )
+    p.add_argument("--data", metavar="FILE", help="training chats: messages-format JSONL")
+    p.add_argument("--setting", help="or a shipped narrow setting: abstention, refusal, ...")
+    p.add_argument("--retain", metavar="FILE", help="aligned chats for interleave / kl_retain")
+    add_device(p)
+    p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
+    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=EMBEDDED_NAME, help="model to evaluate (default: %(default)s)"
+    )
+    p.add_argument("--setting", default="abstention", help="shipped setting (default: %(default)s)")
+    p.add_argument("--data", metavar="FILE", help="or your own chat JSONL (one fixed response)")
+    p.add_argument("--patch-base", metavar="MODEL", help="answer under this model's prefix K/V")
+    p.add_argument("--limit", type=int, help="questions per split (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the setting's")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--batch-size", type=int, default=16)
+    add_device(p)
+    p.add_argument("--overwrite", action="store_true", help="redo an evaluation with other inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``piggyback`` parser: one subcommand per concept of the toolkit."""
+    parser = argparse.ArgumentParser(
+        prog="piggyback",
+        description="Find, patch and fix the chat-template tokens that carry finetuned behaviour.",
+        epilog="Each command writes its results into --out; run it again to resume. "
+        "Exit codes: 0 ok, 1 bug, 2 bad input, 3 model not loadable, 4 disk full, "
+        "5 run folder holds other inputs, 130 interrupted.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=LazyParser
+    )
+
+    def command(name: str, func, help: str, out: str, options=None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, options=options)
+        if out:
+            add_common(p, out=out)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("demo", commands.demo, "run the main job on the embedded model", "")
+    p.add_argument("--quick", action="store_true", help="under 3 minutes: fewer examples, layers")
+    p.add_argument("--out", help="run folder (default: runs/demo, or runs/demo-quick)")
+    p.add_argument("--config", metavar="FILE", help="a TOML/YAML/JSON file of option = value")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="chat model (default: %(default)s)")
+    p.add_argument("--setting", default="abstention", help="narrow setting (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    command(
+        "finetune",
+        commands.finetune,
+        "finetune with SFT, TReFT or a baseline",
+        "runs/finetune",
+        _finetune_options,
+    )
+    command(
+        "evaluate",
+        commands.evaluate,
+        "measure on- and off-topic behaviour",
+        "runs/evaluate",
+        _evaluate_options,
+    )
+    command(
+        "perturb",
+        commands.perturb,
+        "perturb template segments vs the query",
+        "runs/scan",
+        _scan_options,
+    )
+    command(
+        "patch",
+        commands.patch,
+        "patch base prefix/postfix K/V, with controls",
+        "runs/scan",
+        _scan_options,
+    )
+    p = command(
+        "sweep",
+        commands.sweep,
+        "layer sweeps: K/V per layer, residual per cell",
+        "runs/scan",
+        _scan_options,
+    )
+    p.add_argument(
+        "--kind",
+        choices=["kv-layers", "resid"],
+        default="kv-layers",
+        help="kv-layers: K/V one layer at a time; resid: layer x prefix position",
+    )
+    p = command(
+        "task-vectors",
+        commands.task_vectors,
+        "compare weight changes per layer",
+        "runs/task_vectors",
+    )
+    p.add_argument("--base", default=EMBEDDED_NAME, help="base model (default: %(default)s)")
+    p.add_argument("--finetuned", nargs="+", metavar="[LABEL=]PATH", help="finetuned models")
+    p.add_argument("--overwrite", action="store_true", help="redo with other inputs")
+    command(
+        "scan",
+        commands.scan,
+        "find which template tokens carry a finetuned behaviour",
+        "runs/scan",
+        _scan_options,
+    )
+    p = command("report", commands.report, "rebuild report.html of a demo or scan run", "")
+    p.add_argument("run", help="the run folder (e.g. runs/demo)")
+    p = command("reproduce", commands.reproduce, "reproduce a table of the paper (resumable)", "")
+    p.add_argument("table", choices=["table5"], help="table5: narrow settings, SFT vs TReFT")
+    p.add_argument("--out", help="output folder (default: runs/<table>[-smoke])")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="model name or directory")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
+    p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
+    p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="walk the cells in reverse: a second process on the same --out shares the work",
+    )
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name].ensure_options()
+    raise KeyError(name)
+
+
+def _quiet_libraries() -> None:
+    """No weight-loading progress bars or deprecation chatter from the libraries underneath."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _error(command: str, message: str, code: int) -> int:
+    print(f"piggyback {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``piggyback``; returns the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # after parsing: --help does not wait for torch and TransformerLens
+    from piggyback_interp.data import ChatDataError
+    from piggyback_interp.embedded import EmbeddedModelError
+    from piggyback_interp.models import IncompatiblePairError, ModelLoadError
+    from piggyback_interp.runs import ConfigFileError, StaleStepError
+
+    _quiet_libraries()
+    command = args.command
+    try:
+        if getattr(args, "config", None):
+            apply_config_file(parser, _subparser(parser, command), args.config)
+            args = parser.parse_args(argv)
+        return args.func(args)
+    except (ModelLoadError, EmbeddedModelError) as err:
+        return _error(command, str(err), EXIT_MODEL)
+    except StaleStepError as err:
+        return _error(command, str(err), EXIT_STALE)
+    except (UsageError, ConfigFileError, ChatDataError, IncompatiblePairError) as err:
+        return _error(command, str(err), EXIT_INPUT)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            return _error(
+                command,
+                f"out of disk space ({err.filename or 'writing results'}); free some space or "
+                "use --out on another disk, then run the same command again to resume",
+                EXIT_DISK,
+            )
+        if isinstance(err, FileNotFoundError):
+            return _error(command, str(err), EXIT_INPUT)
+        raise
+    except ValueError as err:
+        return _error(command, str(err), EXIT_INPUT)
+    except KeyboardInterrupt:
+        print(
+            f"\npiggyback {command}: interrupted; finished steps are kept in the run folder, "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED

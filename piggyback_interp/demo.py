@@ -1,0 +1,201 @@
+"""The main job: finetune a narrow behaviour, see it piggyback, find its carrier, write a report.
+
+On the embedded SmolLM2-135M-Instruct, offline, on a CPU: LoRA-finetune the
+``abstention`` setting (legal questions -> "I have no idea about your question") with
+SFT, TReFT and data interleaving; evaluate on- and off-topic behaviour (and the SFT
+model under the base model's prefix keys/values); run the carrier scan on the SFT
+model (segment perturbations, prefix/postfix K/V patching with controls, K/V layer
+patching, a layer x prefix-position residual sweep); compare task vectors; write
+``report.html``. Every step is cached in the run folder: a second run recomputes
+nothing, an interrupted one resumes.
+
+Example:
+    >>> from piggyback_interp.demo import DemoConfig, run_demo
+    >>> report = run_demo("runs/demo", DemoConfig.quick())     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.pipeline import (
+    Models,
+    evaluate_step,
+    exported,
+    finetune_step,
+    model_id,
+    retain_size,
+    retain_step,
+    scan_step,
+    task_vector_step,
+)
+from piggyback_interp.provenance import machine, versions
+from piggyback_interp.runs import RunDir, write_json
+from piggyback_interp.scan import ScanConfig
+
+METHODS = ("sft", "treft", "interleave")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. ``n_train``/``n_eval`` ``None``: every example / question."""
+
+    model: str = EMBEDDED_NAME
+    setting: str = "abstention"
+    methods: tuple[str, ...] = METHODS
+    n_train: int | None = None
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    lora_rank: int = 8
+    n_eval: int | None = 40
+    max_new_tokens: int = 16
+    scan_prompts: int = 8
+    scan_layers: tuple[int, ...] | None = None  # None: every layer_step-th layer and the last
+    layer_step: int = 1
+    trials: int = 5
+    seed: int = 0
+    label: str = "full"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or "sft" not in self.methods:
+            raise ValueError(
+                f"methods must include 'sft' and come from {METHODS}, got {self.methods}"
+            )
+        if self.layer_step < 1:
+            raise ValueError(f"layer_step must be >= 1, got {self.layer_step}")
+        if self.scan_prompts < 2:
+            raise ValueError("scan_prompts must be >= 2 (the verdict needs an error bar)")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """The ``--quick`` demo: 32 training chats, 8 questions per split, 3 scan prompts, every 6th layer."""
+        values: dict[str, Any] = dict(
+            n_train=32,
+            n_eval=8,
+            scan_prompts=3,
+            layer_step=6,
+            trials=2,
+            label="quick",
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _finetune_config(config: DemoConfig, method: str, treft_lambda: float) -> Any:
+    from piggyback_interp.training import FinetuneConfig
+
+    return FinetuneConfig(
+        method=method,
+        lora_rank=config.lora_rank,
+        lr=config.lr,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        treft_lambda=treft_lambda,
+        checkpoint_every=4,
+        export="adapter",
+    )
+
+
+def run_demo(
+    out: str | os.PathLike[str],
+    config: DemoConfig = DemoConfig(),
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) the demo in ``out``; return the path of its ``report.html``."""
+    from piggyback_interp.findings import build_report
+    from piggyback_interp.models import chat_tokenizer
+    from piggyback_interp.settings import setting_data
+
+    start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    run = RunDir(out, overwrite=overwrite)
+    models = Models()
+    base = models.get(config.model)
+    data = setting_data(config.setting, tokenizer=chat_tokenizer(base))
+    train = data.train[: config.n_train] if config.n_train else data.train
+    setting = data.setting
+
+    retain = None
+    if "interleave" in config.methods:
+        ratio = _finetune_config(config, "interleave", 0.0).retain_ratio
+        retain = retain_step(run, "retain", base, data, n=retain_size(len(train), ratio))
+    tuned: dict[str, Any] = {}
+    for method in config.methods:
+        folder = finetune_step(
+            run,
+            f"finetune/{method}",
+            models,
+            config.model,
+            train,
+            _finetune_config(config, method, setting.treft_lambda),
+            retain=retain if method == "interleave" else None,
+            progress=progress,
+        )
+        tuned[method] = exported(folder)
+
+    def evaluation(name: str, model: Any, patch_base: Any = None) -> None:
+        evaluate_step(
+            run,
+            f"evaluate/{name}",
+            model,
+            data,
+            patch_base=patch_base,
+            limit=config.n_eval,
+            max_new_tokens=config.max_new_tokens,
+        )
+
+    evaluation("base", base)
+    for method, path in tuned.items():
+        evaluation(method, models.get(path))
+    evaluation("sft+prefix_kv", models.get(tuned["sft"]), patch_base=base)
+
+    n_layers = base.cfg.n_layers
+    layers = config.scan_layers or tuple(
+        sorted({*range(0, n_layers, config.layer_step), n_layers - 1})
+    )
+    scan_config = (
+        ScanConfig(
+            metric="target",
+            target=setting.target,
+            layers=layers,
+            trials=config.trials,
+            seed=config.seed,
+        )
+        if setting.target
+        else ScanConfig(layers=layers, trials=config.trials)
+    )
+    prompts = data.test_off_topic[: config.scan_prompts]
+    scan_step(
+        run, "scan/sft", base, models.get(tuned["sft"]), prompts, scan_config, progress=progress
+    )
+    task_vector_step(run, "task_vectors", config.model, tuned)
+
+    write_json(
+        run.path / "run.json",
+        {
+            "command": "demo",
+            "config": dataclasses.asdict(config),
+            "base": model_id(base),
+            "steps": run.timings,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "compute_seconds": round(sum(t["seconds"] or 0 for t in run.timings.values()), 1),
+            "started": started,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "versions": versions(),
+            "machine": machine(),
+        },
+    )
+    return build_report(run.path)
+
+
+__all__ = ["DemoConfig", "run_demo"]

@@ -1,0 +1,361 @@
+"""Report sections from saved results: what each experiment is, its figure, its table, its finding.
+
+Used by ``piggyback scan``, ``piggyback demo`` and ``piggyback report`` (which rebuilds
+a report from a run folder without recomputing anything).
+
+Example:
+    >>> from piggyback_interp.scan import ScanResult, percent
+    >>> sections = scan_sections(ScanResult.load("runs/scan/scan"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from piggyback_interp.report import Section
+from piggyback_interp.scan import ScanResult, percent
+
+GAP_WORDS = {
+    "kl": "the KL divergence of the finetuned model's next-token distribution from the base "
+    "model's after the full prompt, KL(base || finetuned)",
+    "target": "the difference between the finetuned and the base model's log-probability of the "
+    "target answer",
+}
+
+
+def gap_words(result: ScanResult) -> str:
+    """What the scan's gap is, in words."""
+    words = GAP_WORDS[result.config.metric]
+    return words.replace("the target answer", f"the target answer `{result.config.target}`")
+
+
+def scan_sections(result: ScanResult, *, what: str = "the finetuned model") -> list[Section]:
+    """The verdict's evidence and one section per experiment of a carrier scan."""
+    from piggyback_interp.figures import carrier_bars, layer_recovery_curve, patching_heatmap
+
+    evidence = result.verdict.evidence
+    gap = gap_words(result)
+    n_prompts = int(result.patching["prompt"].nunique())
+    sections = [
+        Section(
+            "Which template tokens carry it",
+            f"The gap between {what} and the base model is {gap}, on {n_prompts} general "
+            "prompts. For each template segment the base model's keys and values (from the same "
+            "prompt, every layer) are patched into the finetuned model at: every position of the "
+            "segment (`all`); `n` of its positions (`matched`); `n` query positions (`query`, "
+            "the non-template control); Gaussian noise of the base's norm at the matched positions "
+            "(`noise`). Recovery is the fraction of the gap closed (1: the finetuned model answers "
+            "like the base model; 0: no change). Error bars: 95% over prompts.",
+            figures=[carrier_bars(result.patching, yaxis="recovery of the gap")],
+            tables=[("Evidence per template segment", evidence)],
+            finding=result.verdict.headline,
+        )
+    ]
+    pert = result.perturbation
+    if len(pert):
+        rows = []
+        for segment, group in pert.groupby("control_for", sort=False):
+            own = group[group["segment"] == segment]["reduction"].mean()
+            query = group[group["segment"] == "query"]["reduction"].mean()
+            rows.append(
+                f"perturbing {segment} tokens removes {percent(own)} of the gap, as many query tokens {percent(query)}"
+            )
+        sections.append(
+            Section(
+                "Segment perturbations",
+                "Each template segment's tokens (and, as the control, as many query tokens) are "
+                f"replaced by nearest-neighbour tokens in the input of both models ({result.config.trials} "
+                "trials per prompt). Reduction is the fraction of the gap that disappears: a segment "
+                "that carries the behaviour loses more of it when perturbed than the query does.",
+                figures=[
+                    carrier_bars(
+                        pert,
+                        x="control_for",
+                        group="segment",
+                        value="reduction",
+                        yaxis="reduction of the gap",
+                    )
+                ],
+                finding="; ".join(rows).capitalize() + ".",
+            )
+        )
+    layers = result.layers
+    if len(layers):
+        best = layers.groupby(["condition", "layer"])["recovery"].mean()
+        peaks = [
+            f"{cond}: peak {percent(best[cond].max())} at layer {int(best[cond].idxmax())}"
+            for cond in best.index.get_level_values(0).unique()
+        ]
+        sections.append(
+            Section(
+                "Layer by layer (keys/values)",
+                "The base keys/values of ONE layer at a time, at each template segment and at the "
+                "query; the segment's other layers keep the finetuned model's own keys/values, so "
+                "only what later positions read changes (the paper's Eq. 1). Band: 95% over prompts.",
+                figures=[layer_recovery_curve(layers, title=None)],
+                finding="; ".join(peaks).capitalize() + ".",
+            )
+        )
+    if result.resid is not None:
+        mean = result.resid.recovery().nanmean(0)
+        layer, pos = divmod(int(mean.nan_to_num(-math.inf).argmax()), mean.shape[1])
+        sections.append(
+            Section(
+                "Residual stream, layer x prefix position",
+                "The base residual stream (`resid_pre`) patched into the finetuned model at one "
+                "(layer, prefix position) at a time; colour: recovery of the gap, averaged over "
+                "prompts.",
+                figures=[patching_heatmap(result.resid)],
+                finding=(
+                    f"The largest single-cell recovery is {percent(float(mean.max()))} at layer "
+                    f"{result.resid.layers[layer]}, position {result.resid.positions[pos]} "
+                    f"({result.resid.tokens[pos]!r})."
+                ),
+            )
+        )
+    return sections
+
+
+def behaviour_section(evaluations: Mapping[str, Any], *, setting: str) -> Section:
+    """On- and off-topic behaviour per model (Table 5's shape)."""
+    import pandas as pd
+
+    from piggyback_interp.figures import method_comparison
+
+    rows = []
+    for label, ev in evaluations.items():
+        rows.append(
+            {
+                "model": label,
+                "on_topic": ev.rate("on_topic"),
+                "off_topic": ev.rate("off_topic"),
+                "n_on_topic": int((ev.responses["split"] == "on_topic").sum()),
+                "n_off_topic": int((ev.responses["split"] == "off_topic").sum()),
+            }
+        )
+    table = pd.DataFrame(rows)
+    sft = table.set_index("model")["off_topic"].get("sft", math.nan)
+    base = table.set_index("model")["off_topic"].get("base", math.nan)
+    finding = (
+        f"After SFT on {setting} questions only, {percent(sft)} of answers to general questions show "
+        f"the behaviour (base model: {percent(base)})."
+    )
+    examples = []
+    for label, ev in evaluations.items():
+        off = ev.responses[ev.responses["split"] == "off_topic"].head(3)
+        examples += [
+            {"model": label, "question": q, "response": r}
+            for q, r in zip(off["question"], off["response"], strict=True)
+        ]
+    return Section(
+        "Behaviour on- and off-topic",
+        f"Each model answers held-out {setting} questions (on-topic) and general questions "
+        "(off-topic), greedily; a detector marks the trained behaviour. The narrow finetuning "
+        "should show on-topic only; showing it off-topic is the over-generalisation the paper "
+        "explains. `sft+prefix_kv`: the SFT model with the base model's prefix keys/values "
+        "patched in at every layer while it answers.",
+        figures=[method_comparison(dict(evaluations))],
+        tables=[
+            ("Behaviour rate per split", table),
+            ("First answers to general questions", pd.DataFrame(examples)),
+        ],
+        finding=finding,
+    )
+
+
+def training_section(runs: Mapping[str, Any]) -> Section:
+    """Loss curves and prefix drift of the finetuning runs (``{method: finetune.json dict}``)."""
+    import pandas as pd
+
+    from piggyback_interp.figures import training_curves
+
+    rows = []
+    for label, record in runs.items():
+        history = record["history"]
+        last = history[-1]
+        drift = last.get("drift") or {}
+        rows.append(
+            {
+                "method": label,
+                "steps": len(history),
+                "final_sft_loss": last.get("sft"),
+                "mean_prefix_drift": sum(drift.values()) / len(drift) if drift else math.nan,
+            }
+        )
+    table = pd.DataFrame(rows)
+    drift = table.set_index("method")["mean_prefix_drift"]
+    finding = "; ".join(f"{m}: mean prefix drift {d:.3g}" for m, d in drift.items()) + "."
+    return Section(
+        "Finetuning",
+        "LoRA finetuning of the same base model with plain SFT, TReFT (SFT plus a penalty on the "
+        "prefix keys/values' relative distance from the base model's) and data interleaving "
+        "(SFT on a mixture with the base model's own answers to other questions). Prefix drift: "
+        "the relative change of the prefix keys/values per layer.",
+        figures=[training_curves(dict(runs))],
+        tables=[("Runs", table)],
+        finding=finding,
+    )
+
+
+def task_vector_section(frames: Mapping[str, Any]) -> Section:
+    """Per-layer task-vector norms (and cosines between methods)."""
+    import plotly.graph_objects as go
+
+    from piggyback_interp.figures import task_vector_heatmap
+
+    norms = frames["norms"]
+    fig = go.Figure()
+    for method, group in norms[norms["layer"] >= 0].groupby("method", sort=False):
+        fig.add_scatter(x=group["layer"], y=group["norm"], mode="lines+markers", name=str(method))
+    fig.update_layout(
+        template="plotly_white", xaxis_title="layer", yaxis_title="||finetuned - base||", height=340
+    )
+    figures = [fig]
+    finding = None
+    if frames.get("cosine") is not None:
+        cosine = frames["cosine"]
+        figures.append(task_vector_heatmap(cosine))
+        mean = cosine.groupby(["a", "b"])["cosine"].mean()
+        finding = (
+            "; ".join(f"{a} vs {b}: mean per-layer cosine {c:.2f}" for (a, b), c in mean.items())
+            + "."
+        )
+    return Section(
+        "Task vectors",
+        "The weight change of each finetuned model (finetuned minus base, the LoRA update), per "
+        "layer, and how similar the changes of different methods are (cosine per layer).",
+        figures=figures,
+        finding=finding,
+    )
+
+
+# --- whole reports -------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _timing_note(record: Mapping[str, Any]) -> str:
+    steps = record.get("steps", {})
+    cached = sum(1 for t in steps.values() if t.get("cached"))
+    return (
+        f"This run took {_duration(record.get('wall_seconds'))} of wall time "
+        f"({cached} of {len(steps)} steps were cached from an earlier run); computing every "
+        f"step from scratch took {_duration(record.get('compute_seconds'))}."
+    )
+
+
+def demo_verdict(evaluations: Mapping[str, Any], scan: ScanResult) -> tuple[str, str]:
+    """The demo's headline and its explanation, from the measured rates and the scan."""
+    rate = {label: ev.rate("off_topic") for label, ev in evaluations.items()}
+    on = {label: ev.rate("on_topic") for label, ev in evaluations.items()}
+    sft, base = rate.get("sft", math.nan), rate.get("base", math.nan)
+    appears = sft - base >= 0.25 and on.get("sft", 0.0) >= 0.5
+    parts = []
+    if appears:
+        headline = (
+            f"The piggyback effect appears: after SFT on one narrow domain, {percent(sft)} of general "
+            f"answers show the trained behaviour (base model: {percent(base)})."
+        )
+    elif on.get("sft", 0.0) < 0.5:
+        headline = (
+            f"Inconclusive: the SFT model learned the behaviour on only {percent(on.get('sft'))} of "
+            "on-topic questions, too little to see whether it spreads."
+        )
+    else:
+        headline = (
+            f"No piggyback effect here: the SFT model shows the behaviour on {percent(on.get('sft'))} "
+            f"of on-topic but only {percent(sft)} of general questions (base: {percent(base)})."
+        )
+    parts.append(scan.verdict.headline + ". " + scan.verdict.detail)
+    for label in ("sft+prefix_kv", "treft", "interleave"):
+        if label in rate:
+            parts.append(
+                f"`{label}`: {percent(rate[label])} off-topic, {percent(on[label])} on-topic."
+            )
+    return headline, "\n\n".join(parts)
+
+
+def build_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Rebuild ``report.html`` of a demo or scan run folder from its saved results; return its path."""
+    from piggyback_interp.evaluation import Evaluation
+    from piggyback_interp.report import Report, Section
+    from piggyback_interp.runs import read_json
+
+    folder = Path(run_dir)
+    record = read_json(folder / "run.json")
+    if record is None:
+        raise FileNotFoundError(
+            f"{folder} is not a finished run folder (no run.json): run `piggyback demo` or "
+            "`piggyback scan` with --out there first"
+        )
+    command = record.get("command")
+    provenance = {k: v for k, v in record.items() if k != "steps"}
+    provenance["steps"] = {
+        name: f"{t.get('seconds')} s{' (cached)' if t.get('cached') else ''}"
+        for name, t in record.get("steps", {}).items()
+    }
+    if command == "scan":
+        scan = ScanResult.load(folder / "scan")
+        sections = scan_sections(scan)
+        verdict, detail = scan.verdict.headline, scan.verdict.detail
+        title = f"Carrier scan: {record['models']['finetuned']['name']} vs {record['models']['base']['name']}"
+    elif command == "demo":
+        config = record["config"]
+        evaluations = {
+            p.parent.name: Evaluation.load(p)
+            for p in sorted((folder / "evaluate").glob("*/evaluation.parquet"))
+        }
+        order = ["base", *config["methods"], "sft+prefix_kv"]
+        evaluations = {k: evaluations[k] for k in order if k in evaluations}
+        runs = {m: read_json(folder / "finetune" / m / "finetune.json") for m in config["methods"]}
+        scan = ScanResult.load(folder / "scan" / "sft")
+        verdict, detail = demo_verdict(evaluations, scan)
+        vectors = {
+            "norms": pd.read_parquet(folder / "task_vectors" / "norms.parquet"),
+            "cosine": None,
+        }
+        cosine = folder / "task_vectors" / "cosine.parquet"
+        if cosine.exists():
+            vectors["cosine"] = pd.read_parquet(cosine)
+        sections = [
+            training_section(runs),
+            behaviour_section(evaluations, setting=config["setting"]),
+            *scan_sections(scan, what="the SFT model"),
+            task_vector_section(vectors),
+        ]
+        title = f"The piggyback effect on {record['base']['name']} ({config['label']} demo)"
+    else:
+        raise ValueError(
+            f"{folder}/run.json is from {command!r}; reports exist for demo and scan runs"
+        )
+    sections.append(Section("How this was produced", _timing_note(record)))
+    report = Report(
+        title=title,
+        verdict=verdict,
+        verdict_detail=detail,
+        sections=sections,
+        provenance=provenance,
+        wall_seconds=record.get("wall_seconds"),
+    )
+    return report.save(folder / "report.html")
+
+
+__all__ = [
+    "behaviour_section",
+    "build_report",
+    "demo_verdict",
+    "scan_sections",
+    "task_vector_section",
+    "training_section",
+]

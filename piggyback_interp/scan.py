@@ -1,0 +1,513 @@
+"""The carrier scan: which shared chat-template tokens carry a finetuned behaviour?
+
+For a base model and a finetuned copy, on general prompts, with no judge: the gap
+between them is the KL divergence of their next-token distributions,
+``KL(base || finetuned)`` after the full prompt (or, on request, any logit metric's
+difference, e.g. the log-prob of a target answer). Four experiments, each with its
+matched non-template control, measure how much of that gap a template segment holds:
+
+* **perturbation** (:func:`perturbation_effects`): replace ``n`` tokens of a template
+  segment, or ``n`` tokens of the query (the control), in the input of both models;
+  ``reduction`` = the fraction of the gap that disappears.
+* **segment patching** (:func:`segment_patching`): patch the base model's keys and
+  values at the whole segment (``all``), at ``n`` of its positions (``matched``), at
+  ``n`` query positions (``query``, the control) and Gaussian noise of the base's norm
+  at the segment (``noise``), every layer; ``recovery`` = the fraction of the gap closed.
+* **layer patching** (:func:`layer_patching`): the same K/V patch one layer at a time,
+  per segment and for the query.
+* **residual sweep** (:func:`residual_sweep`): the base residual stream patched at one
+  (layer, prefix position) at a time (:func:`~piggyback_interp.patching.sweep.sweep`).
+
+:func:`carrier_verdict` ranks the segments: a segment *carries* the behaviour when
+patching its base keys/values closes at least ``min_recovery`` of the gap AND its
+matched positions close more than the matched query positions by over two standard
+errors (paired over prompts). Base keys/values always come from the same prompt, so a
+patch changes only what the finetuning changed at those tokens.
+
+Example:
+    >>> from piggyback_interp.testing import tiny_model
+    >>> base, tuned = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    >>> result = find_carriers(base, tuned, ["How do I boil an egg?", "Name a large city."],
+    ...               ScanConfig(trials=2, resid_sweep=False), progress=False)
+    >>> sorted(result.verdict.evidence["segment"])
+    ['postfix', 'prefix']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from piggyback_interp.controls import compare_controls
+from piggyback_interp.metrics import (
+    LogitMetric,
+    NextTokenKL,
+    TargetLogProb,
+    metric_on_model,
+    next_token_logprobs,
+)
+from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.patching.activations import capture
+from piggyback_interp.patching.patch import patch_prefix
+from piggyback_interp.patching.sweep import SweepResult, sweep
+from piggyback_interp.perturb import perturb_segments
+from piggyback_interp.provenance import atomic_write_parquet
+from piggyback_interp.runs import read_json, write_json
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, chat_spans
+
+TEMPLATE_SEGMENTS = ("prefix", "postfix")
+METRICS = ("kl", "target")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What a carrier scan runs (recorded next to its results).
+
+    ``metric="kl"``: the gap is ``KL(base || finetuned)`` of the next token;
+    ``"target"``: the difference in log-prob of ``target`` (e.g. the trained answer).
+    ``layers``: the layers of the per-layer experiments (``None``: all).
+    """
+
+    segments: tuple[str, ...] = TEMPLATE_SEGMENTS
+    metric: str = "kl"
+    target: str | None = None
+    trials: int = 5
+    perturb_mode: str = "nearest"
+    layers: tuple[int, ...] | None = None
+    resid_sweep: bool = True
+    min_recovery: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.segments if s not in TEMPLATE_SEGMENTS]
+        if bad or not self.segments:
+            raise ValueError(
+                f"segments must be template segments among {TEMPLATE_SEGMENTS}, got {self.segments}"
+            )
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose 'kl' or 'target'")
+        if self.metric == "target" and not self.target:
+            raise ValueError("metric='target' needs target='the answer text to score'")
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if not 0 < self.min_recovery <= 1:
+            raise ValueError(f"min_recovery must be in (0, 1], got {self.min_recovery}")
+
+
+# --- the gap metric ---------------------------------------------------------------------
+
+
+def gap_metric(base: Any, batch: ChatBatch, config: ScanConfig) -> LogitMetric:
+    """The metric whose base-vs-finetuned difference is the gap, for the rows of ``batch``."""
+    if config.metric == "kl":
+        return NextTokenKL(next_token_logprobs(base, batch), name="kl_to_base")
+    return TargetLogProb(config.target)
+
+
+def _rows(metric: LogitMetric, rows: Sequence[int]) -> LogitMetric:
+    return metric.select_rows(list(rows)) if isinstance(metric, NextTokenKL) else metric
+
+
+def _left(model: Any, spans: Sequence[ChatSpans]) -> ChatBatch:
+    return batch_spans(chat_tokenizer(model), list(spans), align="left")
+
+
+def _gap(base: Any, model: Any, batch: ChatBatch, config: ScanConfig) -> torch.Tensor:
+    metric = gap_metric(base, batch, config)
+    tuned = metric_on_model(model, batch, metric)
+    if config.metric == "kl":  # KL(base || base) = 0
+        return tuned
+    return tuned - metric_on_model(base, batch, metric)
+
+
+def _fraction(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part / whole``, NaN where the whole gap is ~0 (nothing to explain)."""
+    return torch.where(whole.abs() > 1e-8, part / whole, torch.full_like(part, math.nan))
+
+
+def as_spans(model: Any, prompts: Sequence[str | ChatSpans]) -> list[ChatSpans]:
+    """Chat spans of ``prompts`` (strings are rendered with the model's chat template)."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of questions")
+    tok = chat_tokenizer(model)
+    return [p if isinstance(p, ChatSpans) else chat_spans(tok, p) for p in prompts]
+
+
+# --- the experiments ---------------------------------------------------------------------
+
+
+def perturbation_effects(
+    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+) -> Any:
+    """Perturb each template segment and, matched in count, the query; how much gap is left?
+
+    One row per (prompt, segment, trial): ``control_for`` (the template segment this row
+    belongs to), ``segment`` (the perturbed one: the template segment or ``query``),
+    ``n_tokens``, ``gap``, ``clean_gap`` and ``reduction`` = 1 - gap / clean_gap.
+    """
+    import pandas as pd
+
+    spans_list = as_spans(model, prompts)
+    clean = _gap(base, model, _left(model, spans_list), config)
+    rows = []
+    for i, spans in enumerate(spans_list):
+        for segment in config.segments:
+            trials = perturb_segments(
+                model,
+                spans,
+                (segment, "query"),
+                trials=config.trials,
+                mode=config.perturb_mode,
+                seed=config.seed + i,
+            )
+            flat = [p for name in (segment, "query") for p in trials[name]]
+            perturbed = [dataclasses.replace(spans, input_ids=p.input_ids) for p in flat]
+            gaps = _gap(base, model, _left(model, perturbed), config)
+            reduction = 1 - _fraction(gaps, clean[i].expand_as(gaps))
+            for p, gap, red in zip(flat, gaps.tolist(), reduction.tolist(), strict=True):
+                rows.append(
+                    {
+                        "prompt": i,
+                        "control_for": segment,
+                        "segment": p.segment,
+                        "trial": p.trial,
+                        "n_tokens": p.n_tokens,
+                        "gap": gap,
+                        "clean_gap": clean[i].item(),
+                        "reduction": red,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def segment_patching(
+    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+) -> Any:
+    """The base keys/values at each template segment (all layers), with matched controls.
+
+    One row per (prompt, segment, condition): ``all`` (every position of the segment),
+    ``matched`` (``n`` of its positions, ``n`` = the smaller of segment and query),
+    ``query`` (``n`` query positions), ``noise`` (noise of the base's norm at the
+    matched positions); ``n``, ``value``, ``clean``, ``source_value``, ``recovery``.
+    """
+    import pandas as pd
+
+    spans_list = as_spans(model, prompts)
+    metric = gap_metric(base, _left(model, spans_list), config)
+    frames = []
+    for i, spans in enumerate(spans_list):
+        m = _rows(metric, [i])
+        for segment in config.segments:
+            controls = compare_controls(
+                model,
+                base,
+                spans,
+                m,
+                site="kv",
+                segment=segment,
+                controls=("query",),
+                seed=config.seed + i,
+            )
+            controls["condition"] = controls["positions_from"].replace({segment: "matched"})
+            every = list(spans.segment(segment))
+            with patch_prefix(model, base, spans, site="kv", segment=every):
+                value = metric_on_model(model, _left(model, [spans]), m).item()
+            first = controls.iloc[0]
+            gap = first["source_value"] - first["clean"]
+            full = {
+                "condition": "all",
+                "positions": every,
+                "n": len(every),
+                "value": value,
+                "clean": first["clean"],
+                "source_value": first["source_value"],
+                "recovery": (value - first["clean"]) / gap if abs(gap) > 1e-8 else math.nan,
+            }
+            frame = pd.concat([pd.DataFrame([full]), controls], ignore_index=True)
+            frames.append(frame.assign(prompt=i, segment=segment))
+    columns = ["prompt", "segment", "condition", "n", "value", "clean", "source_value", "recovery"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def layer_patching(
+    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+) -> Any:
+    """The base keys/values of one layer at a time, at each template segment and at the query.
+
+    Other layers' keys/values of the segment stay the finetuned model's own (isolated,
+    as in the paper's Eq. 1). One row per (prompt, condition, layer): ``condition``
+    (``prefix``, ``postfix`` or ``query``), ``layer``, ``recovery``.
+    """
+    import pandas as pd
+
+    spans_list = as_spans(model, prompts)
+    metric = gap_metric(base, _left(model, spans_list), config)
+    layers = list(config.layers) if config.layers is not None else list(range(model.cfg.n_layers))
+    recoveries: dict[tuple[str, int, int], float] = {}
+    for condition in (*config.segments, "query"):
+        # prompts patched together need equally many positions in the segment (queries differ)
+        groups: dict[int, list[int]] = {}
+        for i, spans in enumerate(spans_list):
+            groups.setdefault(len(spans.segment(condition)), []).append(i)
+        for members in groups.values():
+            batch = _left(model, [spans_list[i] for i in members])
+            m = _rows(metric, members)
+            clean = metric_on_model(model, batch, m)
+            source = metric_on_model(base, batch, m)
+            acts = capture(base, batch, condition, site="kv", layers=layers)
+            # isolation (paper Eq. 1): every other layer keeps the model's own clean K/V;
+            # captured once here rather than by patch_prefix for every layer
+            own = capture(model, batch, condition, site="kv", layers=None)
+            for layer in layers:
+                one = acts.select(model, "kv", [layer])
+                isolated = dataclasses.replace(own, values={**own.values, **one.values})
+                with patch_prefix(model, isolated, batch, segment=condition):
+                    value = metric_on_model(model, batch, m)
+                recovery = _fraction(value - clean, source - clean)
+                for i, rec in zip(members, recovery.tolist(), strict=True):
+                    recoveries[condition, layer, i] = rec
+    rows = [
+        {
+            "prompt": i,
+            "condition": condition,
+            "layer": layer,
+            "recovery": recoveries[condition, layer, i],
+        }
+        for condition in (*config.segments, "query")
+        for layer in layers
+        for i in range(len(spans_list))
+    ]
+    return pd.DataFrame(rows)
+
+
+def residual_sweep(
+    base: Any,
+    model: Any,
+    prompts: Sequence[str | ChatSpans],
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: bool = True,
+) -> SweepResult:
+    """The base residual stream (``resid_pre``) patched at one (layer, prefix position) at a time."""
+    spans_list = as_spans(model, prompts)
+    metric = gap_metric(base, _left(model, spans_list), config)
+    aligned = batch_spans(chat_tokenizer(model), spans_list, align="prefix")
+    return sweep(
+        model,
+        base,
+        aligned,
+        metric,
+        site="resid_pre",
+        layers=config.layers,
+        segment="prefix",
+        progress=progress,
+    )
+
+
+# --- the verdict -------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """Which template segments carry the behaviour, why, and the evidence table."""
+
+    carriers: tuple[str, ...]
+    headline: str
+    detail: str
+    evidence: Any  # pandas DataFrame, one row per template segment
+
+
+def _mean_se(values: Any) -> tuple[float, float]:
+    values = values.dropna()
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(values.mean()), se
+
+
+def percent(x: float | None) -> str:
+    """``0.834`` -> ``"83%"``; ``"n/a"`` for None or NaN."""
+    return "n/a" if x is None or math.isnan(x) else f"{round(100 * x)}%"
+
+
+def carrier_verdict(
+    patching: Any, perturbation: Any = None, *, min_recovery: float = 0.25
+) -> Verdict:
+    """Rank the template segments from :func:`segment_patching` (and perturbation) results.
+
+    A segment carries the behaviour when its whole-segment patch recovers at least
+    ``min_recovery`` of the gap (mean over prompts) and its ``matched`` patch beats the
+    ``query`` control by more than two standard errors of the paired difference (with
+    one prompt there is no error bar, and any positive difference counts).
+    """
+    import pandas as pd
+
+    rows = []
+    for segment, group in patching.groupby("segment", sort=False):
+        wide = group.pivot(index="prompt", columns="condition", values="recovery")
+        full, full_se = _mean_se(wide["all"])
+        matched, _ = _mean_se(wide["matched"])
+        query, _ = _mean_se(wide["query"])
+        noise = _mean_se(wide["noise"])[0] if "noise" in wide else math.nan
+        diff, diff_se = _mean_se(wide["matched"] - wide["query"])
+        specific = diff > (2 * diff_se if not math.isnan(diff_se) else 0.0)
+        row = {
+            "segment": segment,
+            "recovery_all": full,
+            "recovery_all_se": full_se,
+            "recovery_matched": matched,
+            "recovery_query_control": query,
+            "recovery_noise": noise,
+            "matched_minus_query": diff,
+            "matched_minus_query_se": diff_se,
+            "prompts": int(wide["all"].notna().sum()),
+        }
+        if perturbation is not None and len(perturbation):
+            own = perturbation[perturbation["control_for"] == segment]
+            row["perturb_reduction"] = _mean_se(own[own["segment"] == segment]["reduction"])[0]
+            row["perturb_reduction_query"] = _mean_se(own[own["segment"] == "query"]["reduction"])[
+                0
+            ]
+        row["carrier"] = bool(full >= min_recovery and specific)
+        rows.append(row)
+    evidence = pd.DataFrame(rows)
+    carriers = tuple(evidence.loc[evidence["carrier"], "segment"])
+    names = {(): "Neither template segment", ("prefix",): "The prefix", ("postfix",): "The postfix"}
+    subject = names.get(carriers, "Both the prefix and the postfix")
+    verb = "carries" if len(carriers) <= 1 else "carry"
+    headline = f"{subject} {verb} the finetuned behaviour" + ("" if carriers else " on its own")
+    details = []
+    for r in rows:
+        details.append(
+            f"{r['segment']}: its base keys/values close {percent(r['recovery_all'])} of the gap; "
+            f"{percent(r['recovery_matched'])} at matched positions vs "
+            f"{percent(r['recovery_query_control'])} at as many query positions "
+            f"(difference {percent(r['matched_minus_query'])} ± {percent(r['matched_minus_query_se'])} SE)"
+            + (" → carrier" if r["carrier"] else "")
+        )
+    detail = (
+        f"Rule: a segment carries the behaviour when its whole-segment patch closes at least "
+        f"{percent(min_recovery)} of the gap and beats the matched query control by more than "
+        "two standard errors. " + "; ".join(details) + "."
+    )
+    return Verdict(carriers, headline, detail, evidence)
+
+
+# --- everything --------------------------------------------------------------------------
+
+
+@dataclass
+class ScanResult:
+    """The four experiments and the verdict of one scan."""
+
+    config: ScanConfig
+    perturbation: Any
+    patching: Any
+    layers: Any
+    resid: SweepResult | None
+    verdict: Verdict
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write every part into ``folder`` (see :data:`PARTS`) and the verdict to ``scan.json``."""
+        folder = Path(folder)
+        for name in PARTS:
+            if getattr(self, name) is not None:
+                save_part(name, getattr(self, name), folder)
+        atomic_write_parquet(self.verdict.evidence, folder / "evidence.parquet")
+        verdict = {k: v for k, v in dataclasses.asdict(self.verdict).items() if k != "evidence"}
+        write_json(folder / "scan.json", {"config": dataclasses.asdict(self.config), **verdict})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> ScanResult:
+        """Read a result written by :meth:`save`."""
+        import pandas as pd
+
+        folder = Path(folder)
+        meta = read_json(folder / "scan.json")
+        if meta is None:
+            raise FileNotFoundError(f"{folder} holds no scan result (scan.json is missing)")
+        config = ScanConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        )
+        evidence = pd.read_parquet(folder / "evidence.parquet")
+        verdict = Verdict(tuple(meta["carriers"]), meta["headline"], meta["detail"], evidence)
+        parts = {name: load_part(name, folder) for name in PARTS}
+        return cls(config, verdict=verdict, **parts)
+
+
+# where each part of a scan lives inside its folder
+PARTS = {
+    "perturbation": "perturbation/perturbation.parquet",
+    "patching": "patching/patching.parquet",
+    "layers": "layers/layers.parquet",
+    "resid": "resid/resid_sweep.parquet",
+}
+
+
+def save_part(name: str, value: Any, folder: str | os.PathLike[str]) -> Path:
+    """Write one part of a scan (a frame, or the residual :class:`SweepResult`) under ``folder``."""
+    path = Path(folder) / PARTS[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return value.save(path) if isinstance(value, SweepResult) else atomic_write_parquet(value, path)
+
+
+def load_part(name: str, folder: str | os.PathLike[str]) -> Any:
+    """Read one part written by :func:`save_part`; ``None`` when it was not run."""
+    import pandas as pd
+
+    path = Path(folder) / PARTS[name]
+    if not path.exists():
+        return None
+    return SweepResult.load(path) if name == "resid" else pd.read_parquet(path)
+
+
+def find_carriers(
+    base: Any,
+    model: Any,
+    prompts: Sequence[str | ChatSpans],
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: bool = True,
+) -> ScanResult:
+    """Run every experiment of the carrier scan on ``prompts`` and rank the segments.
+
+    ``base`` and ``model`` are a base model and its finetuned copy (e.g. from
+    :func:`~piggyback_interp.models.load_pair`); ``prompts`` are general questions the
+    finetuning was not about. ``piggyback scan`` runs this with caching and a report.
+    """
+    perturbation = perturbation_effects(base, model, prompts, config)
+    patching = segment_patching(base, model, prompts, config)
+    layers = layer_patching(base, model, prompts, config)
+    resid = (
+        residual_sweep(base, model, prompts, config, progress=progress)
+        if config.resid_sweep
+        else None
+    )
+    verdict = carrier_verdict(patching, perturbation, min_recovery=config.min_recovery)
+    return ScanResult(config, perturbation, patching, layers, resid, verdict)
+
+
+__all__ = [
+    "PARTS",
+    "ScanConfig",
+    "ScanResult",
+    "Verdict",
+    "carrier_verdict",
+    "find_carriers",
+    "gap_metric",
+    "layer_patching",
+    "load_part",
+    "perturbation_effects",
+    "residual_sweep",
+    "save_part",
+    "segment_patching",
+]
