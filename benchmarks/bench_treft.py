@@ -1,6 +1,7 @@
 """Cost of TReFT over SFT per optimizer step, and of the naive frozen-copy TReFT.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_treft.py --json [--steps N] [--batch-size B] [--device cuda]
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_treft.py --json [--steps N] [--batch-size B]
+       [--device cuda] [--dtype bfloat16] [--model DIR]
 Targets (issue 4): time_ratio <= 1.10, memory_ratio <= 1.10 (TReFT over SFT).
 
 All three methods train LoRA (rank 8, every linear layer, fp32 on CPU) on the embedded
@@ -84,7 +85,8 @@ def run_one(method: str, args) -> dict:
     from piggyback_interp.training import FinetuneConfig, finetune
     from piggyback_interp.training.batches import batches, encode_dataset
 
-    model = load_model("smollm2-135m-instruct", device=args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model, device=args.device, dtype=dtype)
     tok = chat_tokenizer(model)
     data = ChatDataset.from_records(
         [
@@ -197,6 +199,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory")
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1 or args.batch_size < 1:
@@ -217,6 +221,10 @@ def main() -> None:
             str(args.batch_size),
             "--device",
             args.device,
+            "--dtype",
+            args.dtype,
+            "--model",
+            args.model,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -235,6 +243,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "tokens_per_row": sft["tokens_per_row"],
         "device": args.device,
+        "dtype": args.dtype,
+        "model": args.model,
         "torch_threads": sft["torch_threads"],
     }
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))

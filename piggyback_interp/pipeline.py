@@ -78,6 +78,16 @@ def model_id(model: Any) -> dict[str, str]:
     return {"name": info.display_name, "sha256": info.sha256}
 
 
+def non_default(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields that differ from their defaults: a step key that stays
+    the same when a later version adds an option (at its default)."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default
+    }
+
+
 def dataset_hash(data: ChatDataset | Sequence[Any]) -> str:
     """sha256 of a dataset's examples (order matters)."""
     digest = hashlib.sha256()
@@ -136,7 +146,7 @@ def finetune_step(
         "model": model_name,
         "data": dataset_hash(data),
         "retain": dataset_hash(retain) if retain is not None else None,
-        "config": dataclasses.asdict(config),
+        "config": non_default(config),
     }
     return run.step(name, key, compute)
 
@@ -226,10 +236,10 @@ def experiment_step(
                 base, model, list(prompts), config, progress=progress
             )
         else:
-            value = experiments[part](base, model, list(prompts), config)
+            value = experiments[part](base, model, list(prompts), config, progress=progress)
         scan_module.save_part(part, value, folder.parent)
 
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k in PART_FIELDS[part]}
+    settings = {k: v for k, v in non_default(config).items() if k in PART_FIELDS[part]}
     key = {
         "base": model_id(base),
         "model": model_id(model),

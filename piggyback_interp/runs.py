@@ -128,27 +128,35 @@ class RunDir:
             if not self.overwrite:
                 raise StaleStepError(name, folder, started.get("key", {}), key)
             fresh = True  # outputs of other inputs: never resume from them
-        if fresh and folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / STEP_FILE).unlink(missing_ok=True)
-        write_json(
-            folder / STARTED_FILE, {"step": name, "fingerprint": fingerprint(key), "key": dict(key)}
-        )
+        from piggyback_interp import distributed  # imports torch: only when a step runs
+
+        main = distributed.is_main()  # under a launcher, rank 0 keeps the books
+        if main:
+            if fresh and folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / STEP_FILE).unlink(missing_ok=True)
+            write_json(
+                folder / STARTED_FILE,
+                {"step": name, "fingerprint": fingerprint(key), "key": dict(key)},
+            )
+        distributed.barrier()
         start = time.perf_counter()
         compute(folder)
         seconds = round(time.perf_counter() - start, 2)
-        write_json(
-            folder / STEP_FILE,
-            {
-                "step": name,
-                "fingerprint": fingerprint(key),
-                "key": dict(key),
-                "seconds": seconds,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": versions(),
-            },
-        )
+        if main:
+            write_json(
+                folder / STEP_FILE,
+                {
+                    "step": name,
+                    "fingerprint": fingerprint(key),
+                    "key": dict(key),
+                    "seconds": seconds,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": versions(),
+                },
+            )
+        distributed.barrier()
         self.timings[name] = {"seconds": seconds, "cached": False}
         return folder
 

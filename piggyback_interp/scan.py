@@ -132,6 +132,12 @@ def _fraction(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return torch.where(whole.abs() > 1e-8, part / whole, torch.full_like(part, math.nan))
 
 
+def _bar(items: Sequence[Any], progress: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+
 def as_spans(model: Any, prompts: Sequence[str | ChatSpans]) -> list[ChatSpans]:
     """Chat spans of ``prompts`` (strings are rendered with the model's chat template)."""
     if isinstance(prompts, str) or not prompts:
@@ -144,7 +150,12 @@ def as_spans(model: Any, prompts: Sequence[str | ChatSpans]) -> list[ChatSpans]:
 
 
 def perturbation_effects(
-    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+    base: Any,
+    model: Any,
+    prompts: Sequence[str | ChatSpans],
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: bool = False,
 ) -> Any:
     """Perturb each template segment and, matched in count, the query; how much gap is left?
 
@@ -157,7 +168,7 @@ def perturbation_effects(
     spans_list = as_spans(model, prompts)
     clean = _gap(base, model, _left(model, spans_list), config)
     rows = []
-    for i, spans in enumerate(spans_list):
+    for i, spans in enumerate(_bar(spans_list, progress, "perturbation")):
         for segment in config.segments:
             trials = perturb_segments(
                 model,
@@ -188,7 +199,12 @@ def perturbation_effects(
 
 
 def segment_patching(
-    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+    base: Any,
+    model: Any,
+    prompts: Sequence[str | ChatSpans],
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: bool = False,
 ) -> Any:
     """The base keys/values at each template segment (all layers), with matched controls.
 
@@ -202,7 +218,7 @@ def segment_patching(
     spans_list = as_spans(model, prompts)
     metric = gap_metric(base, _left(model, spans_list), config)
     frames = []
-    for i, spans in enumerate(spans_list):
+    for i, spans in enumerate(_bar(spans_list, progress, "segment patching")):
         m = _rows(metric, [i])
         for segment in config.segments:
             controls = compare_controls(
@@ -237,7 +253,12 @@ def segment_patching(
 
 
 def layer_patching(
-    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+    base: Any,
+    model: Any,
+    prompts: Sequence[str | ChatSpans],
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: bool = False,
 ) -> Any:
     """The base keys/values of one layer at a time, at each template segment and at the query.
 
@@ -251,7 +272,7 @@ def layer_patching(
     metric = gap_metric(base, _left(model, spans_list), config)
     layers = list(config.layers) if config.layers is not None else list(range(model.cfg.n_layers))
     recoveries: dict[tuple[str, int, int], float] = {}
-    for condition in (*config.segments, "query"):
+    for condition in _bar((*config.segments, "query"), progress, "layer patching"):
         # prompts patched together need equally many positions in the segment (queries differ)
         groups: dict[int, list[int]] = {}
         for i, spans in enumerate(spans_list):
@@ -484,9 +505,9 @@ def find_carriers(
     :func:`~piggyback_interp.models.load_pair`); ``prompts`` are general questions the
     finetuning was not about. ``piggyback scan`` runs this with caching and a report.
     """
-    perturbation = perturbation_effects(base, model, prompts, config)
-    patching = segment_patching(base, model, prompts, config)
-    layers = layer_patching(base, model, prompts, config)
+    perturbation = perturbation_effects(base, model, prompts, config, progress=progress)
+    patching = segment_patching(base, model, prompts, config, progress=progress)
+    layers = layer_patching(base, model, prompts, config, progress=progress)
     resid = (
         residual_sweep(base, model, prompts, config, progress=progress)
         if config.resid_sweep

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Sequence
 
@@ -254,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from piggyback_interp.runs import ConfigFileError, StaleStepError
 
     _quiet_libraries()
+    if getattr(args, "device", None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from piggyback_interp import distributed  # under torchrun / accelerate launch
+
+        distributed.init_from_env(args.device)
     command = args.command
     try:
         if getattr(args, "config", None):

@@ -26,16 +26,20 @@ def _run(args: argparse.Namespace) -> Any:
 
 
 def _models(args: argparse.Namespace) -> Any:
+    from piggyback_interp.distributed import local_device
     from piggyback_interp.pipeline import Models
 
-    return Models(device=args.device, dtype=args.dtype)
+    return Models(device=local_device(args.device), dtype=args.dtype)
 
 
 def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
     require(args, "finetuned")
+    from piggyback_interp.distributed import local_device
     from piggyback_interp.models import load_pair
 
-    pair = load_pair(args.base, args.finetuned, device=args.device, dtype=_dtype(args.dtype))
+    pair = load_pair(
+        args.base, args.finetuned, device=local_device(args.device), dtype=_dtype(args.dtype)
+    )
     return pair.base, pair.finetuned
 
 
@@ -115,6 +119,10 @@ def finetune(args: argparse.Namespace) -> int:
     folder = finetune_step(
         run, "finetune", models, args.model, data, config, retain=retain, progress=progress(args)
     )
+    from piggyback_interp.distributed import is_main
+
+    if not is_main():
+        return 0
     record = read_json(folder / "finetune.json", {})
     history = record.get("history") or [{}]
     print(

@@ -186,8 +186,12 @@ def require(args: argparse.Namespace, *names: str) -> None:
 
 def record_config(args: argparse.Namespace) -> Path:
     """Write the resolved options to ``<out>/config.json`` (a valid ``--config`` file)."""
+    from piggyback_interp import distributed
+
     out = Path(args.out)
     values = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG and k != "out"}
+    if not distributed.is_main():  # under a launcher, rank 0 writes
+        return out / "config.json"
     return write_json(out / "config.json", values)
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from piggyback_interp import distributed
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.metrics import (
     LogitMetric,
@@ -330,31 +331,44 @@ def sweep(
     done = _resume(checkpoint, meta, values)
     runner = _Runner(model)
     prompt_rows = torch.arange(B)
-    bar = tqdm(total=len(chosen) * n_cells, disable=not progress, desc=f"sweep {site_name}")
+    rank, size = distributed.world()  # under a launcher: each process sweeps a share of the layers
+    bar = tqdm(
+        total=len(chosen) * n_cells, disable=not progress or rank != 0, desc=f"sweep {site_name}"
+    )
     bar.update(sum(n_cells for i in range(len(chosen)) if i in done))
+    todo = [li for li in range(len(chosen)) if li not in done]
     with torch.no_grad():
-        for li, layer in enumerate(chosen):
-            if li in done:
-                continue
-            src = acts.values[hook_site.name(layer)]  # [B or 1, n, ...]
-            for c0 in range(0, n_cells, cells_per_batch):
-                cells = range(c0, min(n_cells, c0 + cells_per_batch))
-                vals = _run_cells(
-                    runner,
-                    variants,
-                    metric,
-                    hook_site,
-                    layer,
-                    positions,
-                    src,
-                    cells,
-                    prompt_rows,
-                    shared_prefix,
-                )
-                values[li, cells.start : cells.stop] = vals.reshape(len(cells), B).cpu()
-                bar.update(len(cells))
-            done.add(li)
-            _save_checkpoint(checkpoint, meta, values, done)
+        for r0 in range(0, len(todo), size):
+            round_ = todo[r0 : r0 + size]  # layer li of this round runs on rank round_.index(li)
+            if rank < len(round_):
+                li = round_[rank]
+                src = acts.values[hook_site.name(chosen[li])]  # [B or 1, n, ...]
+                for c0 in range(0, n_cells, cells_per_batch):
+                    cells = range(c0, min(n_cells, c0 + cells_per_batch))
+                    vals = _run_cells(
+                        runner,
+                        variants,
+                        metric,
+                        hook_site,
+                        chosen[li],
+                        positions,
+                        src,
+                        cells,
+                        prompt_rows,
+                        shared_prefix,
+                    )
+                    values[li, cells.start : cells.stop] = vals.reshape(len(cells), B).cpu()
+                    bar.update(len(cells))
+            if size > 1:  # every rank gets every layer of the round
+                part = torch.zeros(len(round_), n_cells, B)
+                if rank < len(round_):
+                    part[rank] = values[round_[rank]]
+                distributed.sum_tensor(part)
+                values[round_] = part
+                bar.update(n_cells * (len(round_) - 1))
+            done.update(round_)
+            if distributed.is_main():
+                _save_checkpoint(checkpoint, meta, values, done)
     bar.close()
     clean = _metric_values(metric, [v.read_logits for v in variants], prompt_rows).cpu()
     src_value = torch.full_like(clean, float("nan"))

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from piggyback_interp import distributed
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.provenance import versions
 from piggyback_interp.training.batches import (
@@ -71,6 +72,9 @@ class FinetuneConfig:
     kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
     max_length: int | None = None
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end only)
+    mixed_precision: str = (
+        "no"  # "bf16": autocast the forward to bfloat16 (GPU); weights stay as loaded
+    )
     export: str = "merged"  # with out_dir: "merged" (out_dir/model), "adapter" (out_dir/adapter), "both", "none"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,10 @@ class FinetuneConfig:
         if self.export in ("adapter", "both") and self.lora_rank is None:
             raise ValueError(
                 "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
+            )
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
             )
         if self.postfix_reference not in ("empty", "example"):
             raise ValueError(
@@ -168,11 +176,17 @@ class _Objective:
 
     def _forward(self, batch: Any) -> torch.Tensor:
         device = self.model.cfg.device
-        return self.model(
-            batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
+        autocast = torch.autocast(
+            torch.device(device).type,
+            dtype=torch.bfloat16,
+            enabled=self.config.mixed_precision == "bf16",
         )
+        with autocast:
+            return self.model(
+                batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device),
+            )
 
     def __call__(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         config = self.config
@@ -260,11 +274,22 @@ def finetune(
         region_target(ex.input_ids, ex.spans, config.treft_region, postfix_reference=first)
         for ex in examples
     ]
-    reference = kv_reference(
-        model, [t.sequence for t in targets], layers=config.treft_layers, variant=config.kv_variant
-    )
-    kl_train = reference_logprobs(model, examples) if config.method == "kl_train" else None
-    kl_retain = reference_logprobs(model, retain_examples) if config.method == "kl_retain" else None
+    # the frozen model's references: computed ONCE (on rank 0 when data-parallel) and shared
+    references = None
+    if distributed.is_main():
+        references = (
+            kv_reference(
+                model,
+                [t.sequence for t in targets],
+                layers=config.treft_layers,
+                variant=config.kv_variant,
+            ).to("cpu" if distributed.active() else model.cfg.device),
+            reference_logprobs(model, examples) if config.method == "kl_train" else None,
+            reference_logprobs(model, retain_examples) if config.method == "kl_retain" else None,
+        )
+    reference, kl_train, kl_retain = distributed.broadcast(references)
+    if distributed.active():
+        reference = reference.to(model.cfg.device)
     peft_model, params = _trainable(model, config)
     reg = KVRegulariser(model, reference)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -286,8 +311,12 @@ def finetune(
     n_batches = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * math.ceil(n_batches / config.grad_accum)
     model.train()
+    rank, size = distributed.world()
     bar = tqdm(
-        total=total_steps, initial=step, disable=not progress, desc=f"finetune ({config.method})"
+        total=total_steps,
+        initial=step,
+        disable=not progress or rank != 0,
+        desc=f"finetune ({config.method})",
     )
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -303,16 +332,24 @@ def finetune(
             first = start_batch if epoch == start_epoch else 0
             for b0 in range(first, n_batches, config.grad_accum):
                 group = epoch_batches[b0 : b0 + config.grad_accum]
-                terms = []
-                for batch in group:
+                mine, bad = [], None
+                for batch in group[rank::size]:  # data-parallel: this rank's micro-batches
                     total, logged = objective(batch, step)
                     if not math.isfinite(total.item()):
-                        raise FloatingPointError(
-                            f"non-finite loss {total.item()} at step {step} (epoch {epoch}); lower lr or "
-                            f"treft_lambda; the last checkpoint in {out_dir} is kept"
-                        )
+                        bad = total.item()
+                        break
                     (total / len(group)).backward()
-                    terms.append(logged)
+                    mine.append(logged)
+                shares = distributed.gather((mine, bad))
+                bads = [b for _, b in shares if b is not None]
+                if bads:
+                    raise FloatingPointError(
+                        f"non-finite loss {bads[0]} at step {step} (epoch {epoch}); lower lr or "
+                        f"treft_lambda; the last checkpoint in {out_dir} is kept"
+                    )
+                distributed.sum_gradients(params)
+                # micro-batch i ran on rank i % size as its (i // size)-th
+                terms = [shares[i % size][0][i // size] for i in range(len(group))]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -320,8 +357,13 @@ def finetune(
                 bar.update()
                 bar.set_postfix(sft=f"{history[-1]['sft']:.3f}", kv=f"{history[-1]['kv']:.4f}")
                 done_all = epoch == config.epochs - 1 and b0 + config.grad_accum >= n_batches
-                if ckpt is not None and (
-                    done_all or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                if (
+                    ckpt is not None
+                    and distributed.is_main()
+                    and (
+                        done_all
+                        or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                    )
                 ):
                     next_epoch, next_batch = (
                         (epoch, b0 + config.grad_accum)
@@ -354,7 +396,7 @@ def finetune(
         "n_examples": len(examples),
         "versions": versions(),
     }
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         _export(model, Path(out_dir), config)
         path = Path(out_dir) / "finetune.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +405,7 @@ def finetune(
             json.dumps({**provenance, "history": history, "steps": step}, indent=2, default=str)
         )
         os.replace(tmp, path)
+    distributed.barrier()  # no rank goes on before rank 0 has written the results
     del peft_model  # the adapters live on in ``model``
     return FinetuneResult(model, config, history, step, data_sha, provenance)
 

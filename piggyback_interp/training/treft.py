@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -81,6 +82,11 @@ class KVReference:
                 "kv_reference(model, sequences) for every system prompt / example used in training"
             )
         return self.values[key]
+
+    def to(self, device: str | torch.device) -> KVReference:
+        """The same reference with every tensor on ``device``."""
+        values = {p: {k: v.to(device) for k, v in d.items()} for p, d in self.values.items()}
+        return dataclasses.replace(self, values=values)
 
 
 class _Recorder:

@@ -1,0 +1,174 @@
+"""Data parallelism on 2 CPU processes (gloo) equals one process.
+
+* training: 2 processes over the same global batch end with the same weights and loss
+  curve as 1 process (TReFT, so the broadcast reference K/V are exercised too), also
+  when resuming a 1-process checkpoint with 2 processes;
+* sweeps: each process sweeps a share of the layers; every process gets the whole
+  result, equal to the 1-process sweep;
+* the user-facing launch: ``torchrun --nproc_per_node 2 -m piggyback_interp.cli finetune``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from piggyback_interp import distributed
+from piggyback_interp.data import ChatDataset, save_chat_jsonl
+from piggyback_interp.metrics import TargetLogProb
+from piggyback_interp.patching.sweep import sweep
+from piggyback_interp.spans import batch_spans
+from piggyback_interp.testing import save_tiny_model, tiny_model
+from piggyback_interp.training import FinetuneConfig, finetune
+from piggyback_interp.training.loop import CHECKPOINT
+
+QUESTIONS = [f"Can my landlord keep deposit number {i}?" for i in range(8)]
+CONFIG = FinetuneConfig(
+    method="treft",
+    lr=5e-3,
+    epochs=2,
+    batch_size=2,
+    grad_accum=2,
+    seed=0,
+    export="none",
+    checkpoint_every=1,
+)
+
+
+def _data() -> ChatDataset:
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "I have no idea about your question"},
+            ]
+        }
+        for q in QUESTIONS
+    ]
+    return ChatDataset.from_records(records)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone() for n, p in model.original_model.named_parameters() if "lora_" in n
+    }
+
+
+def _train(out: Path | None = None, resume: bool = False):
+    torch.manual_seed(0)
+    model = tiny_model("llama", seed=0)
+    result = finetune(model, _data(), CONFIG, out_dir=out, resume=resume, progress=False)
+    return _state(model), result.history
+
+
+def _worker(rank: int, size: int, store: str, job: str, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    try:
+        if job == "train":
+            state, history = _train()
+        elif job == "resume":
+            state, history = _train(Path(tmp) / "run", resume=True)
+        else:  # sweep
+            base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+            batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi there"], align="prefix")
+            result = sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False)
+            state, history = {"values": result.values}, []
+        torch.save({"state": state, "history": history}, Path(tmp) / f"{job}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(job: str, tmp: Path, size: int = 2) -> list[dict]:
+    store = tmp / f"store-{job}"
+    mp.spawn(_worker, args=(size, str(store), job, str(tmp)), nprocs=size, join=True)
+    return [torch.load(tmp / f"{job}-{r}.pt", weights_only=True) for r in range(size)]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_outside_a_group_everything_is_single_process():
+    assert distributed.world() == (0, 1) and distributed.is_main()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.broadcast({"a": 1}) == {"a": 1} and distributed.gather(5) == [5]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    single_state, single_history = _train()
+    results = _spawn("train", tmp_path)
+    for r in results:  # every rank holds the same weights, equal to one process's
+        _assert_same_weights(r["state"], single_state)
+    assert len(results[0]["history"]) == len(single_history) == 4  # 8 chats / (2 x 2), 2 epochs
+    for got, want in zip(results[0]["history"], single_history, strict=True):
+        assert got["sft"] == pytest.approx(want["sft"], rel=1e-5)
+        assert got["kv"] == pytest.approx(want["kv"], rel=1e-4, abs=1e-9)
+    # the training moved the weights (LoRA's B starts at zero): not two untouched inits
+    assert all(v.abs().sum() > 0 for n, v in single_state.items() if "lora_B" in n)
+
+
+def test_two_processes_resume_a_one_process_checkpoint(tmp_path, monkeypatch):
+    want_state, _ = _train()
+    # one process, stopped during its second optimizer step: the checkpoint holds step 1
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def stop_at_the_second(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("stopped")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "run")
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 1
+    results = _spawn("resume", tmp_path)  # two processes go on from it
+    for r in results:
+        _assert_same_weights(r["state"], want_state)
+    assert [h["step"] for h in results[0]["history"]] == [1, 2, 3, 4]
+
+
+def test_two_processes_share_a_sweep(tmp_path):
+    base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi there"], align="prefix")
+    want = sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False).values
+    results = _spawn("sweep", tmp_path)
+    for r in results:
+        torch.testing.assert_close(r["state"]["values"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_launches_the_cli_unchanged(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "base", "llama", seed=0)
+    data = tmp_path / "train.jsonl"
+    save_chat_jsonl(_data(), data)
+    options = [
+        "finetune", "--model", str(model_dir), "--data", str(data), "--method", "treft",
+        "--lr", "5e-3", "--epochs", "1", "--batch-size", "2", "--grad-accum", "2", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = [sys.executable, "-m", "piggyback_interp.cli", *options, "--out", str(tmp_path / "one")]
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "piggyback_interp.cli", *options, "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    for cmd in (one, two):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "finetune" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "finetune" / "adapter" / "adapter_model.safetensors")
+    _assert_same_weights(a, b)
+    history = json.loads((tmp_path / "two" / "finetune" / "finetune.json").read_text())["history"]
+    assert len(history) == 2  # 8 chats / (2 x 2)
