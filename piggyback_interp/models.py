@@ -16,10 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +191,55 @@ def load_config(source: ModelSource | str) -> Any:
         raise
 
 
-def _load_hf(source: ModelSource, *, device: str, dtype: torch.dtype, merge_adapter: bool) -> Any:
+DeviceMap = str | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a big model's weights go (inference only), as Hugging Face ``device_map``.
+
+    ``device_map="auto"`` spreads the layers over every visible GPU (then CPU, then
+    disk); a dict maps module names to ``0``, ``"cuda:1"``, ``"cpu"`` or ``"disk"``.
+    TransformerLens runs a model split over several GPUs, or over CPU and disk, but not
+    GPU and offload mixed. ``max_memory`` caps each device (``{0: "70GiB", "cpu":
+    "100GiB"}``); ``offload_folder`` holds the weights placed on ``"disk"``.
+
+    Example:
+        >>> Placement("auto", max_memory={0: "70GiB", 1: "70GiB"}).kwargs()["device_map"]
+        'auto'
+    """
+
+    device_map: DeviceMap
+    max_memory: dict[int | str, str] | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self, model_name: str = "model") -> dict[str, Any]:
+        """The ``from_pretrained`` arguments; each model offloads into its own subfolder
+        (two models in one folder would overwrite each other's weights)."""
+        out: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory:
+            out["max_memory"] = self.max_memory
+        if self.offload_folder:
+            out["offload_folder"] = self.folder(model_name)
+        return out
+
+    def folder(self, model_name: str) -> str:
+        """This model's offload subfolder (a temporary one without ``offload_folder``)."""
+        root = self.offload_folder
+        if root is None:
+            root = tempfile.mkdtemp(prefix="piggyback-offload-")
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+        return str(Path(root) / hashlib.sha256(model_name.encode()).hexdigest()[:12])
+
+
+def _load_hf(
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    merge_adapter: bool,
+    placement: Placement | None = None,
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     has_safetensors = bool(list(Path(source.path).glob("*.safetensors")))
@@ -198,17 +250,70 @@ def _load_hf(source: ModelSource, *, device: str, dtype: torch.dtype, merge_adap
             attn_implementation="eager",  # the bridge hooks attention patterns
             # safetensors where present; transformers reads .bin with weights_only=True
             use_safetensors=True if has_safetensors else None,
+            **(placement.kwargs(source.name) if placement else {}),
         )
     except OSError as err:
         if source.kind == "hub" or (source.base and source.base.kind == "hub"):
             raise _hub_error(source, err) from err
         raise ModelLoadError(f"could not load the model at {source.path}: {err}") from err
+    except ValueError as err:
+        if placement is None:
+            raise
+        raise ModelLoadError(f"could not place {source.name} with {placement}: {err}") from err
+    if placement is not None:
+        _check_placed(model, placement, source)
     if source.adapter_path:
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(model, source.adapter_path, is_trainable=False)
+        peft_model = PeftModel.from_pretrained(
+            model,
+            source.adapter_path,
+            is_trainable=False,
+            **_adapter_placement(model, placement, source.name),
+        )
         model = peft_model.merge_and_unload() if merge_adapter else peft_model.base_model.model
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
+
+
+def _adapter_placement(model: Any, placement: Placement | None, name: str) -> dict[str, Any]:
+    """peft re-dispatches a CPU/disk-offloaded model with its adapter: it needs the
+    realised map under its own module names and a folder for the offloaded LoRA weights."""
+    realised = getattr(model, "hf_device_map", None) or {}
+    if placement is None or not {"cpu", "disk"} & {str(v) for v in realised.values()}:
+        return {}
+    prefix = "base_model.model"
+    return {
+        "device_map": {f"{prefix}.{k}" if k else prefix: v for k, v in realised.items()},
+        "offload_folder": str(Path(placement.folder(name)) / "adapter"),
+    }
+
+
+def _check_placed(model: Any, placement: Placement, source: ModelSource) -> None:
+    """A device map naming modules the model lacks is silently ignored by transformers."""
+    if not isinstance(placement.device_map, dict):
+        return
+    names = dict(model.named_modules())
+    unknown = [k for k in placement.device_map if k and k not in names]
+    if unknown:
+        tops = sorted({n.rsplit(".", 1)[0] for n in names if n.count(".") == 2 and "layers" in n})
+        raise ModelLoadError(
+            f"could not place {source.name}: device_map names modules it does not have: "
+            f"{unknown}; use names like 'model.embed_tokens', {tops[:1] or ['model.layers']}"
+            "[.i], 'lm_head' (or device_map='auto')"
+        )
+
+
+def _execution_device(hf_model: Any) -> str:
+    """The device inputs go to: accelerate's execution device for a placed model (its
+    parameters may sit on the meta device, offloaded), else the first parameter's."""
+    hook = getattr(hf_model, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return str(torch.device(hook.execution_device))
+    for module in hf_model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return str(torch.device(hook.execution_device))
+    return str(next(hf_model.parameters()).device)
 
 
 def _display_name(source: ModelSource) -> str:
@@ -245,9 +350,15 @@ def bridge_from_hf(
     second BOS to text that the chat template already starts with.
     """
     name = name or getattr(hf_model.config, "_name_or_path", "") or "model"
+    placed = bool(getattr(hf_model, "hf_device_map", None))
     bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=str(hf_model.device)
+        name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device=None if placed else str(hf_model.device),
     )
+    if placed:  # TransformerLens names the embedding's device: "meta" when offloaded
+        bridge.cfg.device = _execution_device(hf_model)
     if getattr(tokenizer, "chat_template", None):
         bridge.cfg.default_prepend_bos = False
     bridge.chat_tokenizer = tokenizer  # the original tokenizer (the bridge's adds BOS)
@@ -263,6 +374,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     merge_adapter: bool = True,
     base: str | None = None,
+    placement: Placement | None = None,
 ) -> TransformerBridge:
     """Load a chat model as a :class:`TransformerBridge` (eval mode).
 
@@ -274,6 +386,9 @@ def load_model(
         merge_adapter: for an adapter, merge it into the base weights (default) or
             keep the LoRA modules (for training on, or to compare unmerged).
         base: for an adapter, the base model to use instead of the one it names.
+        placement: spread a model too big for one device over several GPUs, or over
+            CPU and disk (a :class:`Placement`; ``device`` is then ignored). Patching,
+            sweeps and generation run on it unchanged; train on one device per process.
 
     Example:
         >>> model = load_model("smollm2-135m-instruct")
@@ -282,7 +397,9 @@ def load_model(
     """
     source = resolve_source(name_or_path, base=base)
     tokenizer = load_tokenizer(source)
-    hf_model = _load_hf(source, device=device, dtype=dtype, merge_adapter=merge_adapter)
+    hf_model = _load_hf(
+        source, device=device, dtype=dtype, merge_adapter=merge_adapter, placement=placement
+    )
     return bridge_from_hf(
         hf_model, tokenizer, name=source.path, info=_info(source, dtype, merge_adapter)
     )
@@ -423,6 +540,7 @@ def load_pair(
     dtype: torch.dtype = torch.float32,
     merge_adapter: bool = True,
     reference: Callable[[TransformerBridge], Any] | None = None,
+    placement: Placement | None = None,
 ) -> ModelPair:
     """Load (or pair already-loaded) base and finetuned models, checked compatible.
 
@@ -447,7 +565,9 @@ def load_pair(
     def materialise(model: TransformerBridge | str | os.PathLike[str]) -> TransformerBridge:
         if isinstance(model, TransformerBridge):
             return model
-        return load_model(model, device=device, dtype=dtype, merge_adapter=merge_adapter)
+        return load_model(
+            model, device=device, dtype=dtype, merge_adapter=merge_adapter, placement=placement
+        )
 
     if reference is None:
         return ModelPair(materialise(finetuned), base_tok, materialise(base))

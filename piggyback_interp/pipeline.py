@@ -49,10 +49,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Models:
     """Load each model once: ``get(name)`` for a hub id, a local directory or a LoRA adapter."""
 
-    def __init__(self, *, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self, *, device: str = "cpu", dtype: str = "float32", placement: Any = None
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.placement = device, dtype, placement
         self._loaded: dict[str, Any] = {}
 
     def get(self, name: str | os.PathLike[str]) -> Any:
@@ -60,11 +62,13 @@ class Models:
 
         key = str(name)
         if key not in self._loaded:
-            self._loaded[key] = load_model(key, device=self.device, dtype=DTYPES[self.dtype])
+            self._loaded[key] = load_model(
+                key, device=self.device, dtype=DTYPES[self.dtype], placement=self.placement
+            )
         return self._loaded[key]
 
     def fresh(self, name: str | os.PathLike[str]) -> Any:
-        """A new copy (to finetune in place), not kept."""
+        """A new copy (to finetune in place, on one device), not kept."""
         from piggyback_interp.models import load_model
 
         return load_model(str(name), device=self.device, dtype=DTYPES[self.dtype])

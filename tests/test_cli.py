@@ -377,6 +377,32 @@ def test_experiment_commands(pair, tmp_path, command, extra, part, files):
     assert expected[part] in result.out
 
 
+def test_device_map_sweep_equals_whole_model(pair, tmp_path):
+    """--device-map spreads both models (the finetuned one a LoRA adapter, merged) over
+    CPU and disk; the sweep's values equal the whole-model run's."""
+    layers = {f"model.layers.{i}": "cpu" if i == 0 else "disk" for i in range(2)}
+    device_map = {"model.embed_tokens": "cpu", **layers, "model.norm": "disk",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}  # fmt: skip
+    args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1")
+    ok(*args, "--out", tmp_path / "whole")
+    placed = tmp_path / "placed"
+    ok(*args, "--device-map", json.dumps(device_map), "--offload-folder", tmp_path / "off",
+       "--out", placed)  # fmt: skip
+    frame = "scan/resid/resid_sweep.parquet"
+    whole_values = pd.read_parquet(tmp_path / "whole" / frame)["value"]
+    placed_values = pd.read_parquet(placed / frame)["value"]
+    assert whole_values.std() > 0 and (whole_values - placed_values).abs().max() <= 1e-4
+    assert json.loads((placed / "config.json").read_text("utf-8"))["device_map"].startswith("{")
+
+    for bad, message in (
+        (("--max-memory", "cpu=1GiB"), "need --device-map"),
+        (("--device-map", "{oops"), "not valid JSON"),
+        (("--device-map", "auto", "--max-memory", "cpu"), "DEV=SIZE"),
+    ):
+        result = cli(*args, *bad, "--out", tmp_path / "bad")
+        assert result.code == 2 and message in result.err
+
+
 def test_stale_steps_and_overwrite(scan_run, pair, tmp_path):
     out = tmp_path / "scan"
     shutil.copytree(scan_run["out"], out)

@@ -90,7 +90,7 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", help="training chats: messages-format JSONL")
     p.add_argument("--setting", help="or a shipped narrow setting: abstention, refusal, ...")
     p.add_argument("--retain", metavar="FILE", help="aligned chats for interleave / kl_retain")
-    add_device(p)
+    add_device(p, placement=False)
     p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
     add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
 

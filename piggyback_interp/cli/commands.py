@@ -14,7 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from piggyback_interp.cli.options import UsageError, progress, record_config, require
+from piggyback_interp.cli.options import (
+    UsageError,
+    placement,
+    progress,
+    record_config,
+    require,
+)
 
 
 def _run(args: argparse.Namespace) -> Any:
@@ -29,7 +35,7 @@ def _models(args: argparse.Namespace) -> Any:
     from piggyback_interp.distributed import local_device
     from piggyback_interp.pipeline import Models
 
-    return Models(device=local_device(args.device), dtype=args.dtype)
+    return Models(device=local_device(args.device), dtype=args.dtype, placement=placement(args))
 
 
 def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -38,7 +44,11 @@ def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
     from piggyback_interp.models import load_pair
 
     pair = load_pair(
-        args.base, args.finetuned, device=local_device(args.device), dtype=_dtype(args.dtype)
+        args.base,
+        args.finetuned,
+        device=local_device(args.device),
+        dtype=_dtype(args.dtype),
+        placement=placement(args),
     )
     return pair.base, pair.finetuned
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -33,7 +34,8 @@ def add_common(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_device(parser: argparse.ArgumentParser) -> None:
+def add_device(parser: argparse.ArgumentParser, *, placement: bool = True) -> None:
+    """``--device``, ``--dtype`` and (for inference) ``--device-map`` and its options."""
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument(
         "--dtype",
@@ -41,6 +43,48 @@ def add_device(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: float32; bfloat16 on a GPU for 7-8B models)",
     )
+    if not placement:
+        return
+    parser.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread a big model over GPUs or CPU and disk (HF device_map): auto, balanced, "
+        "sequential, or a JSON object of module -> device; overrides --device",
+    )
+    parser.add_argument(
+        "--max-memory",
+        metavar="DEV=SIZE,...",
+        help="per-device cap for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB",
+    )
+    parser.add_argument(
+        "--offload-folder", metavar="DIR", help="where --device-map puts weights mapped to disk"
+    )
+
+
+def placement(args: argparse.Namespace) -> Any:
+    """The :class:`~piggyback_interp.models.Placement` of ``--device-map`` (``None`` without)."""
+    device_map = getattr(args, "device_map", None)
+    if not device_map:
+        if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
+            raise UsageError("--max-memory and --offload-folder need --device-map (e.g. auto)")
+        return None
+    from piggyback_interp.models import Placement
+
+    if device_map.lstrip().startswith("{"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--device-map is not valid JSON: {err}") from err
+    memory: dict[int | str, str] | None = None
+    if args.max_memory:
+        memory = {}
+        for item in args.max_memory.split(","):
+            dev, sep, size = item.partition("=")
+            if not sep or not dev.strip() or not size.strip():
+                raise UsageError(f"--max-memory wants DEV=SIZE,... (e.g. 0=70GiB), got {item!r}")
+            dev = dev.strip()
+            memory[int(dev) if dev.isdigit() else dev] = size.strip()
+    return Placement(device_map, max_memory=memory, offload_folder=args.offload_folder)
 
 
 def add_pair(parser: argparse.ArgumentParser) -> None:
