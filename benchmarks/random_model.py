@@ -30,7 +30,9 @@ def export(name: str, out: Path) -> Path:
         source = Path(embedded_model_dir())
     out.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        skip = item.name.endswith(WEIGHT_SUFFIXES) or "index" in item.name or "piggyback" in item.name
+        skip = (
+            item.name.endswith(WEIGHT_SUFFIXES) or "index" in item.name or "piggyback" in item.name
+        )
         if item.is_file() and not skip:  # no weights, no provenance of the real weights
             shutil.copy2(item, out / item.name)
     return out

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from piggyback_interp.embedded import (
     EMBEDDED_DISPLAY_NAME,
     EMBEDDED_NAME,
+    cache_root,
     embedded_model_dir,
     read_manifest,
     sha256_file,
@@ -135,6 +137,8 @@ def resolve_source(name_or_path: str | os.PathLike[str], *, base: str | None = N
                     f"{path / ADAPTER_CONFIG} names no base model "
                     "(base_model_name_or_path); pass base=... to load_model"
                 )
+            if Path(base_name).expanduser().resolve() == (cache_root() / EMBEDDED_NAME).resolve():
+                base_name = EMBEDDED_NAME  # an adapter trained on the embedded model
             base_source = resolve_source(base_name)
             return ModelSource(name, "adapter", base_source.path, str(path), base_source)
         if (path / "config.json").is_file():
@@ -265,12 +269,16 @@ def _load_hf(
     if source.adapter_path:
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(
-            model,
-            source.adapter_path,
-            is_trainable=False,
-            **_adapter_placement(model, placement, source.name),
-        )
+        with warnings.catch_warnings():
+            # on offloaded layers peft first loads into meta tensors, then re-dispatches
+            # with the real weights (tests/test_placement.py checks the result)
+            warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint")
+            peft_model = PeftModel.from_pretrained(
+                model,
+                source.adapter_path,
+                is_trainable=False,
+                **_adapter_placement(model, placement, source.name),
+            )
         model = peft_model.merge_and_unload() if merge_adapter else peft_model.base_model.model
     return (model if placement else model.to(device)).eval()
 
@@ -320,7 +328,7 @@ def _display_name(source: ModelSource) -> str:
     if source.kind == "embedded":
         return EMBEDDED_DISPLAY_NAME
     if source.kind == "adapter" and source.base is not None:
-        return f"{_display_name(source.base)} + adapter {Path(source.adapter_path or '').name}"
+        return f"{_display_name(source.base)} + LoRA adapter {source.name}"
     return source.name
 
 

@@ -75,11 +75,18 @@ class Models:
 
 
 def model_id(model: Any) -> dict[str, str]:
-    """The model's name and weights hash, for step keys and provenance."""
+    """The model's name and weights hash, for provenance."""
     from piggyback_interp.models import model_info
 
     info = model_info(model)
     return {"name": info.display_name, "sha256": info.sha256}
+
+
+def model_key(model: Any) -> dict[str, str]:
+    """What identifies a model in a step key: its weights hash (a display name may change
+    between versions; the weights do not), or its name where no hash is known (hub ids)."""
+    ident = model_id(model)
+    return {"sha256": ident["sha256"]} if ident["sha256"] != "unknown" else ident
 
 
 def non_default(config: Any) -> dict[str, Any]:
@@ -115,7 +122,7 @@ def retain_step(
         pairs = [(q, a) for q, a in zip(questions, answers, strict=True) if a.strip()]
         save_chat_jsonl(qa_dataset(pairs), folder / "retain.jsonl")
 
-    key = {"base": model_id(base), "setting": data.setting.name, "n": n, "tokens": max_new_tokens}
+    key = {"base": model_key(base), "setting": data.setting.name, "n": n, "tokens": max_new_tokens}
     return load_chat_jsonl(run.step(name, key, compute) / "retain.jsonl")
 
 
@@ -199,8 +206,8 @@ def evaluate_step(
         evaluation.save(folder / "evaluation.parquet")
 
     key = {
-        "model": model_id(model),
-        "patch_base": model_id(patch_base) if patch_base is not None else None,
+        "model": model_key(model),
+        "patch_base": model_key(patch_base) if patch_base is not None else None,
         "setting": setting.name,
         "data": dataset_hash(data.test_on_topic + data.test_off_topic)
         if isinstance(data, SettingData)
@@ -245,8 +252,8 @@ def experiment_step(
 
     settings = {k: v for k, v in non_default(config).items() if k in PART_FIELDS[part]}
     key = {
-        "base": model_id(base),
-        "model": model_id(model),
+        "base": model_key(base),
+        "model": model_key(model),
         "prompts": list(prompts),
         "config": settings,
     }
@@ -313,7 +320,7 @@ def task_vector_step(
             path = Path(source)
             record = read_json(path.parent / "step.json")
             return record["fingerprint"] if record else str(path.resolve())
-        return model_id(source)
+        return model_key(source)
 
     key = {"base": str(base), "finetuned": {k: ident(v) for k, v in finetuned.items()}}
     folder = run.step(name, key, compute)
@@ -332,6 +339,7 @@ __all__ = [
     "exported",
     "finetune_step",
     "model_id",
+    "model_key",
     "retain_size",
     "retain_step",
     "scan_step",

@@ -16,9 +16,10 @@ from typing import Any
 
 def versions() -> dict[str, str]:
     """Versions of Python and of the libraries a result depends on."""
+    from importlib.metadata import version
+
     import peft
     import torch
-    import transformer_lens
     import transformers
 
     from piggyback_interp import __version__
@@ -28,7 +29,7 @@ def versions() -> dict[str, str]:
         "piggyback_interp": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": version("transformer-lens"),  # the module has no __version__
         "peft": peft.__version__,
     }
 

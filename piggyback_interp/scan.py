@@ -367,7 +367,8 @@ def carrier_verdict(
     A segment carries the behaviour when its whole-segment patch recovers at least
     ``min_recovery`` of the gap (mean over prompts) and its ``matched`` patch beats the
     ``query`` control by more than two standard errors of the paired difference (with
-    one prompt there is no error bar, and any positive difference counts).
+    one prompt there is no error bar, and any positive difference counts). A segment that
+    beats its control but recovers less is marked ``partial``; the headline names it.
     """
     import pandas as pd
 
@@ -398,6 +399,7 @@ def carrier_verdict(
                 0
             ]
         row["carrier"] = bool(full >= min_recovery and specific)
+        row["partial"] = bool(not row["carrier"] and specific and full > 0)
         rows.append(row)
     evidence = pd.DataFrame(rows)
     carriers = tuple(evidence.loc[evidence["carrier"], "segment"])
@@ -405,6 +407,15 @@ def carrier_verdict(
     subject = names.get(carriers, "Both the prefix and the postfix")
     verb = "carries" if len(carriers) <= 1 else "carry"
     headline = f"{subject} {verb} the finetuned behaviour" + ("" if carriers else " on its own")
+    partial = [r for r in rows if r["partial"]]
+    if partial:  # below the threshold, but beyond its query control: say so in the headline
+        names_part = " and ".join(r["segment"] for r in partial)
+        shares = " and ".join(percent(r["recovery_all"]) for r in partial)
+        headline += (
+            f"; the {names_part} {'each carry' if len(partial) > 1 else 'carries'} part of it "
+            f"({shares} of the gap, beyond {'their' if len(partial) > 1 else 'its'} query "
+            "control)"
+        )
     details = []
     for r in rows:
         details.append(
@@ -449,9 +460,8 @@ class ScanResult:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> ScanResult:
-        """Read a result written by :meth:`save`."""
-        import pandas as pd
-
+        """Read a result written by :meth:`save`; the verdict is recomputed from the saved
+        experiments (``scan.json`` keeps the one written, for reading)."""
         folder = Path(folder)
         meta = read_json(folder / "scan.json")
         if meta is None:
@@ -459,9 +469,10 @@ class ScanResult:
         config = ScanConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
         )
-        evidence = pd.read_parquet(folder / "evidence.parquet")
-        verdict = Verdict(tuple(meta["carriers"]), meta["headline"], meta["detail"], evidence)
         parts = {name: load_part(name, folder) for name in PARTS}
+        verdict = carrier_verdict(
+            parts["patching"], parts["perturbation"], min_recovery=config.min_recovery
+        )
         return cls(config, verdict=verdict, **parts)
 
 

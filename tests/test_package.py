@@ -60,3 +60,13 @@ def test_no_public_name_is_shadowed_by_a_submodule():
         importlib.import_module(info.name)
     for name in piggyback_interp.__all__:
         assert not isinstance(getattr(piggyback_interp, name), types.ModuleType), name
+
+
+def test_versions_name_every_library():
+    from importlib.metadata import version
+
+    from piggyback_interp.provenance import versions
+
+    found = versions()
+    assert found["transformer_lens"] == version("transformer-lens")  # not "unknown"
+    assert all(v and v != "unknown" for v in found.values())

@@ -476,6 +476,13 @@ def test_carrier_verdict_rule_by_hand():
     weak = _patching_frame({"prefix": {"all": [0.2, 0.2], "matched": [0.6, 0.8], "query": [0, 0]}})
     assert carrier_verdict(weak).carriers == ()
     assert carrier_verdict(weak, min_recovery=0.2).carriers == ("prefix",)
+    # ...below it, a segment that beats its query control carries part of it
+    assert carrier_verdict(weak).headline == (
+        "Neither template segment carries the finetuned behaviour on its own; the prefix "
+        "carries part of it (20% of the gap, beyond its query control)"
+    )
+    assert list(carrier_verdict(weak).evidence["partial"]) == [True]
+    assert not verdict.evidence["partial"].any()  # a carrier, and a segment no better than query
 
     # both segments; one prompt (no error bar: any positive difference counts); NaN dropped
     both = _patching_frame(
