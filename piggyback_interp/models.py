@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import hashlib
@@ -25,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -233,7 +234,7 @@ class Placement:
         if root is None:
             root = tempfile.mkdtemp(prefix="piggyback-offload-")
             atexit.register(shutil.rmtree, root, ignore_errors=True)
-        return str(Path(root) / hashlib.sha256(model_name.encode()).hexdigest()[:12])
+        return str(Path(root).resolve() / hashlib.sha256(model_name.encode()).hexdigest()[:12])
 
 
 def _load_hf(
@@ -269,18 +270,46 @@ def _load_hf(
     if source.adapter_path:
         from peft import PeftModel
 
-        with warnings.catch_warnings():
+        placed = _adapter_placement(model, placement, source.name)
+        with warnings.catch_warnings(), _working_dir(placed.get("offload_folder")):
             # on offloaded layers peft first loads into meta tensors, then re-dispatches
             # with the real weights (tests/test_placement.py checks the result)
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint")
             peft_model = PeftModel.from_pretrained(
-                model,
-                source.adapter_path,
-                is_trainable=False,
-                **_adapter_placement(model, placement, source.name),
+                model, str(Path(source.adapter_path).resolve()), is_trainable=False, **placed
             )
+            if placed:
+                _absolute_offload_paths(peft_model, placed["offload_folder"])
         model = peft_model.merge_and_unload() if merge_adapter else peft_model.base_model.model
     return (model if placement else model.to(device)).eval()
+
+
+@contextlib.contextmanager
+def _working_dir(folder: str | None) -> Iterator[None]:
+    """Run inside ``folder`` (made if needed): peft 0.21 writes copies of disk-offloaded
+    weight files at their absolute path made relative, i.e. under the working directory."""
+    if folder is None:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+def _absolute_offload_paths(model: Any, folder: str) -> None:
+    """Point accelerate's offload index at the copies peft wrote under ``folder`` (it
+    records them relative to the working directory of the time)."""
+    for module in model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        index = getattr(getattr(weights, "dataset", None), "index", None) or {}
+        for entry in index.values():
+            file = entry.get("safetensors_file") if isinstance(entry, dict) else None
+            if file and not os.path.isabs(file):
+                entry["safetensors_file"] = os.path.join(folder, file)
 
 
 def _adapter_placement(model: Any, placement: Placement | None, name: str) -> dict[str, Any]:

@@ -393,6 +393,11 @@ def test_device_map_sweep_equals_whole_model(pair, tmp_path):
     placed_values = pd.read_parquet(placed / frame)["value"]
     assert whole_values.std() > 0 and (whole_values - placed_values).abs().max() <= 1e-4
     assert json.loads((placed / "config.json").read_text("utf-8"))["device_map"].startswith("{")
+    # peft copies disk-offloaded weight files: only ever inside the offload folder, not
+    # in the working directory (the test runs in tmp_path)
+    assert Path.cwd() == tmp_path
+    copies = [p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors")]
+    assert copies and all(p.parts[0] == "off" for p in copies)
 
     for bad, message in (
         (("--max-memory", "cpu=1GiB"), "need --device-map"),
