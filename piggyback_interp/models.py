@@ -343,10 +343,7 @@ def _check_placed(model: Any, placement: Placement, source: ModelSource) -> None
 def _execution_device(hf_model: Any) -> str:
     """The device inputs go to: accelerate's execution device for a placed model (its
     parameters may sit on the meta device, offloaded), else the first parameter's."""
-    hook = getattr(hf_model, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return str(torch.device(hook.execution_device))
-    for module in hf_model.modules():
+    for module in hf_model.modules():  # the model itself first
         hook = getattr(module, "_hf_hook", None)
         if hook is not None and getattr(hook, "execution_device", None) is not None:
             return str(torch.device(hook.execution_device))
