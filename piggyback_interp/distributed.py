@@ -7,7 +7,9 @@ one group: NCCL on GPUs, gloo on CPUs. Then
 * :func:`~piggyback_interp.training.finetune` gives each process a share of every
   gradient-accumulation group and sums the gradients, so N processes end with the
   same weights as one process over the same global batch; the TReFT / KL references
-  are computed once, on rank 0, and broadcast;
+  are computed once, on rank 0, and broadcast; with ``fsdp=True`` the weights,
+  gradients and optimizer state are sharded too
+  (:mod:`piggyback_interp.training.sharding`);
 * :func:`~piggyback_interp.patching.sweep.sweep` gives each process a share of the
   layers and every process gets the whole result.
 

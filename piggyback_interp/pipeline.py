@@ -141,17 +141,29 @@ def finetune_step(
     *,
     retain: ChatDataset | None = None,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> Path:
     """Finetune a fresh copy of ``model_name`` (resuming its checkpoint); return the step folder.
 
     The folder holds ``finetune.json`` and the exported model (``adapter/`` and/or
     ``model/``, per ``config.export``); load it with ``models.get(folder / "adapter")``.
+    ``fsdp`` shards the training over the processes of a launcher; it does not change
+    the result, so it is not part of the step's key.
     """
     from piggyback_interp.training import finetune
 
     def compute(folder: Path) -> None:
         model = models.fresh(model_name)
-        finetune(model, data, config, out_dir=folder, retain=retain, resume=True, progress=progress)
+        finetune(
+            model,
+            data,
+            config,
+            out_dir=folder,
+            retain=retain,
+            resume=True,
+            progress=progress,
+            fsdp=fsdp,
+        )
 
     key = {
         "model": model_name,

@@ -211,7 +211,9 @@ def fake_finetune(monkeypatch):
 
     seen = []
 
-    def fake(run, name, models, model_name, data, config, *, retain=None, progress=True):
+    def fake(
+        run, name, models, model_name, data, config, *, retain=None, progress=True, fsdp=False
+    ):
         seen.append(config)
         folder = run.folder(name)
         (folder / "adapter").mkdir(parents=True, exist_ok=True)

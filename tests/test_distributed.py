@@ -3,6 +3,9 @@
 * training: 2 processes over the same global batch end with the same weights and loss
   curve as 1 process (TReFT, so the broadcast reference K/V are exercised too), also
   when resuming a 1-process checkpoint with 2 processes;
+* sharded training (FSDP2): the same, with an accumulation group the processes cannot
+  split evenly (so one process pads), and checkpoints written from shards resume
+  sharded or in one process;
 * sweeps: each process sweeps a share of the layers; every process gets the whole
   result, equal to the 1-process sweep;
 * the user-facing launch: ``torchrun --nproc_per_node 2 -m piggyback_interp.cli finetune``.
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from piggyback_interp import distributed
 from piggyback_interp.data import ChatDataset, save_chat_jsonl
@@ -57,26 +63,66 @@ def _data() -> ChatDataset:
     return ChatDataset.from_records(records)
 
 
+# 8 chats in batches of 2 -> 4 micro-batches per epoch in groups of 3 and 1: with 2
+# processes the first group is split 2 + 1 and the second 1 + 0
+UNEVEN = replace(CONFIG, grad_accum=3)
+
+
 def _state(model) -> dict[str, torch.Tensor]:
+    def whole(p):  # a shard of a sharded model: gather it (every rank calls this)
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
     return {
-        n: p.detach().clone() for n, p in model.original_model.named_parameters() if "lora_" in n
+        n: whole(p.detach()).clone()
+        for n, p in model.original_model.named_parameters()
+        if p.requires_grad  # the LoRA weights; every weight in a full finetune
     }
 
 
-def _train(out: Path | None = None, resume: bool = False):
+def _train(out: Path | None = None, resume: bool = False, config=CONFIG, fsdp=False):
     torch.manual_seed(0)
     model = tiny_model("llama", seed=0)
-    result = finetune(model, _data(), CONFIG, out_dir=out, resume=resume, progress=False)
-    return _state(model), result.history
+    result = finetune(model, _data(), config, out_dir=out, resume=resume, progress=False, fsdp=fsdp)
+    return _state(model), result.history, model
+
+
+def _stop_at_the_second_step(monkeypatch) -> None:
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def stop(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("stopped")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stop)
 
 
 def _worker(rank: int, size: int, store: str, job: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     try:
         if job == "train":
-            state, history = _train()
+            state, history, _ = _train()
         elif job == "resume":
-            state, history = _train(Path(tmp) / "run", resume=True)
+            state, history, _ = _train(Path(tmp) / "run", resume=True)
+        elif job == "fsdp-full":  # every weight trained (and its Adam state) sharded
+            state, history, _ = _train(config=replace(UNEVEN, lora_rank=None), fsdp=True)
+        elif job == "fsdp":
+            state, history, model = _train(config=UNEVEN, fsdp=True)
+            params = list(model.original_model.parameters())
+            # what this process holds of the weights: about half of them
+            state["held"] = torch.tensor(
+                sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+            )
+        elif job == "fsdp-stop":  # stopped during the second step: the checkpoint holds step 1
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                _stop_at_the_second_step(monkeypatch)
+                with pytest.raises(KeyboardInterrupt):
+                    _train(Path(tmp) / "run", config=UNEVEN, fsdp=True)
+            state, history = {}, []
+        elif job == "fsdp-resume":
+            state, history, _ = _train(Path(tmp) / "run", resume=True, config=UNEVEN, fsdp=True)
         else:  # sweep
             base, ft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
             batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi there"], align="prefix")
@@ -106,7 +152,7 @@ def test_outside_a_group_everything_is_single_process():
 
 
 def test_two_processes_train_like_one(tmp_path):
-    single_state, single_history = _train()
+    single_state, single_history, _ = _train()
     results = _spawn("train", tmp_path)
     for r in results:  # every rank holds the same weights, equal to one process's
         _assert_same_weights(r["state"], single_state)
@@ -119,26 +165,56 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_two_processes_resume_a_one_process_checkpoint(tmp_path, monkeypatch):
-    want_state, _ = _train()
+    want_state, _, _ = _train()
     # one process, stopped during its second optimizer step: the checkpoint holds step 1
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def stop_at_the_second(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("stopped")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", stop_at_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "run")
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    with monkeypatch.context() as patched:
+        _stop_at_the_second_step(patched)
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path / "run")
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 1
     results = _spawn("resume", tmp_path)  # two processes go on from it
     for r in results:
         _assert_same_weights(r["state"], want_state)
     assert [h["step"] for h in results[0]["history"]] == [1, 2, 3, 4]
+
+
+def test_sharded_processes_train_like_one(tmp_path):
+    single_state, single_history, _ = _train(config=UNEVEN)
+    results = _spawn("fsdp", tmp_path)
+    for r in results:
+        # each process held about half the weights (the shards of one matrix differ by a row)
+        assert 0.45 < r["state"].pop("held").item() < 0.55
+        _assert_same_weights(r["state"], single_state)
+    assert len(results[0]["history"]) == len(single_history) == 4  # groups of 3 and 1, 2 epochs
+    for got, want in zip(results[0]["history"], single_history, strict=True):
+        assert got["sft"] == pytest.approx(want["sft"], rel=1e-5)  # the padding is not logged
+        assert got["kv"] == pytest.approx(want["kv"], rel=1e-4, abs=1e-9)
+    assert all(v.abs().sum() > 0 for n, v in single_state.items() if "lora_B" in n)
+
+
+def test_sharded_full_finetune_trains_like_one_process(tmp_path):
+    want_state, want_history, _ = _train(config=replace(UNEVEN, lora_rank=None))
+    assert len(want_state) > 10  # every weight, not only adapters
+    for r in _spawn("fsdp-full", tmp_path):
+        _assert_same_weights(r["state"], want_state)
+        assert [h["sft"] for h in r["history"]] == pytest.approx(
+            [h["sft"] for h in want_history], rel=1e-5
+        )
+
+
+def test_a_sharded_checkpoint_resumes_sharded_and_in_one_process(tmp_path):
+    want_state, _, _ = _train(config=UNEVEN)
+    _spawn("fsdp-stop", tmp_path)
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 1
+    for name, value in saved["trainable"].items():  # whole tensors, not one rank's shard
+        assert value.shape == want_state[name].shape, name
+    shutil.copytree(tmp_path / "run", tmp_path / "one")
+    one_state, one_history, _ = _train(tmp_path / "one", resume=True, config=UNEVEN)
+    _assert_same_weights(one_state, want_state)
+    assert [h["step"] for h in one_history] == [1, 2, 3, 4]
+    for r in _spawn("fsdp-resume", tmp_path):
+        _assert_same_weights(r["state"], want_state)
 
 
 def test_two_processes_share_a_sweep(tmp_path):
@@ -156,19 +232,26 @@ def test_torchrun_launches_the_cli_unchanged(tmp_path):
     save_chat_jsonl(_data(), data)
     options = [
         "finetune", "--model", str(model_dir), "--data", str(data), "--method", "treft",
-        "--lr", "5e-3", "--epochs", "1", "--batch-size", "2", "--grad-accum", "2", "--quiet",
+        "--lr", "5e-3", "--epochs", "1", "--batch-size", "2", "--grad-accum", "2",
+        "--export", "both", "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     one = [sys.executable, "-m", "piggyback_interp.cli", *options, "--out", str(tmp_path / "one")]
-    two = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "piggyback_interp.cli", *options, "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    for cmd in (one, two):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "piggyback_interp.cli", *options]  # fmt: skip
+    two = [*launch, "--out", str(tmp_path / "two")]
+    fsdp = [*launch, "--fsdp", "--out", str(tmp_path / "fsdp")]
+    for cmd in (one, two, fsdp):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "finetune" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "finetune" / "adapter" / "adapter_model.safetensors")
-    _assert_same_weights(a, b)
-    history = json.loads((tmp_path / "two" / "finetune" / "finetune.json").read_text())["history"]
-    assert len(history) == 2  # 8 chats / (2 x 2)
+
+    def exported(run: str, kind: str) -> dict[str, torch.Tensor]:
+        name = "adapter_model" if kind == "adapter" else "model"
+        return load_file(tmp_path / run / "finetune" / kind / f"{name}.safetensors")
+
+    for run in ("two", "fsdp"):  # the sharded run exports whole weights, merged and not
+        _assert_same_weights(exported(run, "adapter"), exported("one", "adapter"))
+        _assert_same_weights(exported(run, "model"), exported("one", "model"))
+        record = json.loads((tmp_path / run / "finetune" / "finetune.json").read_text())
+        assert len(record["history"]) == 2  # 8 chats / (2 x 2)
+        assert (record["processes"], record["fsdp"]) == (2, run == "fsdp")

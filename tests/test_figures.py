@@ -364,7 +364,8 @@ def test_training_curves_equal_history(finetuned):
     assert heat.type == "heatmap" and list(heat.y) == [str(i) for i in range(N_LAYERS)]
     expected = [[h["drift"][str(layer)] for h in history] for layer in range(N_LAYERS)]
     np.testing.assert_allclose(np.asarray(heat.z), expected)
-    assert history[0]["kv"] == 0.0 and history[-1]["kv"] > 0  # the prefix really drifts
+    # zero at the start up to float rounding (~1e-14 on some CPUs); the prefix really drifts
+    assert abs(history[0]["kv"]) < 1e-10 and history[-1]["kv"] > 1e-6
     from_file = training_curves(folder / "finetune.json")  # what finetune wrote
     assert list(from_file.data[0].y) == list(sft.y)
     runs = {m: finetuned[m][0] for m in ("sft", "treft", "kl_train")}

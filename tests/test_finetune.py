@@ -56,7 +56,9 @@ def test_training_lowers_sft_loss_and_treft_keeps_prefix_closer():
         results[method] = finetune(model, _data(), config, progress=False).history
     for history in results.values():  # a random tiny model learns slowly: ~17-19% in 12 steps
         assert history[-1]["sft"] < 0.9 * history[0]["sft"]
-        assert history[0]["kv"] == 0.0  # the reference is the initial model itself
+        # the reference is the initial model itself: zero up to float rounding (the
+        # reference runs each chat alone, training pads them into batches; ~1e-14 on AMD)
+        assert history[0]["kv"] == pytest.approx(0.0, abs=1e-10)
     assert results["treft"][-1]["kv"] < 0.5 * results["sft"][-1]["kv"]
 
 

@@ -91,6 +91,12 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", help="or a shipped narrow setting: abstention, refusal, ...")
     p.add_argument("--retain", metavar="FILE", help="aligned chats for interleave / kl_retain")
     add_device(p, placement=False)
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun / accelerate launch: shard weights, gradients and optimizer state "
+        "over the processes (FSDP2) instead of a whole copy in each; same result",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
     add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
 

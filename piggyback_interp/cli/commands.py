@@ -127,7 +127,15 @@ def finetune(args: argparse.Namespace) -> int:
     if config.method in ("interleave", "kl_retain") and retain is None:
         raise UsageError(f"--method {config.method} needs --retain FILE.jsonl (or --setting)")
     folder = finetune_step(
-        run, "finetune", models, args.model, data, config, retain=retain, progress=progress(args)
+        run,
+        "finetune",
+        models,
+        args.model,
+        data,
+        config,
+        retain=retain,
+        progress=progress(args),
+        fsdp=args.fsdp,
     )
     from piggyback_interp.distributed import is_main
 

@@ -42,6 +42,14 @@ from piggyback_interp.training.batches import (
     sft_loss,
 )
 from piggyback_interp.training.lora import DEFAULT_TARGETS, apply_lora
+from piggyback_interp.training.sharding import (
+    full,
+    gathered,
+    load_optimizer_state,
+    shard_like,
+    shard_model,
+    whole_optimizer_state,
+)
 from piggyback_interp.training.treft import KVRegulariser, kv_reference, region_target
 
 Method = Literal["sft", "treft"]
@@ -240,6 +248,7 @@ def finetune(
     retain: Any = None,
     resume: bool = False,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> FinetuneResult:
     """Finetune ``model`` in place on chat ``data`` (a ChatDataset or encoded examples).
 
@@ -252,6 +261,12 @@ def finetune(
     (``adapter/``), per ``config.export``, and ``finetune.json`` (config, data hash,
     versions, loss curve with the SFT and K/V terms, per-layer prefix drift). A non-finite loss stops training with
     ``FloatingPointError``; the last checkpoint is kept.
+
+    Under a launcher (several processes) the micro-batches of each accumulation group are
+    shared out and the gradients summed; with ``fsdp=True`` the weights, gradients and
+    optimizer state are also sharded over the processes (FSDP2) and ``model`` stays
+    sharded afterwards: use it in every process together, or load the export. Either
+    way, and with any number of processes, the result is that of one process.
     """
     config = config or FinetuneConfig()
     tok = chat_tokenizer(model)
@@ -291,6 +306,9 @@ def finetune(
     if distributed.active():
         reference = reference.to(model.cfg.device)
     peft_model, params = _trainable(model, config)
+    sharded = bool(fsdp and shard_model(model))
+    if sharded:  # the parameters are shards now
+        params = [p for p in model.original_model.parameters() if p.requires_grad]
     reg = KVRegulariser(model, reference)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     history: list[dict[str, Any]] = []
@@ -303,7 +321,7 @@ def finetune(
                 f"{ckpt} was written by another config; delete it or use another out_dir"
             )
         _load_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history = json.loads(state["history"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -333,13 +351,21 @@ def finetune(
             for b0 in range(first, n_batches, config.grad_accum):
                 group = epoch_batches[b0 : b0 + config.grad_accum]
                 mine, bad = [], None
-                for batch in group[rank::size]:  # data-parallel: this rank's micro-batches
-                    total, logged = objective(batch, step)
-                    if not math.isfinite(total.item()):
+                # data-parallel: this rank's micro-batches; sharded, every rank runs as many
+                # forward/backward passes (each gathers weights from all), padding with
+                # zero-weighted repeats of the first
+                share = group[rank::size]
+                n_passes = math.ceil(len(group) / size) if sharded else len(share)
+                for k in range(n_passes):
+                    padding = k >= len(share)
+                    total, logged = objective(group[0] if padding else share[k], step)
+                    if bad is None and not math.isfinite(total.item()):
                         bad = total.item()
-                        break
-                    (total / len(group)).backward()
-                    mine.append(logged)
+                    if bad is not None and not sharded:
+                        break  # the step is lost anyway; sharded ranks must keep in step
+                    (total * 0.0 if padding else total / len(group)).backward()
+                    if not padding:
+                        mine.append(logged)
                 shares = distributed.gather((mine, bad))
                 bads = [b for _, b in shares if b is not None]
                 if bads:
@@ -347,7 +373,8 @@ def finetune(
                         f"non-finite loss {bads[0]} at step {step} (epoch {epoch}); lower lr or "
                         f"treft_lambda; the last checkpoint in {out_dir} is kept"
                     )
-                distributed.sum_gradients(params)
+                if not sharded:  # FSDP's reduce-scatter has summed them already
+                    distributed.sum_gradients(params)
                 # micro-batch i ran on rank i % size as its (i // size)-th
                 terms = [shares[i % size][0][i // size] for i in range(len(group))]
                 optimizer.step()
@@ -359,7 +386,7 @@ def finetune(
                 done_all = epoch == config.epochs - 1 and b0 + config.grad_accum >= n_batches
                 if (
                     ckpt is not None
-                    and distributed.is_main()
+                    and (sharded or distributed.is_main())  # sharded: all ranks gather
                     and (
                         done_all
                         or (config.checkpoint_every and step % config.checkpoint_every == 0)
@@ -370,19 +397,18 @@ def finetune(
                         if b0 + config.grad_accum < n_batches
                         else (epoch + 1, 0)
                     )
-                    ckpt.parent.mkdir(parents=True, exist_ok=True)
-                    _save_checkpoint(
-                        ckpt,
-                        {
-                            "trainable": _trainable_state(model),
-                            "optimizer": optimizer.state_dict(),
-                            "step": step,
-                            "epoch": next_epoch,
-                            "batch": next_batch,
-                            "history": json.dumps(history),
-                            "config": _config_json(config),
-                        },
-                    )
+                    state = {
+                        "trainable": _trainable_state(model),
+                        "optimizer": whole_optimizer_state(optimizer),
+                        "step": step,
+                        "epoch": next_epoch,
+                        "batch": next_batch,
+                        "history": json.dumps(history),
+                        "config": _config_json(config),
+                    }
+                    if distributed.is_main():
+                        ckpt.parent.mkdir(parents=True, exist_ok=True)
+                        _save_checkpoint(ckpt, state)
     finally:
         bar.close()
         model.eval()
@@ -394,10 +420,15 @@ def finetune(
         "config": asdict(config),
         "data_sha256": data_sha,
         "n_examples": len(examples),
+        "processes": size,
+        "fsdp": sharded,
         "versions": versions(),
     }
+    if out_dir is not None and config.export != "none":
+        with gathered(model.original_model):  # sharded: whole weights on rank 0
+            if distributed.is_main():
+                _export(model, Path(out_dir), config)
     if out_dir is not None and distributed.is_main():
-        _export(model, Path(out_dir), config)
         path = Path(out_dir) / "finetune.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".finetune.json.tmp")
@@ -456,8 +487,11 @@ def _interleaved(
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole (a collective when sharded)."""
     return {
-        n: p.detach().clone() for n, p in model.original_model.named_parameters() if p.requires_grad
+        n: full(p.detach()).clone()
+        for n, p in model.original_model.named_parameters()
+        if p.requires_grad
     }
 
 
@@ -468,7 +502,7 @@ def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the checkpoint has weights this model lacks, e.g. {sorted(missing)[:2]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            params[name].copy_(shard_like(value, params[name]))
 
 
 def _config_json(config: FinetuneConfig) -> str:
