@@ -10,15 +10,23 @@ chats, batch 2, 2 micro-batches per step, 2 epochs: 4 optimizer steps. At each o
 inside every process, it counts the bytes that process holds of the weights, of the
 gradients and of the Adam state (a shard's local part under FSDP); the JSON reports
 rank 0's counts at the last step, their FSDP / data-parallel ratios (1 / processes is
-ideal), the mean seconds per step, and whether both runs ended with the same weights
-(max absolute difference). ``peak_rss_mb`` is each run's rank-0 ``ru_maxrss``: it
-includes loading the whole model, which every process does before sharding.
+ideal), the mean seconds per step after the first, and whether both runs ended with
+the same weights (max absolute difference).
+
+Process memory, rank 0: ``anon_mb`` is the largest ``RssAnon`` (anonymous memory, not
+file pages) seen at an optimizer step; ``peak_rss_mb`` is ``ru_maxrss``, which also
+counts the model's safetensors pages that sharding reads through its memory map and
+the whole model every process loads before sharding. The workers run with
+``MALLOC_MMAP_THRESHOLD_=65536`` (unless set) so that glibc returns freed tensors to
+the system; with its default, the memory of the whole weights freed by sharding stays
+in the process and the RSS hides the saving.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -49,6 +57,13 @@ def _bytes(tensors) -> int:
     return total
 
 
+def _rss_anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")  # not Linux
+
+
 def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> None:
     import torch.distributed as dist
 
@@ -75,7 +90,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
             grad_accum=2,
             export="none",
         )
-        held: dict[str, int] = {}
+        held: dict[str, float] = {}
         times: list[float] = []
         original = torch.optim.AdamW.step
 
@@ -87,6 +102,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
             held["adam_state"] = _bytes(
                 v for s in self.state.values() for v in s.values() if v.dim() > 0
             )
+            held["anon_mb"] = max(held.get("anon_mb", 0), _rss_anon_mb())
             times.append(time.perf_counter())
             return result
 
@@ -117,6 +133,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
 def run(fsdp: bool, args) -> dict:
     import torch.multiprocessing as mp
 
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by the workers' glibc
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
         mp.spawn(
@@ -146,6 +163,7 @@ def main() -> None:
         (ddp["weights"][n] - fsdp["weights"][n]).abs().max().item() for n in ddp["weights"]
     )
     mb = 2**20
+    anon = {"ddp": ddp["held"].pop("anon_mb"), "fsdp": fsdp["held"].pop("anon_mb")}
     result = {
         "model": args.model,
         "processes": args.processes,
@@ -159,6 +177,8 @@ def main() -> None:
         },
         "ddp_step_s": round(ddp["step_s"], 2),
         "fsdp_step_s": round(fsdp["step_s"], 2),
+        "ddp_anon_mb": round(anon["ddp"]),
+        "fsdp_anon_mb": round(anon["fsdp"]),
         "ddp_peak_rss_mb": round(ddp["peak_rss_mb"]),
         "fsdp_peak_rss_mb": round(fsdp["peak_rss_mb"]),
         "max_abs_weight_diff": diff,

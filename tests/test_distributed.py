@@ -255,3 +255,22 @@ def test_torchrun_launches_the_cli_unchanged(tmp_path):
         record = json.loads((tmp_path / run / "finetune" / "finetune.json").read_text())
         assert len(record["history"]) == 2  # 8 chats / (2 x 2)
         assert (record["processes"], record["fsdp"]) == (2, run == "fsdp")
+
+
+def test_the_fsdp_benchmark_sees_each_process_hold_half(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny", "llama", seed=0)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fsdp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(bench), "--json", "--model", str(model)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["trained"] == "full" and result["processes"] == 2
+    for state in ("weights", "gradients", "adam_state"):
+        assert 0.45 < result[f"{state}_ratio"] < 0.55, state
+    assert result["ddp_weights_mb"] > 0 and result["max_abs_weight_diff"] < 1e-5
