@@ -159,9 +159,7 @@ def main() -> None:
     if args.processes < 2:
         parser.error("--processes must be >= 2: one process shards nothing")
     ddp, fsdp = run(False, args), run(True, args)
-    diff = max(
-        (ddp["weights"][n] - fsdp["weights"][n]).abs().max().item() for n in ddp["weights"]
-    )
+    diff = max((ddp["weights"][n] - fsdp["weights"][n]).abs().max().item() for n in ddp["weights"])
     mb = 2**20
     anon = {"ddp": ddp["held"].pop("anon_mb"), "fsdp": fsdp["held"].pop("anon_mb")}
     result = {

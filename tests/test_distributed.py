@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -100,12 +101,29 @@ def _stop_at_the_second_step(monkeypatch) -> None:
 
 
 def _worker(rank: int, size: int, store: str, job: str, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    dist.init_process_group(  # a process left waiting fails after 2 minutes instead of hanging
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(minutes=2),
+    )
     try:
         if job == "train":
             state, history, _ = _train()
         elif job == "resume":
             state, history, _ = _train(Path(tmp) / "run", resume=True)
+        elif job == "fsdp-nan":  # only rank 1 sees a non-finite loss, in its first pass
+            import piggyback_interp.training.loop as loop
+
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                real = loop.sft_loss
+                monkeypatch.setattr(
+                    loop, "sft_loss", lambda *a: real(*a) * (float("nan") if rank else 1.0)
+                )
+                with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+                    _train(config=UNEVEN, fsdp=True)
+            state, history = {"raised": torch.tensor(1)}, []
         elif job == "fsdp-full":  # every weight trained (and its Adam state) sharded
             state, history, _ = _train(config=replace(UNEVEN, lora_rank=None), fsdp=True)
         elif job == "fsdp":
@@ -200,6 +218,11 @@ def test_sharded_full_finetune_trains_like_one_process(tmp_path):
         assert [h["sft"] for h in r["history"]] == pytest.approx(
             [h["sft"] for h in want_history], rel=1e-5
         )
+
+
+def test_a_non_finite_loss_on_one_sharded_process_stops_all(tmp_path):
+    # the others must not wait for it in a collective: every process raises, none hangs
+    assert [r["state"]["raised"].item() for r in _spawn("fsdp-nan", tmp_path)] == [1, 1]
 
 
 def test_a_sharded_checkpoint_resumes_sharded_and_in_one_process(tmp_path):
