@@ -233,10 +233,59 @@ class _Objective:
         return next(itertools.islice(chunk, i, None))
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _accumulate(
+    objective: _Objective, group: list[Any], step: int, sharded: bool
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Backward this rank's share of the accumulation ``group`` (micro-batch i runs on
+    rank i mod N, weighted 1/len(group)); returns its logged terms and the first
+    non-finite loss. Sharded, every rank runs as many passes (each gathers weights from
+    all ranks), the short ones a zero-weighted repeat of the first micro-batch, and none
+    stops early at a non-finite loss."""
+    rank, size = distributed.world()
+    share = group[rank::size]
+    mine: list[dict[str, Any]] = []
+    bad = None
+    for k in range(math.ceil(len(group) / size) if sharded else len(share)):
+        padding = k >= len(share)
+        total, logged = objective(group[0] if padding else share[k], step)
+        if bad is None and not math.isfinite(total.item()):
+            bad = total.item()
+        if bad is not None and not sharded:
+            break  # the step is lost anyway; sharded ranks must keep in step
+        (total * 0.0 if padding else total / len(group)).backward()
+        if not padding:
+            mine.append(logged)
+    return mine, bad
+
+
+def _checkpoint(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    history: list[dict[str, Any]],
+    resume_at: tuple[int, int],
+    *,
+    sharded: bool,
+) -> None:
+    """Write the checkpoint atomically on rank 0 (sharded, every rank gathers first):
+    whole trainable weights and optimizer state, the ``(epoch, batch)`` to resume at."""
+    if not (sharded or distributed.is_main()):
+        return
+    state = {
+        "trainable": _trainable_state(model),
+        "optimizer": whole_optimizer_state(optimizer),
+        "step": len(history),  # one entry per optimizer step
+        "epoch": resume_at[0],
+        "batch": resume_at[1],
+        "history": json.dumps(history),
+        "config": _config_json(config),
+    }
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
 
 
 def finetune(
@@ -350,23 +399,7 @@ def finetune(
             first = start_batch if epoch == start_epoch else 0
             for b0 in range(first, n_batches, config.grad_accum):
                 group = epoch_batches[b0 : b0 + config.grad_accum]
-                mine, bad = [], None
-                # data-parallel: this rank's micro-batches; sharded, every rank runs as many
-                # forward/backward passes (each gathers weights from all), padding with
-                # zero-weighted repeats of the first
-                share = group[rank::size]
-                n_passes = math.ceil(len(group) / size) if sharded else len(share)
-                for k in range(n_passes):
-                    padding = k >= len(share)
-                    total, logged = objective(group[0] if padding else share[k], step)
-                    if bad is None and not math.isfinite(total.item()):
-                        bad = total.item()
-                    if bad is not None and not sharded:
-                        break  # the step is lost anyway; sharded ranks must keep in step
-                    (total * 0.0 if padding else total / len(group)).backward()
-                    if not padding:
-                        mine.append(logged)
-                shares = distributed.gather((mine, bad))
+                shares = distributed.gather(_accumulate(objective, group, step, sharded))
                 bads = [b for _, b in shares if b is not None]
                 if bads:
                     raise FloatingPointError(
@@ -384,31 +417,19 @@ def finetune(
                 bar.update()
                 bar.set_postfix(sft=f"{history[-1]['sft']:.3f}", kv=f"{history[-1]['kv']:.4f}")
                 done_all = epoch == config.epochs - 1 and b0 + config.grad_accum >= n_batches
-                if (
-                    ckpt is not None
-                    and (sharded or distributed.is_main())  # sharded: all ranks gather
-                    and (
-                        done_all
-                        or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                    )
+                if ckpt is not None and (
+                    done_all or (config.checkpoint_every and step % config.checkpoint_every == 0)
                 ):
-                    next_epoch, next_batch = (
-                        (epoch, b0 + config.grad_accum)
-                        if b0 + config.grad_accum < n_batches
-                        else (epoch + 1, 0)
+                    following = b0 + config.grad_accum
+                    _checkpoint(
+                        ckpt,
+                        model,
+                        optimizer,
+                        config,
+                        history,
+                        (epoch, following) if following < n_batches else (epoch + 1, 0),
+                        sharded=sharded,
                     )
-                    state = {
-                        "trainable": _trainable_state(model),
-                        "optimizer": whole_optimizer_state(optimizer),
-                        "step": step,
-                        "epoch": next_epoch,
-                        "batch": next_batch,
-                        "history": json.dumps(history),
-                        "config": _config_json(config),
-                    }
-                    if distributed.is_main():
-                        ckpt.parent.mkdir(parents=True, exist_ok=True)
-                        _save_checkpoint(ckpt, state)
     finally:
         bar.close()
         model.eval()
