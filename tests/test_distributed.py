@@ -169,6 +169,13 @@ def test_outside_a_group_everything_is_single_process():
     assert distributed.broadcast({"a": 1}) == {"a": 1} and distributed.gather(5) == [5]
 
 
+def test_fsdp_in_one_process_says_it_shards_nothing():
+    with pytest.warns(UserWarning, match="one process: nothing to shard"):
+        state, history, model = _train(config=replace(CONFIG, epochs=1), fsdp=True)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    assert len(history) == 2 and state
+
+
 def test_two_processes_train_like_one(tmp_path):
     single_state, single_history, _ = _train()
     results = _spawn("train", tmp_path)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,11 @@ def shard_model(model: Any) -> list[Any]:
     sharded modules (empty with one process). Call it after adding LoRA adapters and
     before building the optimizer: the parameters are replaced by shards."""
     if not distributed.active():
+        warnings.warn(
+            "FSDP with one process: nothing to shard, the model stays whole; launch several "
+            "processes, e.g. torchrun --nproc_per_node 4 -m piggyback_interp.cli finetune --fsdp",
+            stacklevel=3,
+        )
         return []
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
