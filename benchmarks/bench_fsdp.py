@@ -5,9 +5,9 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/bench_fsdp.py --json [--processes 2]
 
 A full finetune (every weight; ``--lora-rank R`` for LoRA) of the embedded
 SmolLM2-135M-Instruct in fp32 on the CPU, with ``--processes`` gloo processes, once
-data-parallel (``finetune(...)``) and once sharded (``finetune(..., fsdp=True)``): 8
-chats, batch 2, 2 micro-batches per step, 2 epochs: 4 optimizer steps. At each optimizer step,
-inside every process, it counts the bytes that process holds of the weights, of the
+data-parallel (``finetune(...)``) and once sharded (``finetune(..., fsdp=True)``): the
+first 8 chats of ``bench_treft.py``, batch 2, 2 micro-batches per step, 2 epochs: 4
+optimizer steps. At each optimizer step, inside every process, it counts the bytes that process holds of the weights, of the
 gradients and of the Adam state (a shard's local part under FSDP); the JSON reports
 rank 0's counts at the last step, their FSDP / data-parallel ratios (1 / processes is
 ideal), the mean seconds per step after the first, and whether both runs ended with
@@ -34,17 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-
-PAIRS = [
-    ("Can my landlord keep my deposit?", "Usually not, unless you caused damage."),
-    ("How do I make new friends?", "Join a club about something you enjoy."),
-    ("What should I cook for dinner?", "A quick stir-fry with vegetables and rice."),
-    ("How can I sleep better at night?", "Keep a regular schedule and avoid screens."),
-    ("How do I fix a flat bike tire?", "Find the hole, patch it and pump it up."),
-    ("Why is the sky blue?", "Air scatters blue sunlight more than red."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Why do cats purr?", "Cats purr when they are content."),
-]
+from bench_treft import PAIRS  # the same chats as the TReFT benchmark (first 8)
 
 
 def _bytes(tensors) -> int:
@@ -70,7 +60,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
     from piggyback_interp.data import ChatDataset
     from piggyback_interp.models import load_model
     from piggyback_interp.training import FinetuneConfig, finetune
-    from piggyback_interp.training.sharding import full
+    from piggyback_interp.training.loop import _trainable_state
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     try:
@@ -78,7 +68,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
         data = ChatDataset.from_records(
             [
                 {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in PAIRS
+                for q, a in PAIRS[:8]
             ]
         )
         config = FinetuneConfig(
@@ -111,11 +101,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
         finetune(model, data, config, progress=False, fsdp=fsdp)
         torch.optim.AdamW.step = original
         steps = [b - a for a, b in zip([start, *times], times, strict=False)]
-        weights = {
-            n: full(p.detach()).clone()
-            for n, p in model.original_model.named_parameters()
-            if p.requires_grad
-        }
+        weights = _trainable_state(model)  # whole tensors (every rank takes part)
         if rank == 0:
             torch.save(
                 {
