@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from piggyback_interp.cli import commands
+from piggyback_interp.cli import commands, map_command
 from piggyback_interp.cli.options import (
     UsageError,
     add_common,
@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="walk the cells in reverse: a second process on the same --out shares the work",
     )
+    p = sub.add_parser(
+        "map",
+        help=map_command.HELP,
+        description=map_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options=map_command.add_options,
+    )
+    p.set_defaults(func=map_command.run)
     return parser
 
 

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +73,9 @@ class FinetuneConfig:
     system_prompt: str | None = "default"
     treft_lambda: float = 30.0
     treft_layers: tuple[int, ...] | None = None  # None: every layer
-    treft_region: str | tuple[int, ...] = "prefix"  # "postfix", "query", "all", or positions
+    treft_region: str | tuple[int, ...] = (
+        "prefix"  # "postfix", "template" (both), "query", "all", or positions
+    )
     postfix_reference: str = "empty"  # postfix region: "empty" query prompt, or the first "example"
     retain_ratio: float = 0.2  # interleave: the retain set's share of the training mixture
     kl_lambda: float = 50.0  # kl_train / kl_retain: weight of KL(initial || model)
@@ -288,6 +290,17 @@ def _checkpoint(
         os.replace(tmp, path)
 
 
+def _should_stop(stop_when: Callable[[int, Any], bool], step: int, model: Any) -> bool:
+    if distributed.active():
+        raise ValueError("stop_when (early stopping) runs in one process only")
+    model.eval()
+    try:
+        with torch.no_grad():
+            return bool(stop_when(step, model))
+    finally:
+        model.train()
+
+
 def finetune(
     model: Any,
     data: Any,
@@ -298,6 +311,7 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     fsdp: bool = False,
+    stop_when: Callable[[int, Any], bool] | None = None,
 ) -> FinetuneResult:
     """Finetune ``model`` in place on chat ``data`` (a ChatDataset or encoded examples).
 
@@ -316,6 +330,10 @@ def finetune(
     optimizer state are also sharded over the processes (FSDP2) and ``model`` stays
     sharded afterwards: use it in every process together, or load the export. Either
     way, and with any number of processes, the result is that of one process.
+
+    ``stop_when(step, model)`` is called after every optimizer step (model in eval mode,
+    no gradients); when it returns True training ends there (early stopping; one
+    process only).
     """
     config = config or FinetuneConfig()
     tok = chat_tokenizer(model)
@@ -430,6 +448,11 @@ def finetune(
                         (epoch, following) if following < n_batches else (epoch + 1, 0),
                         sharded=sharded,
                     )
+                if stop_when is not None and _should_stop(stop_when, step, model):
+                    break
+            else:
+                continue
+            break  # stop_when ended training
     finally:
         bar.close()
         model.eval()

@@ -165,7 +165,7 @@ class RowTarget:
         return cls(tuple(prefix), tuple(range(n)), tuple(range(n)))
 
 
-REGIONS = ("prefix", "postfix", "query", "all")
+REGIONS = ("prefix", "postfix", "template", "query", "all")
 
 
 def region_target(
@@ -182,6 +182,7 @@ def region_target(
       prefix + postfix tokens), so no query information enters the reference — or, with
       ``postfix_reference=(input_ids, spans)`` of one example, that example's postfix
       (the paper's Qwen3 variant: one reference for every row).
+    * ``"template"``: prefix and postfix together; reference: the empty-query prompt.
     * ``"query"``, ``"all"`` (every position) or explicit positions: reference: the
       example itself, run once before training.
     """
@@ -209,6 +210,14 @@ def region_target(
             return RowTarget(tuple(ref_ids), ref_post, post)
         empty = prefix + tuple(ids[p] for p in post)
         return RowTarget(empty, tuple(range(len(prefix), len(empty))), post)
+    if region == "template":
+        post = tuple(spans.postfix)
+        if not prefix and not post:
+            raise ValueError("this chat template has neither a prefix nor a postfix")
+        # causal attention: the prefix's K/V in the empty-query prompt are those of the prefix
+        # alone, so one reference serves both segments without any query information
+        empty = prefix + tuple(ids[p] for p in post)
+        return RowTarget(empty, tuple(range(len(empty))), tuple(range(len(prefix))) + post)
     if region == "query":
         positions = tuple(spans.query)
     elif region == "all":

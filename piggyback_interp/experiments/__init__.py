@@ -1,0 +1,1 @@
+"""Experiments built from the toolkit's pieces: graded carrier measures and the map."""
