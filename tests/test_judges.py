@@ -261,7 +261,7 @@ def test_prompts_render_in_one_pass_and_check_placeholders():
 
 
 class Scripted:
-    """A localhost server answering every POST with the next scripted response
+    """A localhost server answering every POST (or GET) with the next scripted response
     ``(status, body, headers)`` (the last one repeats) and recording each request."""
 
     def __init__(self, *responses: tuple[int, Any, dict[str, str]], delay_first: float = 0.0):
@@ -272,8 +272,10 @@ class Scripted:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                scripted.requests.append((self.path, dict(self.headers), json.loads(body)))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                scripted.requests.append(
+                    (self.path, dict(self.headers), json.loads(body) if body else None)
+                )
                 if scripted.delay_first and len(scripted.requests) == 1:
                     time.sleep(scripted.delay_first)
                 index = min(len(scripted.requests), len(scripted.responses)) - 1
@@ -286,6 +288,8 @@ class Scripted:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+
+            do_GET = do_POST  # urllib turned a redirected POST into a GET
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -399,6 +403,26 @@ def test_401_fails_at_once_naming_the_env_var_never_the_key(monkeypatch, caplog)
         judge, _ = judge_for(server, api_key_env="MY_JUDGE_KEY")
         with pytest.raises(JudgeError, match=r"\$MY_JUDGE_KEY is not set"):
             judge.score("q", "a")
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_and_the_key_never_reaches_another_origin(
+    status, monkeypatch, caplog
+):
+    monkeypatch.setenv("MY_JUDGE_KEY", FAKE_KEY)
+    with Scripted(OK) as other:  # another origin: the same host on another port
+        target = f"{other.base_url}/chat/completions"
+        with Scripted((status, b"", {"Location": target})) as server, caplog.at_level("DEBUG"):
+            judge, sleeps = judge_for(server, api_key_env="MY_JUDGE_KEY")
+            with pytest.raises(JudgeError) as err:
+                judge.score("q", "a")
+    assert server.requests[0][1]["Authorization"] == f"Bearer {FAKE_KEY}"  # base_url gets it
+    assert not any("authorization" in map(str.lower, h) for _, h, _ in other.requests)
+    assert other.requests == []  # nothing is sent to where the redirect points
+    message = str(err.value)
+    assert f"HTTP {status}, a redirect to {target}" in message and "base_url" in message
+    assert err.value.status == status and len(server.requests) == 1 and sleeps == []
+    assert FAKE_KEY not in message and FAKE_KEY not in caplog.text
 
 
 def test_other_4xx_fail_at_once_with_the_servers_message():
