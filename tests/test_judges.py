@@ -712,6 +712,44 @@ def test_server_shape_greedy_oracle_and_errors(model):
     assert "gpt-4o" in errors["wrong model"][1]["error"]["message"]
 
 
+def test_server_caps_prompt_tokens_max_tokens_top_logprobs_and_json_depth(model):
+    from piggyback_interp.errors import UserError
+
+    context = model.original_model.config.max_position_embeddings  # 512
+    messages = [{"role": "user", "content": "Hi"}]
+    logprobs = {"messages": messages, "max_tokens": 1, "logprobs": True}
+    with serve_chat_completions(model) as server:
+        url = f"{server.base_url}/chat/completions"
+        status, fits = post(url, {**logprobs, "top_logprobs": 20})
+        n_prompt = fits["usage"]["prompt_tokens"]
+        room = context - n_prompt
+        refused = {
+            "long prompt": post(url, {"messages": [{"role": "user", "content": "word " * 600}]}),
+            "past the context": post(url, {"messages": messages, "max_tokens": room + 1}),
+            "top_logprobs 21": post(url, {**logprobs, "top_logprobs": 21}),
+            "deep json": post(url, b"[" * 100_000 + b"]" * 100_000),
+        }
+        after = post(url, {"messages": messages, "max_tokens": 1})  # still serving
+    assert status == 200 and len(fits["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+    assert after[0] == 200
+    assert {name: code for name, (code, _) in refused.items()} == dict.fromkeys(refused, 400)
+    message = {name: body["error"]["message"] for name, (_, body) in refused.items()}
+    assert f"context of {context} tokens" in message["long prompt"]
+    assert f"at most {room} tokens" in message["past the context"]
+    assert "from 0 to 20" in message["top_logprobs 21"]
+    assert "nested too deeply" in message["deep json"]
+
+    # a lower cap on prompt tokens: the prompt of n_prompt tokens passes at n_prompt only
+    with serve_chat_completions(model, max_prompt_tokens=n_prompt - 1) as server:
+        code, body = post(f"{server.base_url}/chat/completions", {"messages": messages})
+    assert code == 400 and f"max_prompt_tokens of {n_prompt - 1}" in body["error"]["message"]
+    with serve_chat_completions(model, max_prompt_tokens=n_prompt) as server:
+        assert post(f"{server.base_url}/chat/completions", {"messages": messages})[0] == 200
+    for bad in (0, context + 1):
+        with pytest.raises(UserError, match=f"from 1 to the model's context of {context}"):
+            serve_chat_completions(model, max_prompt_tokens=bad)
+
+
 def test_api_judge_needs_no_torch():
     code = (
         "import sys; from piggyback_interp.judges import OpenAIJudge, JudgeCache;"
@@ -741,6 +779,11 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) == 5
     judge_dir = save_tiny_model(tmp_path / "judge-model")
+    # the docs' prompts render to a bit more than the tiny model's 512 tokens of context;
+    # its rotary positions work for any length, so it may claim a longer one
+    config = json.loads((judge_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (judge_dir / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     with serve_chat_completions(load_model(judge_dir), model_name="gpt-4o-2024-08-06") as api:
         scope: dict[str, Any] = {}
