@@ -261,7 +261,7 @@ def test_prompts_render_in_one_pass_and_check_placeholders():
 
 
 class Scripted:
-    """A localhost server answering every POST with the next scripted response
+    """A localhost server answering every POST (or GET) with the next scripted response
     ``(status, body, headers)`` (the last one repeats) and recording each request."""
 
     def __init__(self, *responses: tuple[int, Any, dict[str, str]], delay_first: float = 0.0):
@@ -272,8 +272,10 @@ class Scripted:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                scripted.requests.append((self.path, dict(self.headers), json.loads(body)))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                scripted.requests.append(
+                    (self.path, dict(self.headers), json.loads(body) if body else None)
+                )
                 if scripted.delay_first and len(scripted.requests) == 1:
                     time.sleep(scripted.delay_first)
                 index = min(len(scripted.requests), len(scripted.responses)) - 1
@@ -286,6 +288,8 @@ class Scripted:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+
+            do_GET = do_POST  # urllib turned a redirected POST into a GET
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -399,6 +403,26 @@ def test_401_fails_at_once_naming_the_env_var_never_the_key(monkeypatch, caplog)
         judge, _ = judge_for(server, api_key_env="MY_JUDGE_KEY")
         with pytest.raises(JudgeError, match=r"\$MY_JUDGE_KEY is not set"):
             judge.score("q", "a")
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_and_the_key_never_reaches_another_origin(
+    status, monkeypatch, caplog
+):
+    monkeypatch.setenv("MY_JUDGE_KEY", FAKE_KEY)
+    with Scripted(OK) as other:  # another origin: the same host on another port
+        target = f"{other.base_url}/chat/completions"
+        with Scripted((status, b"", {"Location": target})) as server, caplog.at_level("DEBUG"):
+            judge, sleeps = judge_for(server, api_key_env="MY_JUDGE_KEY")
+            with pytest.raises(JudgeError) as err:
+                judge.score("q", "a")
+    assert server.requests[0][1]["Authorization"] == f"Bearer {FAKE_KEY}"  # base_url gets it
+    assert not any("authorization" in map(str.lower, h) for _, h, _ in other.requests)
+    assert other.requests == []  # nothing is sent to where the redirect points
+    message = str(err.value)
+    assert f"HTTP {status}, a redirect to {target}" in message and "base_url" in message
+    assert err.value.status == status and len(server.requests) == 1 and sleeps == []
+    assert FAKE_KEY not in message and FAKE_KEY not in caplog.text
 
 
 def test_other_4xx_fail_at_once_with_the_servers_message():
@@ -688,6 +712,44 @@ def test_server_shape_greedy_oracle_and_errors(model):
     assert "gpt-4o" in errors["wrong model"][1]["error"]["message"]
 
 
+def test_server_caps_prompt_tokens_max_tokens_top_logprobs_and_json_depth(model):
+    from piggyback_interp.errors import UserError
+
+    context = model.original_model.config.max_position_embeddings  # 512
+    messages = [{"role": "user", "content": "Hi"}]
+    logprobs = {"messages": messages, "max_tokens": 1, "logprobs": True}
+    with serve_chat_completions(model) as server:
+        url = f"{server.base_url}/chat/completions"
+        status, fits = post(url, {**logprobs, "top_logprobs": 20})
+        n_prompt = fits["usage"]["prompt_tokens"]
+        room = context - n_prompt
+        refused = {
+            "long prompt": post(url, {"messages": [{"role": "user", "content": "word " * 600}]}),
+            "past the context": post(url, {"messages": messages, "max_tokens": room + 1}),
+            "top_logprobs 21": post(url, {**logprobs, "top_logprobs": 21}),
+            "deep json": post(url, b"[" * 100_000 + b"]" * 100_000),
+        }
+        after = post(url, {"messages": messages, "max_tokens": 1})  # still serving
+    assert status == 200 and len(fits["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+    assert after[0] == 200
+    assert {name: code for name, (code, _) in refused.items()} == dict.fromkeys(refused, 400)
+    message = {name: body["error"]["message"] for name, (_, body) in refused.items()}
+    assert f"context of {context} tokens" in message["long prompt"]
+    assert f"at most {room} tokens" in message["past the context"]
+    assert "from 0 to 20" in message["top_logprobs 21"]
+    assert "nested too deeply" in message["deep json"]
+
+    # a lower cap on prompt tokens: the prompt of n_prompt tokens passes at n_prompt only
+    with serve_chat_completions(model, max_prompt_tokens=n_prompt - 1) as server:
+        code, body = post(f"{server.base_url}/chat/completions", {"messages": messages})
+    assert code == 400 and f"max_prompt_tokens of {n_prompt - 1}" in body["error"]["message"]
+    with serve_chat_completions(model, max_prompt_tokens=n_prompt) as server:
+        assert post(f"{server.base_url}/chat/completions", {"messages": messages})[0] == 200
+    for bad in (0, context + 1):
+        with pytest.raises(UserError, match=f"from 1 to the model's context of {context}"):
+            serve_chat_completions(model, max_prompt_tokens=bad)
+
+
 def test_api_judge_needs_no_torch():
     code = (
         "import sys; from piggyback_interp.judges import OpenAIJudge, JudgeCache;"
@@ -717,6 +779,11 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) == 5
     judge_dir = save_tiny_model(tmp_path / "judge-model")
+    # the docs' prompts render to a bit more than the tiny model's 512 tokens of context;
+    # its rotary positions work for any length, so it may claim a longer one
+    config = json.loads((judge_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (judge_dir / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
     with serve_chat_completions(load_model(judge_dir), model_name="gpt-4o-2024-08-06") as api:
         scope: dict[str, Any] = {}

@@ -10,7 +10,8 @@ judge's first answer token's top log-probs (:mod:`~piggyback_interp.judges.scori
 plus :func:`serve_chat_completions` to serve a loaded model to OpenAI clients, and a
 persistent :class:`JudgeCache`. An answer the judge gives no number for is recorded
 with ``score=None`` (label ``"code"``, ``"refusal"`` or ``"unparsed"``), never as 0.
-``piggyback_interp.judges.local`` and ``.server`` import torch; the rest is stdlib.
+``piggyback_interp.judges.local`` and ``.server`` import torch; the rest needs no torch
+(the API client uses httpx).
 
 Example:
     >>> from piggyback_interp.judges import LocalJudge, OpenAIJudge, serve_chat_completions

@@ -16,11 +16,19 @@ Failures:
   what went wrong last;
 * any other HTTP 4xx raises :class:`JudgeError` at once with the server's message
   (for 401/403 it names the environment variable that holds the key);
+* a redirect (any 3xx) is not followed: :class:`JudgeError` at once, naming the
+  ``Location``. Refused rather than followed with the key stripped on cross-origin
+  hops: an OpenAI-compatible API does not redirect its POSTs, so a redirect means a
+  wrong ``base_url`` (``http`` for ``https``, a moved host) or a server that is not the
+  API, and following it would still send the prompts there. One rule, easy to check;
+  the fix is one line: put the address in ``base_url``;
 * none of these is cached. A well-formed completion whose answer has no score
   (``"unparsed"``) is a real answer and is cached.
 
 The API key is read from the environment at each request and sent only in the
-``Authorization`` header; it appears in no repr, log or error message.
+``Authorization`` header of requests to ``base_url``; it appears in no repr, log or
+error message. Requests go through one :class:`httpx.Client` per judge (connections
+are reused); :meth:`OpenAIJudge.close` or a ``with`` block releases it.
 
 Example (a tiny local model served on localhost stands in for the API):
     >>> from piggyback_interp.judges.server import serve_chat_completions
@@ -34,19 +42,18 @@ Example (a tiny local model served on localhost stands in for the API):
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import math
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
+
+import httpx
 
 from piggyback_interp.judges.cache import JudgeCache, as_cache
 from piggyback_interp.judges.prompts import ALIGNMENT_PROMPT, JudgePrompt
@@ -172,6 +179,8 @@ class OpenAIJudge:
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
         self.timeout_s, self.top_logprobs, self.workers = timeout_s, top_logprobs, workers
         self._sleep = sleep
+        # redirects are refused (see the module docstring); proxies from the environment
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False)
         self._limiter = (
             None
             if requests_per_minute is None
@@ -191,6 +200,16 @@ class OpenAIJudge:
             f"OpenAIJudge({self.base_url!r}, {self.model!r}, prompt={self.prompt.name!r}, "
             f"api_key_env={self.api_key_env!r}, cache={self.cache!r})"
         )
+
+    def close(self) -> None:
+        """Release the HTTP connections (the judge can still use the cache)."""
+        self._http.close()
+
+    def __enter__(self) -> OpenAIJudge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- scoring
 
@@ -223,7 +242,7 @@ class OpenAIJudge:
 
     # ---- HTTP
 
-    def _request(self, text: str) -> urllib.request.Request:
+    def _request(self, text: str) -> httpx.Request:
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": text}],
@@ -233,15 +252,12 @@ class OpenAIJudge:
             "top_logprobs": self.top_logprobs,
             "seed": 0,
         }
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        return urllib.request.Request(
-            f"{self.base_url}/chat/completions",
-            data=json.dumps(body).encode("utf-8"),
-            headers=headers,
-            method="POST",
+        return self._http.build_request(
+            "POST", f"{self.base_url}/chat/completions", json=body, headers=headers
         )
 
     def _post(self, text: str) -> dict[str, Any]:
@@ -281,27 +297,31 @@ class OpenAIJudge:
 
     def _attempt(self, text: str) -> dict[str, Any]:
         try:
-            with urllib.request.urlopen(self._request(text), timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            raise self._http_error(err) from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            reason = getattr(err, "reason", err)
+            response = self._http.send(self._request(text))
+        except httpx.TransportError as err:  # connection refused or reset, timeouts
+            reason = self._redact(str(err) or "no details")
             raise _Retry(f"connection failed: {type(err).__name__}: {reason}") from None
-        return self._completion(raw)
+        if response.is_success:
+            return self._completion(response.content)
+        raise self._http_error(response)
 
-    def _http_error(self, err: urllib.error.HTTPError) -> Exception:
-        status = err.code
-        try:
-            body = err.read()
-        except (OSError, http.client.HTTPException):
-            body = b""
-        message = self._redact(_error_message(body))
+    def _http_error(self, response: httpx.Response) -> Exception:
+        status = response.status_code
+        if 300 <= status < 400:
+            location = self._redact(response.headers.get("Location", "(no Location header)"))
+            return JudgeError(
+                f"the judge at {self.base_url} answered HTTP {status}, a redirect to "
+                f"{location}; redirects are not followed, so that the API key and the "
+                "prompts go only to base_url. If that address is the API you meant, pass "
+                "its root (the part before /chat/completions) as base_url",
+                status=status,
+            )
+        message = self._redact(_error_message(response.content))
         if status == 429 or status >= 500:
             return _Retry(
                 f"HTTP {status}: {message}",
                 status=status,
-                retry_after=_retry_after(err.headers.get("Retry-After")),
+                retry_after=_retry_after(response.headers.get("Retry-After")),
             )
         hint = ""
         if status in (401, 403):

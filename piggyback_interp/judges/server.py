@@ -5,12 +5,17 @@ included. Served (on a background daemon thread, one request at a time on the mo
 
 * ``POST /v1/chat/completions``: greedy decoding (``temperature``, ``seed`` and the
   like are accepted and ignored) of at most ``max_completion_tokens`` /
-  ``max_tokens`` tokens (default 16), stopping at the model's EOS; with
-  ``"logprobs": true`` the log-prob of every generated token and its
-  ``top_logprobs`` most likely alternatives (``bytes`` are the UTF-8 bytes of each
-  token's decoded text). Messages are rendered with the model's chat template.
+  ``max_tokens`` tokens (default 16, or what the context has left), stopping at the
+  model's EOS; with ``"logprobs": true`` the log-prob of every generated token and its
+  ``top_logprobs`` (0 to 20, as in the OpenAI API) most likely alternatives (``bytes``
+  are the UTF-8 bytes of each token's decoded text). Messages are rendered with the
+  model's chat template.
 * ``GET /v1/models``: the one served model.
 
+Limits, each answered with HTTP 400 and a message that says what to change: a body of
+at most 16 MiB (413 beyond), JSON nested no deeper than Python's parser takes, a
+prompt of at most ``max_prompt_tokens`` tokens (default: the model's context,
+``max_position_embeddings``), and prompt plus ``max_tokens`` within the context.
 A malformed request gets HTTP 400 with ``{"error": {"message": ...}}``; another model
 name gets 404. There is no authentication: keep the default ``host="127.0.0.1"``.
 
@@ -42,6 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.generation import _eos_ids
 from piggyback_interp.judges.local import decode_token, forward_logprobs, top_tokens
 from piggyback_interp.models import chat_tokenizer, model_info
@@ -51,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
 MAX_BODY_BYTES = 16 * 2**20
+MAX_TOP_LOGPROBS = 20  # as in the OpenAI API
 
 
 class RequestError(ValueError):
@@ -67,7 +74,8 @@ class ChatCompletionsServer:
     The socket is bound on construction (``port=0`` picks a free port); :meth:`start`
     serves on a daemon thread, :meth:`close` stops. Use it as a context manager, or
     through :func:`serve_chat_completions`. :meth:`complete` answers one request body
-    without HTTP.
+    without HTTP. ``max_prompt_tokens`` caps the rendered prompt below the model's
+    context (``context``, its ``max_position_embeddings``); None: the whole context.
     """
 
     def __init__(
@@ -77,10 +85,26 @@ class ChatCompletionsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         model_name: str | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.model_name = model_name or model_info(model).name
         self.tokenizer = chat_tokenizer(model)
+        self.context = _context_length(model) or max_prompt_tokens
+        if self.context is None:
+            raise UserError(
+                "the model's config names no context length (max_position_embeddings); "
+                "pass max_prompt_tokens"
+            )
+        if max_prompt_tokens is not None and not (
+            _is_int(max_prompt_tokens) and 1 <= max_prompt_tokens <= self.context
+        ):
+            raise UserError(
+                f"max_prompt_tokens must be an integer from 1 to the model's context of "
+                f"{self.context} tokens, got {max_prompt_tokens!r}; leave it out to allow "
+                "the whole context"
+            )
+        self.max_prompt_tokens = max_prompt_tokens or self.context
         self._lock = threading.Lock()
         handler = type("_BoundHandler", (_Handler,), {"app": self})
         self._httpd = ThreadingHTTPServer((host, port), handler)
@@ -146,6 +170,7 @@ class ChatCompletionsServer:
                 batch = batch_spans(self.tokenizer, [messages], align="left")
             except ValueError as err:
                 raise RequestError(f"cannot render these messages: {err}") from err
+            max_tokens = self._fit(batch.input_ids.shape[1], max_tokens)
             ids, steps, finish = self._greedy(batch, max_tokens, top_k)
             content = self.tokenizer.decode(
                 ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
@@ -170,8 +195,37 @@ class ChatCompletionsServer:
             },
         }
 
-    def _parse(self, request: Any) -> tuple[list[dict[str, str]], int, int | None]:
-        """(messages, max_tokens, top_logprobs or None when no logprobs were asked for)."""
+    def _fit(self, n_prompt: int, max_tokens: int | None) -> int:
+        """``max_tokens`` (None: the default, within the context) once the prompt and
+        the answer are known to fit; raises :class:`RequestError` when they do not."""
+        if n_prompt > self.max_prompt_tokens:
+            cap = (
+                f"the model's context of {self.context} tokens"
+                if self.max_prompt_tokens == self.context
+                else f"this server's max_prompt_tokens of {self.max_prompt_tokens}"
+            )
+            raise RequestError(
+                f"the messages render to {n_prompt} tokens, more than {cap}; shorten them"
+            )
+        room = self.context - n_prompt
+        if room < 1:
+            raise RequestError(
+                f"the messages render to {n_prompt} tokens, which fill the model's context "
+                f"of {self.context} tokens and leave no room for an answer. Shorten the messages"
+            )
+        if max_tokens is None:
+            return min(DEFAULT_MAX_TOKENS, room)
+        if max_tokens > room:
+            raise RequestError(
+                f"max_tokens={max_tokens} and the {n_prompt} prompt tokens exceed the model's "
+                f"context of {self.context} tokens; ask for at most {room} tokens, or shorten "
+                "the messages"
+            )
+        return max_tokens
+
+    def _parse(self, request: Any) -> tuple[list[dict[str, str]], int | None, int | None]:
+        """(messages, max_tokens or None for the default, top_logprobs or None when no
+        logprobs were asked for)."""
         if not isinstance(request, Mapping):
             raise RequestError("the request body must be a JSON object")
         model = request.get("model")
@@ -185,18 +239,19 @@ class ChatCompletionsServer:
         if request.get("n", 1) != 1:
             raise RequestError("only n=1 is supported (decoding is greedy)")
         max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
-        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        if not _is_int(max_tokens) or max_tokens < 1:
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
             raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         logprobs = request.get("logprobs", False)
         if not isinstance(logprobs, bool):
             raise RequestError(f"logprobs must be true or false, got {logprobs!r}")
-        top_k = request.get("top_logprobs", 0) if logprobs else None
-        if top_k is not None and (not _is_int(top_k) or not 0 <= top_k <= len(self.tokenizer)):
+        top_k = request.get("top_logprobs")
+        top_k = 0 if top_k is None else top_k
+        if not _is_int(top_k) or not 0 <= top_k <= MAX_TOP_LOGPROBS:
             raise RequestError(
-                f"top_logprobs must be an integer from 0 to {len(self.tokenizer)}, got {top_k!r}"
+                f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (as in the "
+                f"OpenAI API), got {top_k!r}"
             )
-        return _messages(request.get("messages")), max_tokens, top_k
+        return _messages(request.get("messages")), max_tokens, top_k if logprobs else None
 
     def _greedy(
         self, batch: Any, max_tokens: int, top_k: int | None
@@ -235,18 +290,35 @@ class ChatCompletionsServer:
 
 
 def serve_chat_completions(
-    model: Any, *, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None
+    model: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    model_name: str | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> ChatCompletionsServer:
     """Start serving ``model`` (see :class:`ChatCompletionsServer`); use it in a ``with``.
 
     ``port=0`` picks a free port (read ``server.base_url``); ``model_name`` defaults to
-    the model's name in :func:`~piggyback_interp.model_info`.
+    the model's name in :func:`~piggyback_interp.model_info`; ``max_prompt_tokens``
+    caps prompts below the model's context.
     """
-    return ChatCompletionsServer(model, host=host, port=port, model_name=model_name).start()
+    return ChatCompletionsServer(
+        model, host=host, port=port, model_name=model_name, max_prompt_tokens=max_prompt_tokens
+    ).start()
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _context_length(model: Any) -> int | None:
+    """The model's HF ``max_position_embeddings`` (TransformerLens's ``cfg.n_ctx`` if none)."""
+    config = getattr(getattr(model, "original_model", model), "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(limit) if limit else None
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:
@@ -311,6 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RequestError(f"the body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise RequestError("the body's JSON is nested too deeply; flatten it") from None
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode("utf-8")
