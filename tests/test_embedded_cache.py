@@ -17,11 +17,11 @@ from piggyback_interp import embedded
 from piggyback_interp.embedded import (
     EMBEDDED_NAME,
     MANIFEST,
-    VERIFIED,
     EmbeddedModelError,
     cache_problem,
     embedded_model_dir,
     sha256_file,
+    verified_stamp_path,
 )
 from piggyback_interp.errors import EXIT_MODEL, ModelError
 from piggyback_interp.testing import save_tiny_model, tiny_hf_model, tiny_tokenizer
@@ -66,7 +66,7 @@ def test_same_size_corruption_is_detected_and_rebuilt(fake_build, monkeypatch, s
     final = embedded_model_dir()
     assert len(fake_build) == 1
     assert embedded_model_dir() == final and len(fake_build) == 1
-    assert ((final / VERIFIED).exists()) == stamped
+    assert verified_stamp_path(final).exists() == stamped
 
     weights = final / "model.safetensors"
     _same_size_nan_write(weights, keep_mtime=keep_mtime)
@@ -96,7 +96,7 @@ def test_stamp_skips_rehash_until_the_stat_changes(fake_build, monkeypatch):
     assert cache_problem(final) is None  # hashes and stamps
     assert cache_problem(final) is None  # trusts the stamp
     assert hashed.count("model.safetensors") == 1
-    assert "config.json" in json.loads((final / VERIFIED).read_text())
+    assert "config.json" in json.loads(verified_stamp_path(final).read_text())
 
     hashed.clear()
     assert cache_problem(final, verify_hashes=True) is None
