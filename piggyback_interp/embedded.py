@@ -12,9 +12,9 @@ is re-hashed unless its stat (size, mtime, ctime, inode, device) equals the one
 recorded next to the folder (``.smollm2-135m-instruct.verified.json``) when it
 last matched its hash: any write to a file, even one that keeps its size and sets
 its mtime back, changes its ctime, which no system call sets (on POSIX; Windows
-reports the creation time as ctime). A file that does
-not match is reported with a warning and the cache is rebuilt; ``verify_hashes``
-re-hashes every file (damage that bypasses the file system keeps the stat).
+reports the creation time as ctime). A file that does not match is reported with
+a warning and the cache is rebuilt; ``verify_hashes`` re-hashes every file
+(damage that bypasses the file system keeps the stat).
 
 Example:
     >>> from piggyback_interp.embedded import embedded_model_dir
