@@ -236,7 +236,7 @@ def embedded_model_dir(*, rebuild: bool = False) -> Path:
             return final
         if final.exists():
             warnings.warn(
-                f"the embedded-model cache is damaged: {problem}; rebuilding it (~40 s)",
+                f"the embedded-model cache cannot be used: {problem}; rebuilding it (~40 s)",
                 RuntimeWarning,
                 stacklevel=2,
             )
