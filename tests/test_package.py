@@ -70,3 +70,63 @@ def test_versions_name_every_library():
     found = versions()
     assert found["transformer_lens"] == version("transformer-lens")  # not "unknown"
     assert all(v and v != "unknown" for v in found.values())
+
+
+def _pyproject() -> dict:
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+def test_build_floor_supports_the_license_fields():
+    """An SPDX `license` string and `license-files` need setuptools >= 77 (PEP 639)."""
+    from packaging.requirements import Requirement
+
+    config = _pyproject()
+    assert isinstance(config["project"]["license"], str)
+    (setuptools,) = [
+        Requirement(r) for r in config["build-system"]["requires"] if r.startswith("setuptools")
+    ]
+    assert not setuptools.specifier.contains("76.9"), setuptools
+
+
+def test_wheel_ships_license_metadata_and_data(tmp_path):
+    """Build the wheel from a copy of the sources (no build/ debris in the checkout)."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(root / name, src / name)
+    shutil.copytree(
+        root / "piggyback_interp",
+        src / "piggyback_interp",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*cmd, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("piggyback_interp-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(f"{info}/METADATA").decode()
+        license_text = archive.read(f"{info}/licenses/LICENSE").decode()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Project-URL: Paper, https://arxiv.org/abs/2606.06667" in metadata
+    assert "Classifier: Intended Audience :: Science/Research" in metadata
+    assert any(line.startswith("Requires-Dist: filelock") for line in metadata.splitlines())
+    assert "piggyback_interp/py.typed" in names
+    settings = Path("piggyback_interp/data/settings")
+    for data in sorted((root / settings).glob("*.t[sx][vt]")):
+        assert (settings / data.name).as_posix() in names
