@@ -29,6 +29,7 @@ from piggyback_interp.pipeline import (
     evaluate_step,
     exported,
     finetune_step,
+    graded_step,
     model_id,
     retain_size,
     retain_step,
@@ -57,6 +58,7 @@ class DemoConfig:
     n_eval: int | None = 40
     max_new_tokens: int = 16
     scan_prompts: int = 8
+    graded_prompts: int = 32  # general prompts for P(target) and the template carrier shares
     scan_layers: tuple[int, ...] | None = None  # None: every layer_step-th layer and the last
     layer_step: int = 2  # the full demo: 16 of SmolLM2's 30 layers (keeps it under 20 min)
     trials: int = 5
@@ -86,6 +88,7 @@ class DemoConfig:
             n_eval=5,
             max_new_tokens=10,
             scan_prompts=2,
+            graded_prompts=4,
             layer_step=15,
             trials=1,
             label="quick",
@@ -163,6 +166,11 @@ def run_demo(
     for method, path in tuned.items():
         evaluation(method, models.get(path))
     evaluation("sft+prefix_kv", models.get(tuned["sft"]), patch_base=base)
+
+    if setting.target:
+        prompts = data.test_off_topic[: config.graded_prompts]
+        for method, path in tuned.items():
+            graded_step(run, f"graded/{method}", base, models.get(path), prompts, setting.target)
 
     n_layers = base.cfg.n_layers
     layers = config.scan_layers or tuple(

@@ -172,6 +172,75 @@ def behaviour_section(evaluations: Mapping[str, Any], *, setting: str) -> Sectio
     )
 
 
+def _mean_p(values: pd.DataFrame, segment: str, condition: str) -> float:
+    rows = values[(values["segment"] == segment) & (values["condition"] == condition)]
+    return float(rows["logp"].map(math.exp).mean())
+
+
+def _share_of(shares: pd.DataFrame, segment: str, condition: str, space: str) -> float:
+    rows = shares[(shares["segment"] == segment) & (shares["condition"] == condition)]
+    return float(rows[f"share_{space}"].iloc[0]) if len(rows) else math.nan
+
+
+def graded_rows(graded: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per model of :func:`~piggyback_interp.pipeline.graded_step` results."""
+    rows = []
+    for label, result in graded.items():
+        g, values, shares = result["graded"], result["values"], result["shares"]
+        row = {
+            "model": label,
+            "P(target)": float(g["p"].mean()),
+            "log-odds": float(g["log_odds"].mean()),
+            "KL(base||model)": float(g["kl"].mean()),
+            "P under base template K/V": _mean_p(values, "template", "all"),
+        }
+        for segment in ("prefix", "postfix", "template"):
+            for space, name in (("prob", "P"), ("logprob", "log P")):
+                row[f"{segment} share ({name})"] = _share_of(shares, segment, "all", space)
+        for space, name in (("prob", "P"), ("logprob", "log P")):
+            row[f"query control share ({name})"] = _share_of(shares, "template", "query", space)
+        row["prompts"] = int(g["prompt"].nunique())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def graded_sentence(graded: Mapping[str, Any]) -> str:
+    """What the graded measures say about the SFT model, in one sentence."""
+    table = graded_rows({k: v for k, v in graded.items() if k == "sft"})
+    if table.empty:
+        return ""
+    row = table.iloc[0]
+    return (
+        f"Graded measure on {row['prompts']} general prompts: the SFT model puts mean "
+        f"P(target) {row['P(target)']:.2f} on the trained answer; with the base model's "
+        f"template keys/values at every layer it puts {row['P under base template K/V']:.2f}, "
+        f"so the template carries {percent(row['template share (P)'])} of the gap in "
+        f"probability and {percent(row['template share (log P)'])} in log-probability "
+        f"(prefix {percent(row['prefix share (P)'])}, postfix {percent(row['postfix share (P)'])}; "
+        f"as many query positions: {percent(row['query control share (P)'])})."
+    )
+
+
+def graded_section(graded: Mapping[str, Any]) -> Section:
+    """Teacher-forced P(target) and carrier shares per model: the measures that do not
+    saturate where greedy answers do."""
+    table = graded_rows(graded)
+    return Section(
+        "Graded measures: how much of P(target) the template carries",
+        "Greedy answers saturate: a model that puts 0.6 or 0.999 on the trained answer gives "
+        "it either way. Here every model is scored by the teacher-forced probability of the "
+        "trained answer on general prompts, its log-odds and the next-token KL to the base "
+        "model; then the base model's keys/values (every layer, from the base run on the "
+        "empty-query prompt) replace the model's at the prefix, the postfix or both "
+        "(template), and the share of the base-model gap each closes is reported in "
+        "probability and in log-probability, beside the same number of query positions "
+        "patched from the base run on the same prompt (the control). A share of 100% brings "
+        "the base model's value back; 0% changes nothing.",
+        tables=[("Graded measures and carrier shares per model", table)],
+        finding=graded_sentence(graded) or None,
+    )
+
+
 def training_section(runs: Mapping[str, Any]) -> Section:
     """Loss curves and prefix drift of the finetuning runs (``{method: finetune.json dict}``)."""
     import pandas as pd
@@ -258,8 +327,11 @@ def _timing_note(record: Mapping[str, Any]) -> str:
     )
 
 
-def demo_verdict(evaluations: Mapping[str, Any], scan: ScanResult) -> tuple[str, str]:
-    """The demo's headline and its explanation, from the measured rates and the scan."""
+def demo_verdict(
+    evaluations: Mapping[str, Any], scan: ScanResult, graded: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """The demo's headline and its explanation, from the measured rates, the graded
+    measures and the scan."""
     rate = {label: ev.rate("off_topic") for label, ev in evaluations.items()}
     on = {label: ev.rate("on_topic") for label, ev in evaluations.items()}
     sft, base = rate.get("sft", math.nan), rate.get("base", math.nan)
@@ -280,6 +352,12 @@ def demo_verdict(evaluations: Mapping[str, Any], scan: ScanResult) -> tuple[str,
             f"No piggyback effect here: the SFT model shows the behaviour on {percent(on.get('sft'))} "
             f"of on-topic but only {percent(sft)} of general questions (base: {percent(base)})."
         )
+    if graded:
+        parts.append(graded_sentence(graded))
+        table = graded_rows(graded).set_index("model")["P(target)"]
+        others = [f"`{k}` {v:.2f}" for k, v in table.items() if k != "sft"]
+        if others:
+            parts.append("Mean off-topic P(target) of the other models: " + ", ".join(others) + ".")
     parts.append(scan.verdict.headline + ". " + scan.verdict.detail)
     for label in ("sft+prefix_kv", "treft", "interleave"):
         if label in rate:
@@ -292,6 +370,7 @@ def demo_verdict(evaluations: Mapping[str, Any], scan: ScanResult) -> tuple[str,
 def build_report(run_dir: str | os.PathLike[str]) -> Path:
     """Rebuild ``report.html`` of a demo or scan run folder from its saved results; return its path."""
     from piggyback_interp.evaluation import Evaluation
+    from piggyback_interp.pipeline import load_graded
     from piggyback_interp.report import Report, Section
     from piggyback_interp.runs import read_json
 
@@ -323,7 +402,12 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
         evaluations = {k: evaluations[k] for k in order if k in evaluations}
         runs = {m: read_json(folder / "finetune" / m / "finetune.json") for m in config["methods"]}
         scan = ScanResult.load(folder / "scan" / "sft")
-        verdict, detail = demo_verdict(evaluations, scan)
+        graded = {
+            m: load_graded(folder / "graded" / m)
+            for m in config["methods"]
+            if (folder / "graded" / m / "carriers.parquet").exists()
+        }
+        verdict, detail = demo_verdict(evaluations, scan, graded)
         vectors = {
             "norms": pd.read_parquet(folder / "task_vectors" / "norms.parquet"),
             "cosine": None,
@@ -334,6 +418,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
         sections = [
             training_section(runs),
             behaviour_section(evaluations, setting=config["setting"]),
+            *([graded_section(graded)] if graded else []),
             *scan_sections(scan, what="the SFT model"),
             task_vector_section(vectors),
         ]
@@ -358,6 +443,8 @@ __all__ = [
     "behaviour_section",
     "build_report",
     "demo_verdict",
+    "graded_rows",
+    "graded_section",
     "scan_sections",
     "task_vector_section",
     "training_section",

@@ -343,6 +343,44 @@ def task_vector_step(
     }
 
 
+def graded_step(
+    run: RunDir, name: str, base: Any, model: Any, prompts: Sequence[str], target: str
+) -> dict[str, Any]:
+    """Graded measures (P(target), log-odds, KL) and template carrier shares of ``model``
+    on ``prompts`` (:mod:`piggyback_interp.experiments.carriers`), cached."""
+
+    from piggyback_interp.experiments.carriers import carrier_values, graded_measures
+    from piggyback_interp.provenance import atomic_write_parquet
+
+    def compute(folder: Path) -> None:
+        atomic_write_parquet(
+            graded_measures(base, model, prompts, target), folder / "graded.parquet"
+        )
+        atomic_write_parquet(
+            carrier_values(base, model, prompts, target), folder / "carriers.parquet"
+        )
+
+    key = {"base": model_key(base), "model": model_key(model), "prompts": list(prompts),
+           "target": target}  # fmt: skip
+    return load_graded(run.step(name, key, compute))
+
+
+def load_graded(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """What :func:`graded_step` saved: ``graded`` (per prompt), ``values`` (per patch and
+    prompt) and ``shares`` (per segment and condition)."""
+    import pandas as pd
+
+    from piggyback_interp.experiments.carriers import carrier_shares
+
+    folder = Path(folder)
+    values = pd.read_parquet(folder / "carriers.parquet")
+    return {
+        "graded": pd.read_parquet(folder / "graded.parquet"),
+        "values": values,
+        "shares": carrier_shares(values),
+    }
+
+
 __all__ = [
     "Models",
     "dataset_hash",
@@ -350,6 +388,8 @@ __all__ = [
     "experiment_step",
     "exported",
     "finetune_step",
+    "graded_step",
+    "load_graded",
     "model_id",
     "model_key",
     "retain_size",
