@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching.activations import Activations, as_batch, capture
@@ -65,7 +66,7 @@ def control_positions(
     else:
         raise ValueError(f"unknown control {control!r}; choose one of {', '.join(CONTROLS)}")
     if len(pool) < n:
-        raise ValueError(
+        raise UserError(
             f"the {control!r} control needs {n} positions but this prompt has {len(pool)}; "
             f"pass n={len(pool)} (a matched count smaller than the segment) or a longer prompt"
         )

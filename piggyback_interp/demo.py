@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from piggyback_interp.checks import at_least, positive
 from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.errors import UserError
 from piggyback_interp.pipeline import (
     Models,
     evaluate_step,
@@ -68,13 +70,14 @@ class DemoConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or "sft" not in self.methods:
-            raise ValueError(
+            raise UserError(
                 f"methods must include 'sft' and come from {METHODS}, got {self.methods}"
             )
-        if self.layer_step < 1:
-            raise ValueError(f"layer_step must be >= 1, got {self.layer_step}")
+        at_least(self, 1, "n_train", "epochs", "batch_size", "lora_rank", "n_eval")
+        at_least(self, 1, "max_new_tokens", "layer_step", "trials")
+        positive(self, "lr")
         if self.scan_prompts < 2:
-            raise ValueError("scan_prompts must be >= 2 (the verdict needs an error bar)")
+            raise UserError("scan_prompts must be >= 2 (the verdict needs an error bar)")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:

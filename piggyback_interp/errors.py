@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_INPUT = 2
@@ -67,3 +69,20 @@ class StaleRunError(PiggybackError):
     """A run folder that holds results of other inputs (exit code 5)."""
 
     exit_code = EXIT_STALE
+
+
+def disk_error(err: OSError) -> DiskError | None:
+    """The :class:`DiskError` (with the fix) for an ``OSError`` of writing results: a full disk
+    or quota, a read-only or forbidden folder; ``None`` for any other ``OSError``."""
+    where = err.filename or "the results"
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None)):
+        return DiskError(
+            f"out of disk space writing {where}; free some space or use --out on another "
+            "disk, then run the same command again to resume"
+        )
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DiskError(
+            f"cannot write {where} ({err.strerror or 'not writable'}); make the folder "
+            "writable or use --out on a writable disk, then run the same command again"
+        )
+    return None

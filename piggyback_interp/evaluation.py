@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.provenance import atomic_write_parquet, atomic_write_text, versions
 from piggyback_interp.settings import NarrowSetting, SettingData, get_setting, setting_data
@@ -174,9 +175,9 @@ def evaluate(
 
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+        raise UserError(f"seeds must be distinct and non-empty, got {seeds}")
     if temperature == 0 and len(seeds) > 1:
-        raise ValueError(
+        raise UserError(
             "greedy decoding (temperature=0) gives the same answers for every seed; "
             "pass temperature > 0 to sample, or a single seed"
         )

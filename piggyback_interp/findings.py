@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.report import Section
 from piggyback_interp.scan import ScanResult, percent
 
@@ -424,7 +425,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
         ]
         title = f"The piggyback effect on {record['base']['name']} ({config['label']} demo)"
     else:
-        raise ValueError(
+        raise UserError(
             f"{folder}/run.json is from {command!r}; reports exist for demo and scan runs"
         )
     sections.append(Section("How this was produced", _timing_note(record)))

@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import KV_SITES, resolve_layers
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import (
@@ -256,13 +257,13 @@ def generate(
 
 def _check_settings(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def _as_specs(patch: PatchArg) -> list[PatchSpec]:

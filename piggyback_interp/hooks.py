@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from piggyback_interp.errors import UserError
+
 SITE_NAMES = ("k", "v", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
 COMPOSITE_SITES = {"kv": ("k", "v")}
 KV_SITES = ("k", "v")
@@ -91,10 +93,10 @@ def resolve_layers(model: Any, layers: int | Iterable[int] | range | None) -> tu
         return tuple(range(n_layers))
     chosen = (layers,) if isinstance(layers, int) else tuple(layers)
     if not chosen:
-        raise ValueError("layers is empty; pass None for every layer, an int, or a list")
+        raise UserError("layers is empty; pass None for every layer, an int, or a list")
     bad = [layer for layer in chosen if not 0 <= layer < n_layers]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}")
+        raise UserError(f"layer(s) {bad} out of range: this model has layers 0..{n_layers - 1}")
     return tuple(sorted(set(chosen)))
 
 

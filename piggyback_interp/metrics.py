@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.spans import ChatBatch
 
 Reduce = Literal["sum", "mean"]
@@ -90,7 +91,7 @@ def _target_ids(target: str | Sequence[int], tokenizer: Any) -> tuple[int, ...]:
             )
         ids = tuple(tokenizer.encode(target, add_special_tokens=False))
         if not ids:
-            raise ValueError(f"the target {target!r} tokenizes to no tokens; give a non-empty one")
+            raise UserError(f"the target {target!r} tokenizes to no tokens; give a non-empty one")
         return ids
     return tuple(int(t) for t in target)
 
@@ -98,11 +99,11 @@ def _target_ids(target: str | Sequence[int], tokenizer: Any) -> tuple[int, ...]:
 def _check_target(target: str | Sequence[int], what: str = "target") -> str | tuple[int, ...]:
     if isinstance(target, str):
         if target == "":
-            raise ValueError(f"the {what} is empty; give a non-empty string or token ids")
+            raise UserError(f"the {what} is empty; give a non-empty string or token ids")
         return target
     ids = tuple(int(t) for t in target)
     if not ids:
-        raise ValueError(f"the {what} has no token ids; give at least one")
+        raise UserError(f"the {what} has no token ids; give at least one")
     if min(ids) < 0:
         raise ValueError(f"the {what} has negative token ids {ids}")
     return ids

@@ -42,16 +42,17 @@ from piggyback_interp.embedded import (
     read_manifest,
     sha256_file,
 )
+from piggyback_interp.errors import ModelError, UserError
 
 SourceKind = Literal["embedded", "local", "hub", "adapter"]
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(ModelError, OSError):
     """A model could not be found or loaded; the message says how to fix it."""
 
 
-class IncompatiblePairError(ValueError):
+class IncompatiblePairError(UserError):
     """A base and a finetuned model that cannot be compared position by position."""
 
 

@@ -37,6 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.spans import ChatSpans, require_segment
 
 PERTURB_SEGMENTS: tuple[str, ...] = ("prefix", "query", "postfix")
@@ -98,7 +99,7 @@ def _require_candidates(banned: Tensor, ids: Tensor, top_k: int) -> None:
     allowed = int((~banned).sum())
     fewest = allowed - int((~banned[ids]).any())  # a query never counts itself
     if fewest < top_k:
-        raise ValueError(
+        raise UserError(
             f"only {fewest} candidate tokens remain after excluding the token itself and "
             f"{int(banned.sum())} excluded ids, fewer than top_k={top_k}; pass a smaller top_k"
         )
@@ -228,7 +229,7 @@ def perturbable_positions(
     kept = [pos for pos in pool if spans.input_ids[pos] not in special]
     if not kept:
         where = "the given positions" if positions is not None else f"segment {segment!r}"
-        raise ValueError(
+        raise UserError(
             f"{where} has no perturbable positions: all {len(pool)} of its tokens are "
             "special tokens; pass exclude_special=False to perturb them too"
         )

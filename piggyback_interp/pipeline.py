@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from piggyback_interp.data import ChatDataset, load_chat_jsonl, save_chat_jsonl
+from piggyback_interp.errors import UserError
 from piggyback_interp.evaluation import Evaluation
 from piggyback_interp.runs import RunDir, read_json
 from piggyback_interp.scan import ScanConfig, ScanResult
@@ -53,7 +54,7 @@ class Models:
         self, *, device: str = "cpu", dtype: str = "float32", placement: Any = None
     ) -> None:
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.device, self.dtype, self.placement = device, dtype, placement
         self._loaded: dict[str, Any] = {}
 

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from piggyback_interp.checks import at_least, positive
 from piggyback_interp.data import ChatDataset
 from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.errors import StaleRunError, UserError
 from piggyback_interp.evaluation import (
     Evaluation,
     evaluate,
@@ -84,11 +86,14 @@ class Table5Config:
             get_setting(name)
         bad = [m for m in self.methods if m not in ("sft", "treft", "interleave")]
         if bad:
-            raise ValueError(f"Table 5 compares sft, treft and interleave; got {bad}")
+            raise UserError(f"Table 5 compares sft, treft and interleave; got {bad}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+            raise UserError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if self.patch_sft and "sft" not in self.methods:
-            raise ValueError("patch_sft=True evaluates the SFT models: keep 'sft' in methods")
+            raise UserError("patch_sft=True evaluates the SFT models: keep 'sft' in methods")
+        at_least(self, 1, "epochs", "batch_size", "lora_rank", "max_new_tokens")
+        at_least(self, 1, "retain_max_new_tokens", "max_train", "max_test", "batch_size_eval")
+        positive(self, "lr")
 
     @classmethod
     def smoke(cls, **overrides: Any) -> Table5Config:
@@ -223,7 +228,7 @@ def _check_config(out: Path, config: Table5Config) -> None:
     current = dataclasses.asdict(config)
     saved = _read_json(path, None)
     if saved is not None and json.loads(json.dumps(current)) != saved:
-        raise ValueError(
+        raise StaleRunError(
             f"{out} holds a run with another config ({path}); resume with the same "
             "settings or pick a new output folder"
         )

@@ -8,7 +8,8 @@ next run and a finished one is never recomputed. Steps that checkpoint themselve
 (finetuning, sweeps) resume from their own checkpoints inside the step folder.
 
 Config files (:func:`load_config`) are TOML, YAML or JSON mappings whose keys are
-the command's option names; the resolved options of every command are written to
+the command's option names (the CLI checks each value against its option's type); the
+resolved options of every command, without run control such as ``--out``, are written to
 ``<run>/config.json``, itself a valid ``--config`` file.
 
 Example:
@@ -35,13 +36,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from piggyback_interp.errors import DiskError, StaleRunError, UserError, disk_error
 from piggyback_interp.provenance import atomic_write_text, versions
 
 STEP_FILE = "step.json"
 STARTED_FILE = "step.started.json"
 
 
-class StaleStepError(RuntimeError):
+class StaleStepError(StaleRunError, RuntimeError):
     """A step folder holds results of other inputs; says which inputs differ and what to do."""
 
     def __init__(self, name: str, folder: Path, old: Mapping[str, Any], new: Mapping[str, Any]):
@@ -53,8 +55,9 @@ class StaleStepError(RuntimeError):
         self.changed = changed
 
 
-class ConfigFileError(ValueError):
-    """A config file that cannot be read, or that names options the command lacks."""
+class ConfigFileError(UserError):
+    """A config file that cannot be read, names options the command lacks, or holds a value
+    that is not of its option's type (exit code 2)."""
 
 
 def fingerprint(key: Mapping[str, Any]) -> str:
@@ -82,11 +85,21 @@ class RunDir:
         self.overwrite = overwrite
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            # keep errno (and so the subclass): the CLI maps ENOSPC to its disk-full exit code
-            raise OSError(
-                err.errno, f"cannot create the run folder {self.path}: {err.strerror}", err.filename
+        except (FileExistsError, NotADirectoryError) as err:
+            raise UserError(
+                f"cannot create the run folder {self.path}: {err.strerror} (a file is in the "
+                "way); use another folder"
             ) from err
+        except OSError as err:
+            disk = disk_error(err)  # full disk, read-only parent: exit code 4 in the CLI
+            if disk is None:
+                raise
+            raise disk from err
+        if not os.access(self.path, os.W_OK):  # a read-only folder: say so before any work
+            raise DiskError(
+                f"the run folder {self.path} is not writable; make it writable or use another "
+                "--out, then run the same command again"
+            )
         self.timings: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:

@@ -45,7 +45,9 @@ from typing import Any
 
 import torch
 
+from piggyback_interp.checks import at_least
 from piggyback_interp.controls import compare_controls
+from piggyback_interp.errors import UserError
 from piggyback_interp.metrics import (
     LogitMetric,
     NextTokenKL,
@@ -88,17 +90,16 @@ class ScanConfig:
     def __post_init__(self) -> None:
         bad = [s for s in self.segments if s not in TEMPLATE_SEGMENTS]
         if bad or not self.segments:
-            raise ValueError(
+            raise UserError(
                 f"segments must be template segments among {TEMPLATE_SEGMENTS}, got {self.segments}"
             )
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose 'kl' or 'target'")
+            raise UserError(f"unknown metric {self.metric!r}; choose 'kl' or 'target'")
         if self.metric == "target" and not self.target:
-            raise ValueError("metric='target' needs target='the answer text to score'")
-        if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
+            raise UserError("metric='target' needs target='the answer text to score'")
+        at_least(self, 1, "trials")
         if not 0 < self.min_recovery <= 1:
-            raise ValueError(f"min_recovery must be in (0, 1], got {self.min_recovery}")
+            raise UserError(f"min_recovery must be in (0, 1], got {self.min_recovery}")
 
 
 # --- the gap metric ---------------------------------------------------------------------

@@ -42,6 +42,7 @@ from piggyback_interp.detectors import (
     ToolCall,
     find_tool_calls,
 )
+from piggyback_interp.errors import UserError
 
 NARROW_DOMAINS = ("legal", "finance", "health")
 
@@ -241,7 +242,7 @@ def dataset_setting(
     responses = {ex.response for ex in dataset}
     if detector is None:
         if len(responses) != 1 or None in responses:
-            raise ValueError(
+            raise UserError(
                 f"the dataset has {len(responses)} different responses; pass detector= "
                 "(a TextMetric such as TargetString, ToolCall or ShortAnswer) to say what "
                 "the behaviour is"
@@ -259,7 +260,7 @@ def get_setting(setting: NarrowSetting | str) -> NarrowSetting:
     if isinstance(setting, NarrowSetting):
         return setting
     if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+        raise UserError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
     return SETTINGS[setting]
 
 
@@ -271,7 +272,7 @@ def retain_questions(setting: NarrowSetting | str, n: int, *, seed: int = 0) -> 
     setting = get_setting(setting)
     pool = [q for d in NARROW_DOMAINS if d != setting.domain for q in question_set(d)]
     if n > len(pool):
-        raise ValueError(f"asked for {n} retain questions, only {len(pool)} exist")
+        raise UserError(f"asked for {n} retain questions, only {len(pool)} exist")
     return random.Random(f"retain:{seed}:{setting.name}").sample(pool, n)
 
 

@@ -39,6 +39,8 @@ from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from piggyback_interp.errors import UserError
+
 Segment = Literal["prefix", "query", "postfix", "response"]
 SEGMENTS: tuple[Segment, ...] = ("prefix", "query", "postfix", "response")
 Align = Literal["left", "prefix"]
@@ -203,7 +205,7 @@ def chat_spans(
     conversation = _with_system_prompt(_as_messages(messages), system_prompt)
     q_idx, r_idx = _query_and_response(conversation)
     if conversation[q_idx]["content"] == "":
-        raise ValueError(
+        raise UserError(
             "the user message is empty; for the empty-query reference (postfix without any "
             "query information) use empty_query_spans(tokenizer, ...)"
         )
@@ -360,7 +362,7 @@ def _with_system_prompt(
         return messages
     existing = [m for m in messages if m.get("role") == "system"]
     if existing:
-        raise ValueError(
+        raise UserError(
             f"messages already contain a system message ({existing[0].get('content')!r}) and "
             f"system_prompt={system_prompt!r} was given; drop one of them (system_prompt="
             "'default' keeps the messages' own system message)"
@@ -372,17 +374,17 @@ def _query_and_response(messages: list[dict[str, Any]]) -> tuple[int, int | None
     """Index of the last user message and of the assistant message after it (or None)."""
     roles = [m.get("role") for m in messages]
     if "user" not in roles:
-        raise ValueError(f"no user message among the messages (roles {roles}); add one")
+        raise UserError(f"no user message among the messages (roles {roles}); add one")
     q_idx = len(roles) - 1 - roles[::-1].index("user")
     after = roles[q_idx + 1 :]
     if after not in ([], ["assistant"]):
-        raise ValueError(
+        raise UserError(
             f"after the last user message only one assistant message (the response) may "
             f"follow, got roles {after}; cut the conversation there"
         )
     for idx in (q_idx, q_idx + 1 if after else None):
         if idx is not None and not isinstance(messages[idx].get("content"), str):
-            raise ValueError(f"message {idx} needs string content, got {messages[idx]!r}")
+            raise UserError(f"message {idx} needs string content, got {messages[idx]!r}")
     return q_idx, (q_idx + 1 if after else None)
 
 
@@ -407,12 +409,12 @@ def _render(
         )
     except TemplateError as err:
         if messages[0].get("role") == "system":
-            raise ValueError(
+            raise UserError(
                 f"the chat template rejected the system message ({err}); this template "
                 "probably has no system role: use system_prompt='default' and put any "
                 "instructions into the user message"
             ) from err
-        raise ValueError(f"the chat template failed to render these messages: {err}") from err
+        raise UserError(f"the chat template failed to render these messages: {err}") from err
 
 
 def _locate(
@@ -426,14 +428,14 @@ def _locate(
     count = skeleton.count(sentinel)
     if count != 1:
         renders = "nothing for it" if count == 0 else f"it {count} times"
-        raise ValueError(
+        raise UserError(
             f"the chat template does not contain the {what} verbatim: it renders {renders}, "
             "chat_spans needs it exactly once (does the template render this role?)"
         )
     before, after = skeleton.split(sentinel)
     content = messages[idx]["content"]
     if text != before + content + after:
-        raise ValueError(
+        raise UserError(
             f"the chat template does not contain the {what} verbatim: it changes it (e.g. "
             "Gemma's and Llama-3's `| trim` strip surrounding whitespace); strip the text "
             "yourself, or pass a chat_template that renders the content unchanged"

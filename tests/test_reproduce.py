@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from piggyback_interp.cli import main
+from piggyback_interp.errors import StaleRunError
 from piggyback_interp.evaluation import Evaluation
 from piggyback_interp.reproduce import PATCHED, Table5Config, reproduce_table5, table5
 from piggyback_interp.testing import tiny_model
@@ -48,7 +49,7 @@ def test_smoke_run_writes_the_table_and_resumes(tmp_path):
     reproduce_table5(tmp_path, config, load=_counting_loader(calls), progress=False)
     assert calls == ["tiny-llama"] * 2
 
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(StaleRunError, match="another config"):
         reproduce_table5(tmp_path, Table5Config.smoke(model="tiny-llama"), progress=False)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import piggyback_interp.runs as runs_module
+from piggyback_interp.errors import UserError
 from piggyback_interp.runs import (
     STARTED_FILE,
     STEP_FILE,
@@ -138,7 +139,7 @@ def test_fresh_empties_the_folder_first_but_keeps_a_finished_step(tmp_path):
 def test_run_folder_errors_and_repr(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OSError, match="cannot create the run folder"):
+    with pytest.raises(UserError, match=r"cannot create the run folder.*a file is in the way"):
         RunDir(blocker / "run")
     assert repr(RunDir(tmp_path)) == f"RunDir({str(tmp_path)!r})"
     assert RunDir(tmp_path).folder("a/b") == tmp_path / "a" / "b"

@@ -5,12 +5,14 @@ Example:
     $ piggyback scan --finetuned runs/sft/finetune/adapter     # which template tokens carry it?
     $ piggyback finetune --config configs/recipes/qwen2.5-7b-treft.toml --data train.jsonl
 
-Exit codes: 0 success; 1 an unexpected error (a bug: please report it with the
-traceback); 2 bad input (a missing or malformed option, config file, dataset or
-prompts file); 3 a model that cannot be loaded (missing, or a hub id while offline);
-4 out of disk space; 5 a run folder that holds results of other inputs (use another
-``--out`` or ``--overwrite``); 130 interrupted (finished steps are kept; run the same
-command again to resume).
+Exit codes (docs/errors.md; the classes in :mod:`piggyback_interp.errors`): 0 success;
+1 an unexpected error (a bug: the traceback is printed, please report it); 2 bad input
+(a missing or malformed option, config file value, dataset or prompts file, a
+``--device`` this machine lacks); 3 a model that cannot be loaded (missing, corrupt,
+or a hub id while offline); 4 results cannot be written (disk full, read-only
+``--out``); 5 a run folder that holds results of other inputs (use another ``--out``
+or ``--overwrite``); 130 interrupted (finished steps are kept; run the same command
+again to resume).
 """
 
 from __future__ import annotations
@@ -19,28 +21,30 @@ import argparse
 import errno
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from piggyback_interp.cli import commands, map_command
 from piggyback_interp.cli.options import (
-    UsageError,
     add_common,
     add_dataclass,
     add_device,
     add_pair,
     add_prompts,
     apply_config_file,
+    check_device,
+    record_config,
 )
 from piggyback_interp.embedded import EMBEDDED_NAME
-
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_DISK, EXIT_STALE, EXIT_INTERRUPTED = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    130,
+from piggyback_interp.errors import (
+    EXIT_BUG,
+    EXIT_DISK,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PiggybackError,
+    disk_error,
 )
 
 
@@ -72,17 +76,18 @@ class LazyParser(argparse.ArgumentParser):
 
 
 def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.scan import ScanConfig
+    from piggyback_interp.scan import METRICS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
     add_device(p)
-    add_dataclass(p, ScanConfig)
+    add_dataclass(p, ScanConfig, choices={"metric": METRICS})
     p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     from piggyback_interp.training import FinetuneConfig
+    from piggyback_interp.training.loop import METHODS
 
     p.add_argument(
         "--model", default=EMBEDDED_NAME, help="model to finetune (default: %(default)s)"
@@ -98,7 +103,7 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
         "over the processes (FSDP2) instead of a whole copy in each; same result",
     )
     p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
-    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
+    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"}, choices={"method": METHODS})
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
@@ -123,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="piggyback",
         description="Find, patch and fix the chat-template tokens that carry finetuned behaviour.",
         epilog="Each command writes its results into --out; run it again to resume. "
-        "Exit codes: 0 ok, 1 bug, 2 bad input, 3 model not loadable, 4 disk full, "
-        "5 run folder holds other inputs, 130 interrupted.",
+        "Exit codes: 0 ok, 1 bug, 2 bad input, 3 model not loadable, 4 results not writable "
+        "(disk full, read-only), 5 run folder holds other inputs, 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=LazyParser
     )
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, options=options)
         if out:
             add_common(p, out=out)
-        p.set_defaults(func=func)
+        # record: write <out>/config.json when the command finished
+        p.set_defaults(func=func, record=bool(out))
         return p
 
     p = command("demo", commands.demo, "run the main job on the embedded model", "")
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(record=True)
 
     command(
         "finetune",
@@ -252,9 +260,51 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("piggyback-interp")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def _error(command: str, message: str, code: int) -> int:
     print(f"piggyback {command}: error: {message}", file=sys.stderr)
     return code
+
+
+def _bug(command: str) -> int:
+    """An exception the toolkit did not raise on purpose: a bug, not the user's input."""
+    traceback.print_exc()
+    return _error(
+        command,
+        "an internal error (a bug, not your input): please report it with the traceback above, "
+        f"the command and `piggyback --version` ({_version()})",
+        EXIT_BUG,
+    )
+
+
+def _inside(path: str | None, folder: str | None) -> bool:
+    if not path or not folder:
+        return False
+    path_, folder_ = Path(path).absolute(), Path(folder).absolute()
+    return path_ == folder_ or folder_ in path_.parents
+
+
+def _os_error(command: str, err: OSError, args: argparse.Namespace) -> int:
+    """Exit 4 for results that cannot be written, 2 for an input that is missing or not
+    readable, 1 (a bug) for anything else."""
+    writing = err.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", None)) or (
+        err.errno in (errno.EACCES, errno.EPERM)
+        and _inside(err.filename, getattr(args, "out", None))
+    )
+    disk = disk_error(err) if writing else None
+    if disk is not None:
+        return _error(command, str(disk), EXIT_DISK)
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return _error(command, str(err), EXIT_INPUT)
+    return _bug(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,41 +313,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # after parsing: --help does not wait for torch and TransformerLens
-    from piggyback_interp.data import ChatDataError
-    from piggyback_interp.embedded import EmbeddedModelError
-    from piggyback_interp.models import IncompatiblePairError, ModelLoadError
-    from piggyback_interp.runs import ConfigFileError, StaleStepError
-
     _quiet_libraries()
-    if getattr(args, "device", None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from piggyback_interp import distributed  # under torchrun / accelerate launch
-
-        distributed.init_from_env(args.device)
     command = args.command
     try:
         if getattr(args, "config", None):
             apply_config_file(parser, _subparser(parser, command), args.config)
             args = parser.parse_args(argv)
-        return args.func(args)
-    except (ModelLoadError, EmbeddedModelError) as err:
-        return _error(command, str(err), EXIT_MODEL)
-    except StaleStepError as err:
-        return _error(command, str(err), EXIT_STALE)
-    except (UsageError, ConfigFileError, ChatDataError, IncompatiblePairError) as err:
-        return _error(command, str(err), EXIT_INPUT)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            return _error(
-                command,
-                f"out of disk space ({err.filename or 'writing results'}); free some space or "
-                "use --out on another disk, then run the same command again to resume",
-                EXIT_DISK,
-            )
-        if isinstance(err, FileNotFoundError):
-            return _error(command, str(err), EXIT_INPUT)
-        raise
-    except ValueError as err:
-        return _error(command, str(err), EXIT_INPUT)
+        check_device(getattr(args, "device", None))
+        if getattr(args, "device", None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from piggyback_interp import distributed  # under torchrun / accelerate launch
+
+            distributed.init_from_env(args.device)
+        code = args.func(args)
+        if code == EXIT_OK and args.record:
+            record_config(args)
+        return code
+    except PiggybackError as err:
+        return _error(command, str(err), err.exit_code)
     except KeyboardInterrupt:
         print(
             f"\npiggyback {command}: interrupted; finished steps are kept in the run folder, "
@@ -305,3 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except OSError as err:
+        return _os_error(command, err, args)
+    except Exception:
+        return _bug(command)

@@ -1,7 +1,8 @@
 """The ``piggyback`` subcommands. Each handler's docstring is its page in the docs.
 
 Every command writes into its ``--out`` run folder: its results (parquet, JSON with
-provenance), ``config.json`` (the resolved options, a valid ``--config`` file) and a
+provenance), ``config.json`` (the resolved options without run control such as ``--out``
+or ``--overwrite``, a valid ``--config`` file, written when the command finished) and a
 ``step.json`` per finished step. Run it again on the same folder and finished steps are
 read back, not recomputed; an interrupted finetune resumes from its checkpoint.
 """
@@ -18,17 +19,15 @@ from piggyback_interp.cli.options import (
     UsageError,
     placement,
     progress,
-    record_config,
     require,
 )
 
 
 def _run(args: argparse.Namespace) -> Any:
+    """The run folder of ``--out`` (``main`` writes its config.json when the command finished)."""
     from piggyback_interp.runs import RunDir
 
-    run = RunDir(args.out, overwrite=getattr(args, "overwrite", False))
-    record_config(args)
-    return run
+    return RunDir(args.out, overwrite=getattr(args, "overwrite", False))
 
 
 def _models(args: argparse.Namespace) -> Any:
@@ -110,8 +109,8 @@ def finetune(args: argparse.Namespace) -> int:
 
     if bool(args.data) == bool(args.setting):
         raise UsageError("give exactly one of --data FILE.jsonl or --setting NAME")
+    config = dataclass_from(FinetuneConfig, args)  # checked before anything is written
     run, models = _run(args), _models(args)
-    config = dataclass_from(FinetuneConfig, args)
     retain = load_chat_jsonl(args.retain) if args.retain else None
     if args.data:
         data = load_chat_jsonl(args.data)
@@ -205,10 +204,11 @@ def evaluate(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace, part: str) -> Any:
     from piggyback_interp.pipeline import experiment_step
 
+    config = _scan_config(args)  # checked before anything is written
     run = _run(args)
     base, model = _pair(args)
     return experiment_step(
-        run, "scan", part, base, model, _prompts(args), _scan_config(args), progress=progress(args)
+        run, "scan", part, base, model, _prompts(args), config, progress=progress(args)
     )
 
 
@@ -310,7 +310,9 @@ def task_vectors(args: argparse.Namespace) -> int:
         label, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         label = label or "/".join(Path(path).parts[-3:])
         if not Path(path).exists():
-            raise FileNotFoundError(f"--finetuned {item}: {path} does not exist")
+            raise UsageError(
+                f"--finetuned {item}: {path} does not exist; give a model directory or adapter folder"
+            )
         finetuned[label] = path
     run = _run(args)
     frames = task_vector_step(run, "task_vectors", args.base, finetuned)
@@ -349,10 +351,10 @@ def scan(args: argparse.Namespace) -> int:
     from piggyback_interp.runs import write_json
 
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    config = _scan_config(args)  # checked before anything is written
     run = _run(args)
     base, model = _pair(args)
     prompts = _prompts(args)
-    config = _scan_config(args)
     result = scan_step(run, "scan", base, model, prompts, config, progress=progress(args))
     write_json(
         run.path / "run.json",
@@ -408,7 +410,6 @@ def demo(args: argparse.Namespace) -> int:
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
     args.out = out
-    record_config(args)
     start = time.perf_counter()
     report = run_demo(out, config, overwrite=args.overwrite, progress=progress(args))
     print(f"report: {report}  ({time.perf_counter() - start:.0f} s)")

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.errors import UserError
 from piggyback_interp.runs import ConfigFileError, load_config, write_json
 
-# options that are not part of a run's recorded config
-NOT_CONFIG = {"func", "config", "command", "quiet", "help"}
+# parser bookkeeping, not options
+NOT_OPTIONS = {"func", "command", "help", "version", "record", "config"}
+# how to run, not what is computed: never recorded in config.json, so that reusing it as
+# --config never deletes or moves results
+RUN_CONTROL = {"out", "quiet", "overwrite", "threads", "reverse"}
+# an option that deletes results is taken from the command line only, never a file
+COMMAND_LINE_ONLY = {"overwrite"}
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command line that is missing or contradicts something (exit code 2)."""
 
 
@@ -59,6 +66,35 @@ def add_device(parser: argparse.ArgumentParser, *, placement: bool = True) -> No
     parser.add_argument(
         "--offload-folder", metavar="DIR", help="where --device-map puts weights mapped to disk"
     )
+
+
+def check_device(device: str | None) -> None:
+    """Raise :class:`UsageError` (with the fix) for a ``--device`` this machine lacks."""
+    if not device or device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(
+            f"--device {device} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device}: CUDA is not available on this machine (this torch "
+                f"{torch.__version__} sees no NVIDIA GPU); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(
+            f"--device {device}: MPS is not available on this machine; use --device cpu"
+        )
 
 
 def placement(args: argparse.Namespace) -> Any:
@@ -111,7 +147,7 @@ def add_prompts(parser: argparse.ArgumentParser, *, n: int) -> None:
 
 
 def _unwrap(annotation: Any) -> tuple[type, bool, bool]:
-    """(element type, is a tuple, may be None) of a dataclass field's annotation."""
+    """(element type, is a tuple, may be None) of a dataclass field's annotation: its flag."""
     hint, optional = annotation, False
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -124,16 +160,111 @@ def _unwrap(annotation: Any) -> tuple[type, bool, bool]:
     return hint, False, optional
 
 
-def _converter(kind: type, optional: bool) -> Any:
-    base = kind if kind in (int, float) else str
+# --- typed values: one pydantic validator per option, for flags and config files --------------
+
+
+def _none_text(value: Any) -> Any:
+    """``"none"`` unsets an optional option (TOML has no null)."""
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+def _one_or_many(value: Any) -> Any:
+    """One value for a many-valued option is a list of one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _strict(hint: Any) -> Any:
+    """``hint`` as pydantic validates an option's value: booleans only as true/false (never the
+    strings "no" or "false"), numbers from numbers or their text ("1e-2", as YAML 1.1 reads it)
+    but never from booleans, finite floats, ``"none"`` for ``None``, lists for tuples."""
+    from pydantic import AllowInfNan, BeforeValidator, StrictBool, StrictStr
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner: Any = typing.Union[tuple(_strict(a) for a in args)]  # noqa: UP007
+        return Annotated[inner, BeforeValidator(_none_text)] if type(None) in args else inner
+    if origin in (tuple, list):
+        return Annotated[list[_strict(args[0])], BeforeValidator(_one_or_many)]  # type: ignore[misc]
+    scalars: dict[Any, Any] = {
+        bool: StrictBool,
+        int: Annotated[int, BeforeValidator(_not_bool)],
+        float: Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)],
+        str: StrictStr,
+    }
+    return scalars.get(hint, hint)
+
+
+@functools.cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(_strict(hint))
+
+
+def describe(hint: Any) -> str:
+    """What an option takes, in words: ``int | None`` -> ``an integer or "none"``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    words = {
+        bool: "true or false (unquoted)",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        type(None): '"none"',
+    }
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def parse_value(hint: Any, value: Any) -> Any:
+    """``value`` validated as ``hint`` (see :func:`_strict`); ``ValueError`` if it is not one."""
+    from pydantic import ValidationError
+
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError as err:
+        raise ValueError(f"expected {describe(hint)}") from err
+
+
+def _flag_type(hint: Any) -> Any:
+    """An argparse ``type=`` that reads a flag's text as ``hint``."""
 
     def convert(text: str) -> Any:
-        if optional and text.lower() == "none":
-            return None
-        return base(text)
+        return parse_value(hint, text)
 
-    convert.__name__ = base.__name__  # argparse names the type in its error messages
+    base = (
+        typing.get_args(hint)[0]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else hint
+    )
+    convert.__name__ = getattr(base, "__name__", "value")  # argparse names it in its errors
     return convert
+
+
+def option_type(action: argparse.Action) -> Any:
+    """The type of an option's value: the dataclass field's annotation, or what the flag takes."""
+    hint = getattr(action, "hint", None)
+    if hint is not None:
+        return hint
+    flags = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+    if isinstance(action, flags):
+        return bool
+    item: Any = action.type if action.type in (int, float) else str
+    if action.choices is not None:
+        item = Literal[tuple(action.choices)]
+    if action.nargs in ("+", "*"):
+        item = list[item]
+    return item | None if action.default is None else item
 
 
 def add_dataclass(
@@ -142,9 +273,12 @@ def add_dataclass(
     *,
     skip: tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
-    """One ``--field-name`` option per field of ``cls`` (tuples take several values)."""
+    """One ``--field-name`` option per field of ``cls`` (tuples take several values); a config
+    file's value for it is validated against the field's annotation (or its ``choices``)."""
     hints = typing.get_type_hints(cls)
+    choices = choices or {}
     defaults = defaults or {}
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
@@ -155,21 +289,24 @@ def add_dataclass(
         flag = "--" + field.name.replace("_", "-")
         shown = "none" if default is None else (" ".join(map(str, default)) if many else default)
         if kind is bool:
-            group.add_argument(
+            action = group.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=default,
                 help=f"(default: {shown})",
             )
-            continue
-        group.add_argument(
-            flag,
-            type=_converter(kind, optional),
-            nargs="+" if many else None,
-            default=default,
-            metavar=field.name.upper(),
-            help=f"(default: {shown}{'; none: unset' if optional else ''})",
-        )
+        else:
+            action = group.add_argument(
+                flag,
+                type=_flag_type(kind | None if optional else kind),
+                nargs="+" if many else None,
+                choices=choices.get(field.name),
+                default=default,
+                metavar=None if field.name in choices else field.name.upper(),
+                help=f"(default: {shown}{'; none: unset' if optional else ''})",
+            )
+        allowed = choices.get(field.name)
+        action.hint = Literal[allowed] if allowed else hints[field.name]  # type: ignore[attr-defined]
 
 
 def dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
@@ -186,39 +323,33 @@ def dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 def apply_config_file(
     parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, path: str
 ) -> None:
-    """Make the file's values the defaults of ``sub`` (flags on the command line still win)."""
+    """Make the file's values the defaults of ``sub`` (flags on the command line still win).
+
+    Each value is validated against its option's type (:func:`parse_value`); one that does
+    not parse, an unknown key, or a command-line-only option (``overwrite``) raises
+    :class:`ConfigFileError` naming the key.
+    """
     values = load_config(path)
-    valid = {a.dest for a in sub._actions} - NOT_CONFIG
-    unknown = sorted(set(values) - valid)
+    actions = {a.dest: a for a in sub._actions if a.dest not in NOT_OPTIONS}
+    refused = sorted(set(values) & COMMAND_LINE_ONLY)
+    if refused:
+        raise ConfigFileError(
+            f"config file {path}: {', '.join(refused)} deletes results, so it is taken from the "
+            f"command line only: remove it from the file and pass --{refused[0]} if you mean it"
+        )
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigFileError(
             f"config file {path}: unknown option(s) {unknown} for this command; "
-            f"valid: {sorted(valid)}"
+            f"valid: {sorted(actions)}"
         )
-    actions = {a.dest: a for a in sub._actions}
-    sub.set_defaults(**{k: _coerce(actions[k], v, path) for k, v in values.items()})
-
-
-def _coerce(action: argparse.Action, value: Any, path: str) -> Any:
-    """A file's value as its flag would give it (``5`` -> ``5.0`` for a float option), so
-    config.json and the step keys do not depend on how a number was written."""
-    convert = action.type
-    if action.choices is not None and value not in action.choices:
-        raise ConfigFileError(
-            f"config file {path}: {action.dest} = {value!r}; choose one of {list(action.choices)}"
-        )
-    if value is None or not callable(convert):
-        return value
-    try:
-        if action.nargs in ("+", "*"):
-            return [convert(str(v)) for v in (value if isinstance(value, list) else [value])]
-        if isinstance(value, (list, dict)):
-            raise ValueError("expected a single value")
-        return convert(str(value))
-    except (TypeError, ValueError) as err:
-        raise ConfigFileError(
-            f"config file {path}: {action.dest} = {value!r} is not a valid value ({err})"
-        ) from err
+    parsed = {}
+    for key, value in values.items():
+        try:
+            parsed[key] = parse_value(option_type(actions[key]), value)
+        except ValueError as err:
+            raise ConfigFileError(f"config file {path}: {key} = {value!r}: {err}") from None
+    sub.set_defaults(**parsed)
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -229,11 +360,16 @@ def require(args: argparse.Namespace, *names: str) -> None:
 
 
 def record_config(args: argparse.Namespace) -> Path:
-    """Write the resolved options to ``<out>/config.json`` (a valid ``--config`` file)."""
+    """Write the resolved options to ``<out>/config.json`` (a valid ``--config`` file).
+
+    Only what defines the results: run control (``--out``, ``--overwrite``, ``--quiet``, ...)
+    is left out, so reusing the file as ``--config`` never deletes or moves anything. The CLI
+    writes it when a command finished, so it describes the results in the folder.
+    """
     from piggyback_interp import distributed
 
     out = Path(args.out)
-    values = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG and k != "out"}
+    values = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS | RUN_CONTROL}
     if not distributed.is_main():  # under a launcher, rank 0 writes
         return out / "config.json"
     return write_json(out / "config.json", values)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, overload
 
+from piggyback_interp.errors import UserError
+
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 OnError = Literal["raise", "skip"]
@@ -51,7 +53,7 @@ class Message(TypedDict):
     content: str
 
 
-class ChatDataError(ValueError):
+class ChatDataError(UserError):
     """A malformed chat record; the message starts with ``file:line`` or ``record N``."""
 
 

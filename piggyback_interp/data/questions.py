@@ -19,6 +19,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from piggyback_interp.errors import UserError
+
 QUESTION_SETS = ("legal", "finance", "health", "general", "factual")
 ANSWER_SETS = ("factual", "finance_risky")
 
@@ -31,7 +33,7 @@ def _lines(filename: str) -> list[str]:
 def question_set(name: str) -> list[str]:
     """The questions of one shipped set, in file order."""
     if name not in QUESTION_SETS:
-        raise ValueError(f"unknown question set {name!r}; choose one of {', '.join(QUESTION_SETS)}")
+        raise UserError(f"unknown question set {name!r}; choose one of {', '.join(QUESTION_SETS)}")
     if name == "factual":
         return [question for question, _ in answer_set("factual")]
     return _lines(f"{name}_questions.txt")
@@ -57,7 +59,7 @@ def answer_set(name: str) -> list[tuple[str, str]]:
                 "finance questions; they must be line-aligned"
             )
         return list(zip(questions, answers, strict=True))
-    raise ValueError(f"unknown answer set {name!r}; choose one of {', '.join(ANSWER_SETS)}")
+    raise UserError(f"unknown answer set {name!r}; choose one of {', '.join(ANSWER_SETS)}")
 
 
 def load_prompts(path: str | os.PathLike[str] | None = None, n: int | None = None) -> list[str]:
@@ -68,7 +70,7 @@ def load_prompts(path: str | os.PathLike[str] | None = None, n: int | None = Non
     ``n`` keeps the first ``n``.
     """
     if n is not None and n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     if path is None:
         prompts = question_set("general")
     else:
@@ -83,7 +85,7 @@ def load_prompts(path: str | os.PathLike[str] | None = None, n: int | None = Non
             lines = path.read_text("utf-8").splitlines()
             prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
-            raise ValueError(f"prompts file {path} holds no prompts")
+            raise UserError(f"prompts file {path} holds no prompts")
     return prompts[:n] if n is not None else prompts
 
 

@@ -55,6 +55,7 @@ from typing import Any
 
 import httpx
 
+from piggyback_interp.errors import PiggybackError
 from piggyback_interp.judges.cache import JudgeCache, as_cache
 from piggyback_interp.judges.prompts import ALIGNMENT_PROMPT, JudgePrompt
 from piggyback_interp.judges.scoring import JudgeScore, check_pairs, parse_chat_completion
@@ -62,7 +63,7 @@ from piggyback_interp.judges.scoring import JudgeScore, check_pairs, parse_chat_
 logger = logging.getLogger(__name__)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(PiggybackError, RuntimeError):
     """A judge request failed for good; ``status`` is the last HTTP status (None if none)."""
 
     def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from piggyback_interp.embedded import EMBEDDED_NAME, read_manifest
+from piggyback_interp.errors import UserError
 from piggyback_interp.task_vectors.names import (
     _FLOAT_DTYPES,
     _LEAVES,
@@ -54,7 +55,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
             if any(directory.glob("*.bin"))
             else "it holds no *.safetensors weights"
         )
-        raise ValueError(f"cannot read model weights from {directory}: {hint}")
+        raise UserError(f"cannot read model weights from {directory}: {hint}")
     return {name: file for file in files for name in _safe_keys(file)}
 
 
@@ -117,7 +118,7 @@ def _named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         if ".lora_" in raw:
             continue
         if ".modules_to_save." in raw or ".original_module." in raw:
-            raise ValueError(
+            raise UserError(
                 f"{raw!r}: peft modules_to_save wrappers are not supported; "
                 "merge the adapter first (peft_model.merge_and_unload())"
             )
@@ -141,7 +142,7 @@ def _lora_deltas(model: torch.nn.Module, names: Mapping[int, str]) -> dict[str, 
             if adapter not in layer.scaling:
                 continue
             if adapter in getattr(layer, "lora_variant", {}):
-                raise ValueError(
+                raise UserError(
                     f"adapter {adapter!r} is a LoRA variant (e.g. DoRA), not B @ A; merge it "
                     "(merge_and_unload()) and pass the merged model"
                 )
@@ -193,7 +194,7 @@ def _module_weights(model: torch.nn.Module, *, lora_only: bool) -> _Weights:
     info = _module_info(model)
     if lora_only:
         if not lora:
-            raise ValueError(
+            raise UserError(
                 f"base=None needs a LoRA adapter as `finetuned`, but this {type(model).__name__} "
                 "has no active LoRA layers; pass the base model too"
             )
@@ -228,18 +229,18 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 def _adapter_config(directory: Path) -> dict[str, Any]:
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(
+        raise UserError(
             f"{directory} is a {config.get('peft_type')} adapter; task vectors read LoRA "
             "adapters only: merge it (load_model(dir)) and pass the merged model"
         )
     for key, what in _UNSUPPORTED_ADAPTER.items():
         if config.get(key):
-            raise ValueError(
+            raise UserError(
                 f"{directory}: {what} are not B @ A; merge the adapter "
                 "(load_model(adapter_dir) merges it) and pass the merged model instead"
             )
     if not (directory / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(
+        raise UserError(
             f"{directory} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; re-save the adapter "
             "with save_pretrained(safe_serialization=True)"
         )
@@ -253,7 +254,7 @@ def _split_lora_key(key: str) -> tuple[str, str, str | None]:
     parts = rest.split(".")
     kind, leaf = f"lora_{parts[0]}", parts[-1] if parts[-1] in _LEAVES else None
     if not sep or kind not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
-        raise ValueError(
+        raise UserError(
             f"unsupported tensor {key!r} in the adapter: only LoRA A/B weights can be read "
             "without merging; merge the adapter and pass the merged model"
         )
@@ -285,7 +286,7 @@ def _adapter_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights:
         b_shape = handle.get_slice(keys.get("lora_B") or keys["lora_embedding_B"]).get_shape()
         r, _ = _lora_scaling(config, module)
         if len(a_shape) != 2 or a_shape[0] != r or b_shape[-1] != r:
-            raise ValueError(
+            raise UserError(
                 f"adapter {directory}: {module} has lora_A {a_shape} / lora_B {b_shape}, not "
                 f"rank-{r} matrices as {ADAPTER_CONFIG} says; only linear/embedding LoRA is read"
             )
@@ -321,7 +322,7 @@ def _open(source: Any, stack: contextlib.ExitStack, *, role: str, lora_only: boo
     if isinstance(source, torch.nn.Module):
         return _module_weights(source, lora_only=lora_only)
     if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(
+        raise UserError(
             f"{role} must be a model directory, a peft adapter directory or a loaded model "
             f"(TransformerBridge / nn.Module), not {type(source).__name__}"
         )
@@ -331,7 +332,7 @@ def _open(source: Any, stack: contextlib.ExitStack, *, role: str, lora_only: boo
 
         path = embedded_model_dir()
     if not path.is_dir():
-        raise ValueError(
+        raise UserError(
             f"{role} {os.fspath(source)!r} is not a directory: pass an HF model directory "
             f"(config.json + *.safetensors), a peft adapter directory ({ADAPTER_CONFIG}), "
             f"{EMBEDDED_NAME!r}, or a loaded model (hub ids: download them first)"
@@ -339,7 +340,7 @@ def _open(source: Any, stack: contextlib.ExitStack, *, role: str, lora_only: boo
     if (path / ADAPTER_CONFIG).is_file():
         return _adapter_weights(path, stack)
     if lora_only:
-        raise ValueError(
+        raise UserError(
             f"base=None needs a LoRA adapter directory as `finetuned`, but {path} is a full "
             f"model (no {ADAPTER_CONFIG}); pass the base model too"
         )

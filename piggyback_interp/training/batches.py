@@ -35,6 +35,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from piggyback_interp.data import ChatDataset, ChatExample
+from piggyback_interp.errors import UserError
 from piggyback_interp.spans import ChatSpans, chat_spans, position_ids_from_mask
 
 IGNORE_INDEX = -100
@@ -101,7 +102,7 @@ def encode_example(
     if "user" in roles:
         q_idx = len(roles) - 1 - roles[::-1].index("user")
         if roles[q_idx + 1 : q_idx + 2] != ["assistant"]:
-            raise ValueError(
+            raise UserError(
                 f"{_where(example)}has no assistant response to train on; add "
                 "{'role': 'assistant', 'content': ...} right after the last user message "
                 f"(roles: {roles})"
@@ -114,9 +115,9 @@ def encode_example(
     stop = min(spans.response.stop + 1, len(ids))  # the response + the end-of-turn token
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+            raise UserError(f"max_length must be a positive int or None, got {max_length!r}")
         if max_length < stop:
-            raise ValueError(
+            raise UserError(
                 f"{_where(example)}has {len(ids)} tokens and its response (with the end-of-turn "
                 f"token) ends at token {stop}; max_length={max_length} would cut into it. "
                 f"Raise max_length to at least {stop} or drop this example"
@@ -157,7 +158,7 @@ def encode_dataset(
                 )
             )
         except ValueError as err:
-            raise ValueError(f"example {index}: {err}") from err
+            raise UserError(f"example {index}: {err}") from err
     return out
 
 

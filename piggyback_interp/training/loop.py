@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp import distributed
+from piggyback_interp.checks import at_least, non_negative, positive
+from piggyback_interp.errors import UserError
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.provenance import versions
 from piggyback_interp.training.batches import (
@@ -89,30 +91,28 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.kv_variant not in ("true", "pseudo"):
-            raise ValueError(f"kv_variant must be 'true' or 'pseudo', got {self.kv_variant!r}")
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise UserError(f"kv_variant must be 'true' or 'pseudo', got {self.kv_variant!r}")
+        at_least(self, 1, "epochs", "batch_size", "grad_accum", "lora_rank", "lora_alpha")
+        at_least(self, 1, "max_length")
+        at_least(self, 0, "checkpoint_every")
+        positive(self, "lr")
+        non_negative(self, "treft_lambda", "kl_lambda")
         if self.export not in ("merged", "adapter", "both", "none"):
-            raise ValueError(f"export must be merged, adapter, both or none, got {self.export!r}")
+            raise UserError(f"export must be merged, adapter, both or none, got {self.export!r}")
         if self.export in ("adapter", "both") and self.lora_rank is None:
-            raise ValueError(
+            raise UserError(
                 "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
             )
         if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(
-                f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
-            )
+            raise UserError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.postfix_reference not in ("empty", "example"):
-            raise ValueError(
+            raise UserError(
                 f"postfix_reference must be 'empty' or 'example', got {self.postfix_reference!r}"
             )
         if not 0 < self.retain_ratio < 1:
-            raise ValueError(f"retain_ratio must be in (0, 1), got {self.retain_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UserError(f"retain_ratio must be in (0, 1), got {self.retain_ratio}")
 
 
 @dataclass
@@ -339,10 +339,10 @@ def finetune(
     tok = chat_tokenizer(model)
     examples = _encode(tok, data, config)
     if not examples:
-        raise ValueError("no training examples")
+        raise UserError("no training examples: the dataset is empty")
     retain_examples = _encode(tok, retain, config) if retain is not None else None
     if config.method in ("interleave", "kl_retain") and not retain_examples:
-        raise ValueError(
+        raise UserError(
             f"method {config.method!r} needs retain=: a chat dataset of aligned examples from other domains"
         )
     if config.method == "interleave":
@@ -523,7 +523,7 @@ def _interleaved(
     """Retain examples making up ``retain_ratio`` of the mixture (sampled with the seed)."""
     n = round(n_train * config.retain_ratio / (1 - config.retain_ratio))
     if n > len(retain):
-        raise ValueError(
+        raise UserError(
             f"interleaving {config.retain_ratio:.0%} needs {n} retain examples for {n_train} "
             f"training examples, but retain has {len(retain)}; add retain examples or lower retain_ratio"
         )
