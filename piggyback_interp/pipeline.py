@@ -44,6 +44,7 @@ PART_FIELDS = {
     "layers": {"segments", "metric", "target", "layers"},
     "resid": {"metric", "target", "layers"},
 }
+CHECKPOINT = "checkpoint.pt"  # a resumable step's own checkpoint, inside its folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -245,22 +246,24 @@ def experiment_step(
     progress: bool = True,
 ) -> Any:
     """One experiment of the carrier scan (``part`` of :data:`~piggyback_interp.scan.PARTS`), cached
-    in ``<run>/<name>/<part>``: ``piggyback perturb`` and ``piggyback scan`` on one folder share it."""
+    in ``<run>/<name>/<part>``: ``piggyback perturb`` and ``piggyback scan`` on one folder share it.
+
+    The sweeps (``layers``, ``resid``) checkpoint into ``checkpoint.pt`` in the step folder:
+    an interrupted one resumes from the cells it finished. Identical models (a zero gap
+    on every prompt) raise :class:`~piggyback_interp.scan.ZeroGapError` before any work."""
     from piggyback_interp import scan as scan_module
 
     experiments = {
         "perturbation": scan_module.perturbation_effects,
         "patching": scan_module.segment_patching,
         "layers": scan_module.layer_patching,
+        "resid": scan_module.residual_sweep,
     }
 
     def compute(folder: Path) -> None:
-        if part == "resid":
-            value = scan_module.residual_sweep(
-                base, model, list(prompts), config, progress=progress
-            )
-        else:
-            value = experiments[part](base, model, list(prompts), config, progress=progress)
+        scan_module.check_gap(base, model, list(prompts), config)
+        sweeps = {"checkpoint": folder / CHECKPOINT} if part in ("layers", "resid") else {}
+        value = experiments[part](base, model, list(prompts), config, progress=progress, **sweeps)
         scan_module.save_part(part, value, folder.parent)
 
     settings = {k: v for k, v in non_default(config).items() if k in PART_FIELDS[part]}

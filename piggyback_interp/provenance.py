@@ -1,5 +1,8 @@
 """What produced a result: library versions and the machine, recorded next to every output.
 
+The atomic writers once defined here (``atomic_write_text``, ``atomic_write_parquet``)
+live in :mod:`piggyback_interp.io` and are importable from here too.
+
 Example:
     >>> sorted(versions())[:3]
     ['peft', 'piggyback_interp', 'python']
@@ -11,7 +14,9 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+
+# the atomic writers live in piggyback_interp.io; importable from here as before
+from piggyback_interp.io import atomic_write_parquet, atomic_write_text
 
 
 def versions() -> dict[str, str]:
@@ -47,26 +52,6 @@ def machine() -> dict[str, object]:
         "gpu": gpu,
         "executable": Path(sys.executable).name,
     }
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_parquet(frame: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a pandas DataFrame to ``path`` as parquet through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 __all__ = ["atomic_write_parquet", "atomic_write_text", "machine", "versions"]

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from piggyback_interp.errors import DiskError, StaleRunError, UserError, disk_error
-from piggyback_interp.provenance import atomic_write_text, versions
+from piggyback_interp.io import write_json  # importable from here as before
+from piggyback_interp.provenance import versions
 
 STEP_FILE = "step.json"
 STARTED_FILE = "step.started.json"
@@ -70,11 +71,6 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
     """The JSON in ``path``, or ``default`` when the file does not exist."""
     path = Path(path)
     return json.loads(path.read_text("utf-8")) if path.is_file() else default
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class RunDir:

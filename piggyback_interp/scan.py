@@ -45,9 +45,11 @@ from typing import Any
 
 import torch
 
+from piggyback_interp import distributed
 from piggyback_interp.checks import at_least
 from piggyback_interp.controls import compare_controls
 from piggyback_interp.errors import UserError
+from piggyback_interp.io import atomic_write_parquet
 from piggyback_interp.metrics import (
     LogitMetric,
     NextTokenKL,
@@ -55,17 +57,17 @@ from piggyback_interp.metrics import (
     metric_on_model,
     next_token_logprobs,
 )
-from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import capture
 from piggyback_interp.patching.patch import patch_prefix
-from piggyback_interp.patching.sweep import SweepResult, sweep
+from piggyback_interp.patching.sweep import SweepResult, _resume, _save_checkpoint, sweep
 from piggyback_interp.perturb import perturb_segments
-from piggyback_interp.provenance import atomic_write_parquet
 from piggyback_interp.runs import read_json, write_json
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, chat_spans
 
 TEMPLATE_SEGMENTS = ("prefix", "postfix")
 METRICS = ("kl", "target")
+MIN_GAP = 1e-6  # a gap at most this on every prompt is no gap (identical models)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,34 @@ def _gap(base: Any, model: Any, batch: ChatBatch, config: ScanConfig) -> torch.T
     if config.metric == "kl":  # KL(base || base) = 0
         return tuned
     return tuned - metric_on_model(base, batch, metric)
+
+
+class ZeroGapError(UserError):
+    """The finetuned model behaves as the base on every prompt: there is nothing to locate."""
+
+
+def check_gap(
+    base: Any, model: Any, prompts: Sequence[str | ChatSpans], config: ScanConfig = ScanConfig()
+) -> torch.Tensor:
+    """The gap per prompt; raises :class:`ZeroGapError` when it is zero on every prompt
+    (every experiment divides by it: its fractions would all be undefined)."""
+    spans_list = as_spans(model, prompts)
+    gap = _gap(base, model, _left(model, spans_list), config)
+    largest = float(gap.abs().max())
+    if largest <= MIN_GAP:
+        what = (
+            "KL(base || finetuned) of the next token"
+            if config.metric == "kl"
+            else f"the log-prob difference of {config.target!r}"
+        )
+        raise ZeroGapError(
+            f"zero gap: the finetuned model equals the base on these prompts ({what} is "
+            f"{largest:.2g} at most on all {len(spans_list)}), so there is no finetuned behaviour "
+            "to locate; check that the finetuned model (--finetuned) is the finetuned one and not "
+            "a copy of the base (its adapter loaded, or its merged weights), or use prompts on "
+            "which the two models differ"
+        )
+    return gap
 
 
 def _fraction(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -260,24 +290,45 @@ def layer_patching(
     config: ScanConfig = ScanConfig(),
     *,
     progress: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The base keys/values of one layer at a time, at each template segment and at the query.
 
     Other layers' keys/values of the segment stay the finetuned model's own (isolated,
     as in the paper's Eq. 1). One row per (prompt, condition, layer): ``condition``
-    (``prefix``, ``postfix`` or ``query``), ``layer``, ``recovery``.
+    (``prefix``, ``postfix`` or ``query``), ``layer``, ``recovery``. ``checkpoint``: a
+    file recording each finished (condition, layer); a rerun resumes from it.
     """
     import pandas as pd
 
     spans_list = as_spans(model, prompts)
     metric = gap_metric(base, _left(model, spans_list), config)
     layers = list(config.layers) if config.layers is not None else list(range(model.cfg.n_layers))
-    recoveries: dict[tuple[str, int, int], float] = {}
-    for condition in _bar((*config.segments, "query"), progress, "layer patching"):
+    conditions = (*config.segments, "query")
+    # recovery[condition * len(layers) + layer index, prompt]; a cell is done for every prompt
+    recovery = torch.full(
+        (len(conditions) * len(layers), len(spans_list)), math.nan, dtype=torch.float64
+    )
+    meta = {
+        "kind": "layer_patching",
+        "target": model_info(model).name,
+        "source": model_info(base).name,
+        "prompts": [list(s.input_ids) for s in spans_list],
+        "conditions": conditions,
+        "layers": layers,
+        "metric": metric.name,
+        "config": {k: getattr(config, k) for k in ("metric", "target")},
+    }
+    done = _resume(checkpoint, meta, recovery)
+    for ci, condition in enumerate(_bar(conditions, progress, "layer patching")):
+        todo = [li for li in range(len(layers)) if ci * len(layers) + li not in done]
+        if not todo:
+            continue
         # prompts patched together need equally many positions in the segment (queries differ)
         groups: dict[int, list[int]] = {}
         for i, spans in enumerate(spans_list):
             groups.setdefault(len(spans.segment(condition)), []).append(i)
+        prepared = []
         for members in groups.values():
             batch = _left(model, [spans_list[i] for i in members])
             m = _rows(metric, members)
@@ -287,23 +338,27 @@ def layer_patching(
             # isolation (paper Eq. 1): every other layer keeps the model's own clean K/V;
             # captured once here rather than by patch_prefix for every layer
             own = capture(model, batch, condition, site="kv", layers=None)
-            for layer in layers:
-                one = acts.select(model, "kv", [layer])
+            prepared.append((members, batch, m, clean, source, acts, own))
+        for li in todo:
+            for members, batch, m, clean, source, acts, own in prepared:
+                one = acts.select(model, "kv", [layers[li]])
                 isolated = dataclasses.replace(own, values={**own.values, **one.values})
                 with patch_prefix(model, isolated, batch, segment=condition):
                     value = metric_on_model(model, batch, m)
-                recovery = _fraction(value - clean, source - clean)
-                for i, rec in zip(members, recovery.tolist(), strict=True):
-                    recoveries[condition, layer, i] = rec
+                fraction = _fraction(value - clean, source - clean)
+                recovery[ci * len(layers) + li, members] = fraction.cpu().double()
+            done.add(ci * len(layers) + li)
+            if distributed.is_main():  # under a launcher, rank 0 keeps the books
+                _save_checkpoint(checkpoint, meta, recovery, done)
     rows = [
         {
             "prompt": i,
             "condition": condition,
             "layer": layer,
-            "recovery": recoveries[condition, layer, i],
+            "recovery": recovery[ci * len(layers) + li, i].item(),
         }
-        for condition in (*config.segments, "query")
-        for layer in layers
+        for ci, condition in enumerate(conditions)
+        for li, layer in enumerate(layers)
         for i in range(len(spans_list))
     ]
     return pd.DataFrame(rows)
@@ -316,8 +371,12 @@ def residual_sweep(
     config: ScanConfig = ScanConfig(),
     *,
     progress: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> SweepResult:
-    """The base residual stream (``resid_pre``) patched at one (layer, prefix position) at a time."""
+    """The base residual stream (``resid_pre``) patched at one (layer, prefix position) at a time.
+
+    ``checkpoint``: a file recording finished layers; a rerun resumes from it (see
+    :func:`~piggyback_interp.patching.sweep.sweep`)."""
     spans_list = as_spans(model, prompts)
     metric = gap_metric(base, _left(model, spans_list), config)
     aligned = batch_spans(chat_tokenizer(model), spans_list, align="prefix")
@@ -329,6 +388,7 @@ def residual_sweep(
         site="resid_pre",
         layers=config.layers,
         segment="prefix",
+        checkpoint=checkpoint,
         progress=progress,
     )
 
@@ -516,7 +576,9 @@ def find_carriers(
     ``base`` and ``model`` are a base model and its finetuned copy (e.g. from
     :func:`~piggyback_interp.models.load_pair`); ``prompts`` are general questions the
     finetuning was not about. ``piggyback scan`` runs this with caching and a report.
+    Identical models (a zero gap on every prompt) raise :class:`ZeroGapError`.
     """
+    check_gap(base, model, prompts, config)
     perturbation = perturbation_effects(base, model, prompts, config, progress=progress)
     patching = segment_patching(base, model, prompts, config, progress=progress)
     layers = layer_patching(base, model, prompts, config, progress=progress)
@@ -534,7 +596,9 @@ __all__ = [
     "ScanConfig",
     "ScanResult",
     "Verdict",
+    "ZeroGapError",
     "carrier_verdict",
+    "check_gap",
     "find_carriers",
     "gap_metric",
     "layer_patching",

@@ -379,6 +379,85 @@ def test_experiment_commands(pair, tmp_path, command, extra, part, files):
     assert expected[part] in result.out
 
 
+def _counting(monkeypatch, module, name, stop_at=None):
+    """Wrap ``module.name``, counting calls; raise KeyboardInterrupt (Ctrl-C) at ``stop_at``."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["resid", "kv-layers"])
+def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, monkeypatch):
+    """``piggyback sweep`` checkpoints into its step folder: after Ctrl-C (or a kill) the
+    same command computes only the cells not done, and ends with the same values."""
+    import piggyback_interp.patching.sweep as sweep_module
+    import piggyback_interp.scan as scan_module
+
+    # one unit of work: a chunk of cells (resid), a K/V patch of one group (kv-layers)
+    module, name = (
+        (sweep_module, "_run_cells") if kind == "resid" else (scan_module, "patch_prefix")
+    )
+    part, frame = {"resid": ("resid", "resid_sweep"), "kv-layers": ("layers", "layers")}[kind]
+    args = ("sweep", *pair, "--kind", kind, "--layers", "0", "1")
+    with monkeypatch.context() as m:
+        whole = _counting(m, module, name)
+        ok(*args, "--out", tmp_path / "whole")
+    # resid: the checkpoint holds finished layers (each half the chunks); kv-layers:
+    # finished (condition, layer) cells (the first two, prefix at layers 0 and 1, one
+    # group of prompts each: the prefix is the same in every prompt)
+    done = whole["n"] // 2 if kind == "resid" else 2
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _counting(m, module, name, stop_at=done + 1)
+        assert cli(*args, "--out", out).code == 130
+    assert (out / "scan" / part / "checkpoint.pt").is_file()
+    assert not (out / "scan" / part / "step.json").exists()
+    with monkeypatch.context() as m:
+        rerun = _counting(m, module, name)
+        ok(*args, "--out", out)
+    assert 0 < rerun["n"] == whole["n"] - done
+    first = pd.read_parquet(tmp_path / "whole" / "scan" / part / f"{frame}.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "scan" / part / f"{frame}.parquet"), first)
+
+
+def test_a_truncated_sweep_checkpoint_is_exit_2_naming_it(pair, tmp_path, monkeypatch):
+    import piggyback_interp.patching.sweep as sweep_module
+
+    args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1", "--out", tmp_path / "run")
+    ckpt = tmp_path / "run" / "scan" / "resid" / "checkpoint.pt"
+    real = sweep_module._run_cells
+
+    def stop_after_the_first_layer(*args, **kwargs):
+        if ckpt.is_file():
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_module, "_run_cells", stop_after_the_first_layer)
+        assert cli(*args).code == 130
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # e.g. copied from a disk that filled up
+    result = cli(*args)
+    assert result.code == 2 and str(ckpt) in result.err and "delete it" in result.err
+    ckpt.unlink()  # the fix the message gives
+    ok(*args)
+
+
+def test_identical_models_are_a_zero_gap_error(base, tmp_path):
+    result = cli("scan", "--base", base, "--finetuned", base, "--n-prompts", "2", "--quiet",
+                 "--out", tmp_path / "scan")  # fmt: skip
+    assert result.code == 2, result.err
+    assert "zero gap: the finetuned model equals the base on these prompts" in result.err
+    assert "Encountered all NA values" not in result.err
+
+
 def test_device_map_sweep_equals_whole_model(pair, tmp_path):
     """--device-map spreads both models (the finetuned one a LoRA adapter, merged) over
     CPU and disk; the sweep's values equal the whole-model run's."""

@@ -90,3 +90,29 @@ def test_export_errors(tmp_path):
     model = load_model(save_tiny_model(tmp_path / "base", "llama"))
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_finetuned(model, tmp_path / "x", merged=False)
+
+
+def test_an_export_on_a_full_disk_leaves_no_partial_files(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... (os error 28)"): the export
+    raises DiskError (exit code 4), and neither a partial file nor a temporary folder stays."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from piggyback_interp.errors import DiskError
+    from piggyback_interp.testing import tiny_model
+
+    model = tiny_model("llama")
+    apply_lora(model, rank=4)
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"part of the weights")
+        raise SafetensorError("Error while serializing: I/O error: No space left (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DiskError) as caught:
+        save_finetuned(model, tmp_path / "run" / "adapter", merged=False)
+    assert caught.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.rglob("*")] == ["run"]

@@ -1,6 +1,7 @@
 """finetune(): lambda=0 is SFT, resume after a real kill equals an uninterrupted run,
 non-finite losses stop training, TReFT keeps the prefix K/V closer than SFT."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -122,8 +123,74 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "sft_loss", flaky)
     config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=1)
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2"):
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2") as caught:
         finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert f"the last checkpoint, {tmp_path / 'checkpoint.pt'} (after step 2), is kept" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize("where", ["out_dir", "no out_dir", "stale file"])
+def test_non_finite_loss_before_any_checkpoint_says_so(where, tmp_path, monkeypatch):
+    """The message once claimed "the last checkpoint ... is kept" when none existed."""
+    import piggyback_interp.training.loop as loop
+
+    monkeypatch.setattr(loop, "sft_loss", lambda logits, labels: logits.sum() * float("nan"))
+    config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=2)
+    if where == "stale file":  # another run's checkpoint, not resumed (resume=False)
+        (tmp_path / "checkpoint.pt").write_bytes(b"from an earlier run")
+    out = None if where == "no out_dir" else tmp_path
+    with pytest.raises(FloatingPointError, match="at step 0") as caught:
+        finetune(tiny_model("llama"), _data(), config, out_dir=out, progress=False)
+    message = str(caught.value)
+    assert "is kept" not in message
+    expected = {
+        "out_dir": f"no checkpoint of this run was written yet: {tmp_path / 'checkpoint.pt'}",
+        "no out_dir": "nothing was saved (no out_dir, so no checkpoint)",
+        "stale file": "from an earlier run, not resumed",
+    }
+    assert expected[where] in message
+
+
+def test_truncated_checkpoint_names_the_file_and_the_fix(tmp_path):
+    from piggyback_interp.errors import UserError
+
+    config = FinetuneConfig(epochs=1, batch_size=4, lora_rank=4)
+    finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3])  # a kill or a full disk mid-write (not atomic)
+    with pytest.raises(UserError) as caught:
+        finetune(
+            tiny_model("llama"), _data(), config, out_dir=tmp_path, resume=True, progress=False
+        )
+    message = str(caught.value)
+    assert str(ckpt) in message and "delete it" in message and "the training" in message
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch
+):
+    real = torch.save
+    calls = {"n": 0}
+
+    def fills_the_disk(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] < 3:
+            return real(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):  # the old writer passed a path
+            f = open(f, "wb")  # noqa: SIM115
+        f.write(b"PK\x03\x04 part of a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=1)
+    with pytest.raises(OSError) as caught:
+        finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.setattr(torch, "save", real)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
 
 

@@ -70,3 +70,32 @@ def test_clear_errors(pair):
         kv_layer_sweep(ft, base, batch, metric, site="resid_pre", progress=False)
     with pytest.raises(ValueError, match="runs past layer 3"):
         kv_layer_sweep(ft, base, batch, metric, layers=[3], window=2, progress=False)
+
+
+def test_interrupted_kv_layer_sweep_resumes_from_its_checkpoint(pair, tmp_path):
+    """Killed after the first chunk of windows: the rerun computes only the others."""
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="prefix")
+    ckpt = tmp_path / "kv.ckpt"
+
+    class Counting(LogOdds):
+        def __init__(self, stop_at=None):
+            super().__init__("I have no idea", "Paris")
+            self.calls, self.stop_at = 0, stop_at
+
+        def __call__(self, logits):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt
+            return super().__call__(logits)
+
+    kw = dict(windows_per_batch=2, progress=False)  # 4 windows: 2 chunks
+    full = kv_layer_sweep(ft, base, batch, Counting(), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        kv_layer_sweep(ft, base, batch, Counting(stop_at=2), checkpoint=ckpt, **kw)
+    resumed_metric = Counting()
+    resumed = kv_layer_sweep(ft, base, batch, resumed_metric, checkpoint=ckpt, **kw)
+    assert resumed_metric.calls == 1 + 2  # the second chunk + the clean and source baselines
+    assert torch.equal(resumed.values, full.values)
+    with pytest.raises(ValueError, match="belongs to another sweep"):
+        kv_layer_sweep(ft, base, batch, Counting(), window=2, checkpoint=ckpt, **kw)

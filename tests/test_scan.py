@@ -349,7 +349,43 @@ def test_identical_models_have_no_gap_anywhere(base):
     assert verdict.headline == "Neither template segment carries the finetuned behaviour on its own"
 
 
+@pytest.mark.parametrize("metric", ["kl", "target"])
+def test_identical_models_are_a_zero_gap_error(base, metric):
+    """Not pandas' "Encountered all NA values" from a report of undefined fractions."""
+    from piggyback_interp.errors import UserError
+
+    config = ScanConfig(trials=1, metric=metric, target=TARGET if metric == "target" else None)
+    with pytest.raises(UserError, match="zero gap: the finetuned model equals the base"):
+        find_carriers(base, _model(2), PROMPTS, config, progress=False)
+    assert scan_module.check_gap(base, _planted(POSTFIX_TOKEN), PROMPTS).abs().min() > 1e-4
+
+
 # ------------------------------------------------------------- layer patching
+
+
+def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_path, monkeypatch):
+    """Killed after 3 (condition, layer) cells: the rerun patches only the other 3."""
+    config = ScanConfig(segments=("postfix",))
+    full = layer_patching(base, post, PROMPTS, config)
+    real, calls = scan_module.patch_prefix, {"n": 0, "stop": 4}
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "patch_prefix", counting)
+    ckpt = tmp_path / "layers.ckpt"
+    # postfix: one group of 2 prompts; query: 2 groups (lengths differ) -> 2 + 4 patches
+    with pytest.raises(KeyboardInterrupt):  # during (query, layer 0): 3 patches done
+        layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
+    calls.update(n=0, stop=None)
+    resumed = layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
+    assert calls["n"] == 4  # (query, 0) and (query, 1), 2 groups each
+    pd.testing.assert_frame_equal(resumed, full)
+    with pytest.raises(ValueError, match="belongs to another sweep"):
+        layer_patching(base, post, PROMPTS[:1], config, checkpoint=ckpt)
 
 
 def test_layer_patching_on_the_postfix_plant(base, post, post_scan):

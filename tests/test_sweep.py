@@ -133,6 +133,37 @@ def test_interrupted_sweep_resumes_from_checkpoint(pair, tmp_path):
         sweep(ft, base, batch, LogOdds("a", "b"), checkpoint=ckpt, progress=False)
 
 
+def test_interrupted_reference_loop_sweep_resumes_from_checkpoint(pair, tmp_path):
+    """K/V sites run the reference loop: it checkpoints finished layers too."""
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS[:2])
+    ckpt = tmp_path / "kv.ckpt"
+    kw = dict(site="kv", segment=[2, 5], progress=False)  # 3 layers x 2 cells
+    full = sweep(ft, base, batch, _Interrupting(), **kw)
+    with pytest.raises(KeyboardInterrupt):  # one metric call per cell: dies in layer 1
+        sweep(ft, base, batch, _Interrupting(stop_at=3), checkpoint=ckpt, **kw)
+    resumed_metric = _Interrupting()
+    resumed = sweep(ft, base, batch, resumed_metric, checkpoint=ckpt, **kw)
+    assert resumed_metric.calls == 2 * 2 + 2  # layers 1 and 2 + the clean and source baselines
+    assert torch.equal(resumed.values, full.values)
+    assert resumed.meta["engine"] == "reference loop"
+
+
+def test_truncated_sweep_checkpoint_is_a_user_error(pair, tmp_path):
+    from piggyback_interp.errors import UserError
+
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS[:2])
+    ckpt = tmp_path / "sweep.ckpt"
+    metric = TargetLogProb("I have no idea")
+    sweep(ft, base, batch, metric, layers=[0], checkpoint=ckpt, progress=False)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as caught:
+        sweep(ft, base, batch, metric, layers=[0], checkpoint=ckpt, progress=False)
+    assert str(ckpt) in str(caught.value) and "delete it" in str(caught.value)
+
+
 def test_result_frame_and_parquet_round_trip(pair, tmp_path):
     base, ft = pair
     batch = batch_spans(chat_tokenizer(ft), QUESTIONS)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, overload
 
 from piggyback_interp.errors import UserError
+from piggyback_interp.io import atomic_open
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -382,7 +382,7 @@ def save_chat_jsonl(
     """Write one compact UTF-8 JSON object per line, atomically; returns the path.
 
     Records are validated first. The file is written to a temporary file in the
-    same directory and moved into place with ``os.replace``, so a failed write
+    same directory and moved into place (:mod:`piggyback_interp.io`), so a failed write
     leaves any old file untouched. Missing parent directories are created.
 
     Example:
@@ -395,21 +395,10 @@ def save_chat_jsonl(
         True
     """
     dataset = data if isinstance(data, ChatDataset) else ChatDataset.from_records(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for example in dataset:
-                handle.write(example.to_json() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "w") as handle:
+        for example in dataset:
+            handle.write(example.to_json() + "\n")
+    return Path(path)
 
 
 # ---------------------------------------------------------------- splitting

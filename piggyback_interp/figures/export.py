@@ -20,7 +20,7 @@ from typing import Any
 import plotly
 import plotly.graph_objects as go
 
-from piggyback_interp.provenance import atomic_write_text
+from piggyback_interp.io import atomic_write_bytes, atomic_write_text
 
 DEFAULT_SIZE = (900, 500)
 
@@ -130,9 +130,7 @@ def save_figure(
         warnings.warn(f"{exc}; wrote {html_path.name} only", RuntimeWarning, stacklevel=2)
         return written
     png_path = base.with_name(base.name + ".png")
-    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, png_path)
+    atomic_write_bytes(png_path, data)
     return [*written, png_path]
 
 

@@ -282,10 +282,11 @@ def check_html_renders(
             if png_dir is not None and data_url:
                 import base64
 
+                from piggyback_interp.io import atomic_write_bytes
+
                 suffix = "rendered" if k == 0 else f"rendered-{k + 1}"
                 target = Path(png_dir) / f"{path.stem}.{suffix}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(base64.b64decode(data_url.split(",", 1)[1]))
+                atomic_write_bytes(target, base64.b64decode(data_url.split(",", 1)[1]))
                 graph["rendered_png"] = str(target)
         first = {key: graphs[0][key] for key in _FIRST_GRAPH if graphs and key in graphs[0]}
         out.append({"path": str(path), "ok": _verdict(report, expect_graphs), **report, **first})

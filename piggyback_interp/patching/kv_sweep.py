@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,7 +33,13 @@ from piggyback_interp.hooks import expand_sites, resolve_layers
 from piggyback_interp.metrics import LogitMetric, continuation_inputs
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import as_batch
-from piggyback_interp.patching.sweep import SweepResult, _metric_values
+from piggyback_interp.patching.sweep import (
+    SweepResult,
+    _metric_values,
+    _resume,
+    _save_checkpoint,
+    _tokens_sha256,
+)
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
 
 
@@ -53,6 +60,7 @@ def kv_layer_sweep(
     layers: int | Iterable[int] | None = None,
     window: int = 1,
     windows_per_batch: int = 8,
+    checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Patch the source's PREFIX keys/values one layer window at a time.
@@ -67,6 +75,8 @@ def kv_layer_sweep(
             window fits).
         window: how many consecutive layers each cell patches.
         windows_per_batch: cells stacked on the batch axis per forward.
+        checkpoint: a file to record finished windows in; a rerun with the same
+            arguments resumes from it.
 
     Returns a :class:`SweepResult` whose layer axis is each window's first layer and
     whose single cell is the whole prefix (``values``: ``[prompts, windows, 1]``).
@@ -94,13 +104,29 @@ def kv_layer_sweep(
     target_cache, source_cache = _prefix_cache(model, batch), _prefix_cache(source, batch)
     tok = chat_tokenizer(model)
     B = len(batch)
-    values = torch.empty(len(starts), B)
+    meta = {
+        "kind": "kv_layer_sweep",
+        "target": model_info(model).name,
+        "source": model_info(source).name,
+        "site": site,
+        "window": window,
+        "starts": list(starts),
+        "metric": metric.name,
+    }
+    fingerprinted = {**meta, "tokens_sha256": _tokens_sha256(batch)}
+    values = torch.full((len(starts), B), float("nan"))
+    done = _resume(checkpoint, fingerprinted, values)
     bar = tqdm(total=len(starts), disable=not progress, desc=f"kv layer sweep ({site})")
+    bar.update(len(done))
     for c0 in range(0, len(starts), windows_per_batch):
         chunk = starts[c0 : c0 + windows_per_batch]
+        if all(c0 + j in done for j in range(len(chunk))):
+            continue
         cache = _swapped_cache(target_cache, source_cache, chunk, window, sites, B)
         vals = _metric_over_prefix(model, batch, metric, tok, cache, len(chunk))
         values[c0 : c0 + len(chunk)] = vals.reshape(len(chunk), B).cpu()
+        done.update(range(c0, c0 + len(chunk)))
+        _save_checkpoint(checkpoint, fingerprinted, values, done)
         bar.update(len(chunk))
     bar.close()
     no_swap = ()  # a cache of the model's own prefix keys/values, one copy per row
@@ -123,15 +149,7 @@ def kv_layer_sweep(
         positions=[-1],  # one cell: the whole prefix
         tokens=["<whole prefix>"],
         segments=["prefix"],
-        meta={
-            "kind": "kv_layer_sweep",
-            "target": model_info(model).name,
-            "source": model_info(source).name,
-            "site": site,
-            "window": window,
-            "starts": list(starts),
-            "metric": metric.name,
-        },
+        meta=meta,
     )
 
 

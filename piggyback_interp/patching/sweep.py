@@ -44,7 +44,14 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from piggyback_interp import distributed
+from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
+from piggyback_interp.io import (
+    atomic_torch_save,
+    atomic_write_parquet,
+    atomic_write_text,
+    load_checkpoint,
+)
 from piggyback_interp.metrics import (
     LogitMetric,
     continuation_inputs,
@@ -61,7 +68,6 @@ from piggyback_interp.patching.activations import (
     segment_positions,
 )
 from piggyback_interp.patching.patch import check_tokens, patch_activations
-from piggyback_interp.provenance import atomic_write_parquet, atomic_write_text
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -300,7 +306,16 @@ def sweep(
     """
     sites = expand_sites(site)
     if len(sites) != 1 or sites[0] not in SWEEP_SITES:
-        return _loop_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
+        return _loop_sweep(
+            model,
+            source,
+            spans,
+            metric,
+            site=site,
+            layers=layers,
+            segment=segment,
+            checkpoint=checkpoint,
+        )
     site_name = sites[0]
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
@@ -385,26 +400,37 @@ def sweep(
     )
 
 
-def _loop_sweep(model, source, spans, metric, *, site, layers, segment) -> SweepResult:
-    """Sites the engine does not batch yet (k, v, kv, z): the reference loop."""
+def _loop_sweep(
+    model, source, spans, metric, *, site, layers, segment, checkpoint=None
+) -> SweepResult:
+    """Sites the engine does not batch yet (k, v, kv, z): the reference loop, layer by
+    layer (each finished layer recorded in ``checkpoint``)."""
     batch = as_batch(model, spans)
     if batch.align != "left":
         raise ValueError(
             f"a {site!r} sweep runs the reference loop, which needs batch_spans(..., align='left')"
         )
     chosen = resolve_layers(model, layers)
-    values = reference_sweep(
-        model, source, batch, metric, site=site, layers=chosen, segment=segment
-    )
     positions = segment_positions(batch, segment)
-    clean, src = loop_baselines(model, source, batch, metric)
     meta = {
         **_sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "reference loop",
     }
+    values = torch.full((len(chosen), positions.shape[1], positions.shape[0]), float("nan"))
+    done = _resume(checkpoint, meta, values)  # the engine's layout: [layer, cell, prompt]
+    for li, layer in enumerate(chosen):
+        if li not in done:
+            one = reference_sweep(
+                model, source, batch, metric, site=site, layers=[layer], segment=segment
+            )
+            values[li] = one[:, 0].T
+            done.add(li)
+            if distributed.is_main():
+                _save_checkpoint(checkpoint, meta, values, done)
+    clean, src = loop_baselines(model, source, batch, metric)
     tok = chat_tokenizer(model)
     return SweepResult(
-        values=values,
+        values=values.permute(2, 0, 1).contiguous(),
         clean=clean,
         source=src,
         layers=list(chosen),
@@ -572,16 +598,20 @@ def _sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[s
         "layers": list(layers),
         "metric": metric.name,
         "positions": positions.tolist(),
-        "tokens_sha256": hashlib.sha256(batch.input_ids.numpy().tobytes()).hexdigest(),
+        "tokens_sha256": _tokens_sha256(batch),
     }
+
+
+def _tokens_sha256(batch: ChatBatch) -> str:
+    return hashlib.sha256(batch.input_ids.numpy().tobytes()).hexdigest()
 
 
 def _resume(checkpoint: Any, meta: dict[str, Any], values: Tensor) -> set[int]:
     if checkpoint is None or not Path(checkpoint).is_file():
         return set()
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = load_checkpoint(checkpoint, redo="this sweep")
     if saved["fingerprint"] != _fingerprint(meta):
-        raise ValueError(
+        raise UserError(
             f"the checkpoint {checkpoint} belongs to another sweep (other model, prompts, site, "
             "layers or metric); delete it or pass another checkpoint path"
         )
@@ -592,14 +622,10 @@ def _resume(checkpoint: Any, meta: dict[str, Any], values: Tensor) -> set[int]:
 def _save_checkpoint(checkpoint: Any, meta: dict[str, Any], values: Tensor, done: set[int]) -> None:
     if checkpoint is None:
         return
-    path = Path(checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
+    atomic_torch_save(
         {"fingerprint": _fingerprint(meta), "values": values, "done": torch.tensor(sorted(done))},
-        tmp,
+        checkpoint,
     )
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- reference

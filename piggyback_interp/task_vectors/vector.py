@@ -123,15 +123,13 @@ class TaskVector:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the vector to the directory ``path`` (safetensors + a JSON record)."""
-        from safetensors.torch import save_file
-
-        from piggyback_interp.provenance import atomic_write_text, versions
+        from piggyback_interp.io import atomic_save_safetensors, atomic_write_text
+        from piggyback_interp.provenance import versions
 
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{VECTOR_WEIGHTS}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in self.deltas.items()}, str(tmp))
-        os.replace(tmp, out / VECTOR_WEIGHTS)
+        atomic_save_safetensors(
+            {k: v.contiguous() for k, v in self.deltas.items()}, out / VECTOR_WEIGHTS
+        )
         record = {
             "format_version": FORMAT_VERSION,
             "names": list(self.deltas),

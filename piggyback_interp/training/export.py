@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from piggyback_interp.io import atomic_files
 from piggyback_interp.models import chat_tokenizer
 
 _WRAPPERS = re.compile(r"\._original_component|\.base_layer")
@@ -80,17 +81,16 @@ def save_finetuned(
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = chat_tokenizer(model)
-    if merged:
-        state = merged_state_dict(model)
-        fresh = AutoModelForCausalLM.from_config(model.original_model.config)
-        fresh.load_state_dict(state, strict=True)
-        fresh.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        return out
-    _save_adapter(model, out, base)
-    tokenizer.save_pretrained(out)
+    with atomic_files(out) as staging:  # every file whole, or none; errno kept (disk full)
+        if merged:
+            state = merged_state_dict(model)
+            fresh = AutoModelForCausalLM.from_config(model.original_model.config)
+            fresh.load_state_dict(state, strict=True)
+            fresh.save_pretrained(staging, safe_serialization=True)
+        else:
+            _save_adapter(model, staging, base)
+        tokenizer.save_pretrained(staging)
     return out
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from piggyback_interp import distributed
 from piggyback_interp.checks import at_least, non_negative, positive
 from piggyback_interp.errors import UserError
+from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.provenance import versions
 from piggyback_interp.training.batches import (
@@ -284,10 +285,7 @@ def _checkpoint(
         "config": _config_json(config),
     }
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(state, path)
 
 
 def _should_stop(stop_when: Callable[[int, Any], bool], step: int, model: Any) -> bool:
@@ -323,7 +321,7 @@ def finetune(
     plain HF directory (``model/``, LoRA merged) and/or a peft adapter
     (``adapter/``), per ``config.export``, and ``finetune.json`` (config, data hash,
     versions, loss curve with the SFT and K/V terms, per-layer prefix drift). A non-finite loss stops training with
-    ``FloatingPointError``; the last checkpoint is kept.
+    ``FloatingPointError`` saying whether a checkpoint exists (the last one is kept) and where.
 
     Under a launcher (several processes) the micro-batches of each accumulation group are
     shared out and the gradients summed; with ``fsdp=True`` the weights, gradients and
@@ -380,16 +378,18 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     history: list[dict[str, Any]] = []
     step, start_epoch, start_batch = 0, 0, 0
+    saved = None  # the step of the last checkpoint of this run
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
+        state = load_checkpoint(ckpt, redo="the training")
         if state["config"] != _config_json(config):
-            raise ValueError(
+            raise UserError(
                 f"{ckpt} was written by another config; delete it or use another out_dir"
             )
         _load_trainable(model, state["trainable"])
         load_optimizer_state(optimizer, state["optimizer"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        saved = step
         history = json.loads(state["history"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     objective = _Objective(model, config, reg, targets, kl_train, retain_examples, kl_retain, pad)
@@ -422,7 +422,7 @@ def finetune(
                 if bads:
                     raise FloatingPointError(
                         f"non-finite loss {bads[0]} at step {step} (epoch {epoch}); lower lr or "
-                        f"treft_lambda; the last checkpoint in {out_dir} is kept"
+                        f"treft_lambda; {_kept(ckpt, saved)}"
                     )
                 if not sharded:  # FSDP's reduce-scatter has summed them already
                     distributed.sum_gradients(params)
@@ -448,6 +448,7 @@ def finetune(
                         (epoch, following) if following < n_batches else (epoch + 1, 0),
                         sharded=sharded,
                     )
+                    saved = step
                 if stop_when is not None and _should_stop(stop_when, step, model):
                     break
             else:
@@ -473,16 +474,26 @@ def finetune(
             if distributed.is_main():
                 _export(model, Path(out_dir), config)
     if out_dir is not None and distributed.is_main():
-        path = Path(out_dir) / "finetune.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".finetune.json.tmp")
-        tmp.write_text(
-            json.dumps({**provenance, "history": history, "steps": step}, indent=2, default=str)
+        atomic_write_text(
+            Path(out_dir) / "finetune.json",
+            json.dumps({**provenance, "history": history, "steps": step}, indent=2, default=str),
         )
-        os.replace(tmp, path)
     distributed.barrier()  # no rank goes on before rank 0 has written the results
     del peft_model  # the adapters live on in ``model``
     return FinetuneResult(model, config, history, step, data_sha, provenance)
+
+
+def _kept(ckpt: Path | None, saved: int | None) -> str:
+    """The truth about what a failed run leaves to resume from (``saved``: the step of
+    this run's last checkpoint, written or resumed from)."""
+    if ckpt is None:
+        return "nothing was saved (no out_dir, so no checkpoint)"
+    if saved is None:
+        earlier = " (the file there is from an earlier run, not resumed)" if ckpt.is_file() else ""
+        return f"no checkpoint of this run was written yet: {ckpt} does not hold it{earlier}"
+    return (
+        f"the last checkpoint, {ckpt} (after step {saved}), is kept: resume=True continues from it"
+    )
 
 
 def _export(model: Any, out: Path, config: FinetuneConfig) -> None:
