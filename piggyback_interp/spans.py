@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Mapping, Sequence
@@ -459,11 +460,17 @@ def _check_characters(tokenizer: PreTrainedTokenizerBase, text: str, limit: int 
     """
     if limit is None or len(text) <= limit:
         return
-    widest = max(map(len, tokenizer.get_vocab()), default=1)
+    widest = _widest_token(tokenizer, len(tokenizer))
     if len(text) > limit * widest:
         at_least = math.ceil(len(text) / widest)
         size = f"at least {at_least} tokens ({len(text)} characters, at most {widest} per token)"
         raise InputTooLongError(_too_long(size, limit))
+
+
+@functools.lru_cache(maxsize=8)
+def _widest_token(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The longest vocabulary entry in characters (cached per tokenizer and vocabulary size)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 # --- messages -------------------------------------------------------------------------
