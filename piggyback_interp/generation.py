@@ -36,9 +36,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from piggyback_interp.errors import UserError
+from piggyback_interp.errors import InputTooLongError, UserError
 from piggyback_interp.hooks import KV_SITES, resolve_layers
-from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.patching.activations import (
     Activations,
     gather,
@@ -51,7 +51,13 @@ from piggyback_interp.patching.patch import (
     patch_prefix,
     source_activations,
 )
-from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, chat_spans, require_segment
+from piggyback_interp.spans import (
+    ChatBatch,
+    ChatSpans,
+    batch_spans,
+    render_prompts,
+    require_segment,
+)
 
 PATCH_SEGMENTS = ("prefix", "query", "postfix")
 
@@ -203,7 +209,8 @@ def generate(
             is untouched.
         batch_size: prompts per forward. Prompts are grouped by prefix (one cache each)
             and sorted by length within a group to reduce padding.
-        system_prompt: as in :func:`chat_spans`, for ``str`` and message-list prompts.
+        system_prompt: as in :func:`~piggyback_interp.spans.chat_spans`, for ``str`` and
+            message-list prompts.
         stop_at_eos: stop a row at the tokenizer's / generation config's EOS token(s).
 
     Prompts with different prefixes (e.g. different system prompts) are allowed: each
@@ -220,6 +227,7 @@ def generate(
     specs = _as_specs(patch)
     tokenizer = chat_tokenizer(model)
     rows = _as_spans(tokenizer, prompts, system_prompt)
+    _check_context(model, rows, max_new_tokens)
     decoder = _Decoder(
         model,
         max_new_tokens=max_new_tokens,
@@ -284,12 +292,7 @@ def _as_spans(
     items = prompts.spans if isinstance(prompts, ChatBatch) else prompts
     if len(items) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
-    rows = [
-        _unpad(p)
-        if isinstance(p, ChatSpans)
-        else chat_spans(tokenizer, p, system_prompt=system_prompt)
-        for p in items
-    ]
+    rows = [_unpad(p) for p in render_prompts(tokenizer, items, system_prompt=system_prompt)]
     for i, spans in enumerate(rows):
         if spans.response is not None:
             raise ValueError(
@@ -297,6 +300,21 @@ def _as_spans(
                 "prompts that end with the user's message"
             )
     return rows
+
+
+def _check_context(model: Any, rows: list[ChatSpans], max_new_tokens: int) -> None:
+    """Every prompt and its ``max_new_tokens`` must fit the model's context."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, spans in enumerate(rows):
+        if len(spans) + max_new_tokens > limit:
+            raise InputTooLongError(
+                f"prompt {i} has {len(spans)} tokens; with max_new_tokens={max_new_tokens} "
+                f"that is {len(spans) + max_new_tokens}, more than the model's context of "
+                f"{limit} tokens (max_position_embeddings); lower max_new_tokens to at most "
+                f"{max(limit - len(spans), 0)} or shorten the prompt"
+            )
 
 
 def _unpad(spans: ChatSpans) -> ChatSpans:

@@ -167,7 +167,8 @@ def _hub_error(source: ModelSource, err: Exception) -> ModelLoadError:
 
 
 def load_tokenizer(source: ModelSource | str) -> Any:
-    """The tokenizer of a model (adapter folders may carry their own)."""
+    """The tokenizer of a model (adapter folders may carry their own), its
+    ``model_max_length`` set to the model's :func:`context_length` (no weights are read)."""
     from transformers import AutoTokenizer
 
     if isinstance(source, str):
@@ -176,11 +177,15 @@ def load_tokenizer(source: ModelSource | str) -> Any:
     if source.adapter_path and (Path(source.adapter_path) / "tokenizer_config.json").is_file():
         where = source.adapter_path
     try:
-        return AutoTokenizer.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
         if source.kind == "hub" or (source.base and source.base.kind == "hub"):
             raise _hub_error(source, err) from err
         raise
+    limit = context_length(load_config(source))
+    if limit is not None:
+        tokenizer.model_max_length = limit
+    return tokenizer
 
 
 def load_config(source: ModelSource | str) -> Any:
@@ -382,7 +387,10 @@ def bridge_from_hf(
     """Wrap an already-loaded HF causal LM (or peft's ``base_model.model``) in a bridge.
 
     The bridge is set up for chat-templated input: ``to_tokens`` does not prepend a
-    second BOS to text that the chat template already starts with.
+    second BOS to text that the chat template already starts with. Its tokenizers'
+    ``model_max_length`` is set to the model's :func:`context_length`, so rendering a
+    chat longer than the model takes raises
+    :class:`~piggyback_interp.errors.InputTooLongError`.
     """
     name = name or getattr(hf_model.config, "_name_or_path", "") or "model"
     placed = bool(getattr(hf_model, "hf_device_map", None))
@@ -396,6 +404,9 @@ def bridge_from_hf(
         bridge.cfg.device = _execution_device(hf_model)
     if getattr(tokenizer, "chat_template", None):
         bridge.cfg.default_prepend_bos = False
+    limit = context_length(hf_model)
+    if limit is not None:  # chat_spans refuses longer inputs (it sees only the tokenizer)
+        tokenizer.model_max_length = bridge.tokenizer.model_max_length = limit
     bridge.chat_tokenizer = tokenizer  # the original tokenizer (the bridge's adds BOS)
     if info is not None:
         bridge.piggyback_info = info
@@ -447,6 +458,30 @@ def model_info(model: TransformerBridge) -> ModelInfo:
         name = str(getattr(model.cfg, "model_name", "unknown"))
         info = ModelInfo(name, name, "local", name, str(model.cfg.dtype).removeprefix("torch."))
     return info
+
+
+def context_length(model: Any) -> int | None:
+    """The most tokens ``model`` takes at once: its HF config's ``max_position_embeddings``.
+
+    ``model`` is a bridge, an HF model or an HF config (a multimodal config's text part
+    is read); TransformerLens's ``cfg.n_ctx`` stands in when the config has none, and
+    ``None`` means the limit is unknown. Models wrapped by :func:`bridge_from_hf` also
+    carry it as their tokenizer's ``model_max_length``, which
+    :func:`~piggyback_interp.spans.chat_spans` checks every rendering against.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> context_length(model), model.tokenizer.model_max_length
+        (1024, 1024)
+    """
+    config = getattr(getattr(model, "original_model", model), "config", model)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(limit) if limit else None
 
 
 def chat_tokenizer(model: TransformerBridge) -> Any:

@@ -63,7 +63,7 @@ from piggyback_interp.patching.patch import patch_prefix
 from piggyback_interp.patching.sweep import SweepResult, _resume, _save_checkpoint, sweep
 from piggyback_interp.perturb import perturb_segments
 from piggyback_interp.runs import read_json, write_json
-from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, chat_spans
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, render_prompts
 
 TEMPLATE_SEGMENTS = ("prefix", "postfix")
 METRICS = ("kl", "target")
@@ -170,11 +170,11 @@ def _bar(items: Sequence[Any], progress: bool, desc: str) -> Any:
 
 
 def as_spans(model: Any, prompts: Sequence[str | ChatSpans]) -> list[ChatSpans]:
-    """Chat spans of ``prompts`` (strings are rendered with the model's chat template)."""
+    """Chat spans of ``prompts`` (strings are rendered with the model's chat template);
+    a prompt longer than the model's context raises, naming its index."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of questions")
-    tok = chat_tokenizer(model)
-    return [p if isinstance(p, ChatSpans) else chat_spans(tok, p) for p in prompts]
+    return render_prompts(chat_tokenizer(model), prompts)
 
 
 # --- the experiments ---------------------------------------------------------------------

@@ -13,6 +13,12 @@ Positions come from the rendered template and the tokenizer's character offsets,
 never from per-model tables, so any chat template that renders the user's text
 verbatim works.
 
+No rendering may be longer than the model's context: :func:`chat_spans` raises
+:class:`~piggyback_interp.errors.InputTooLongError` when it has more tokens than the
+tokenizer's ``model_max_length``, which :func:`~piggyback_interp.models.load_model` sets
+to the model's ``max_position_embeddings`` (see :func:`context_limit`).
+:func:`split_long` drops the prompts that do not fit, when that is wanted.
+
 Example:
     >>> from piggyback_interp.testing import tiny_tokenizer
     >>> tok = tiny_tokenizer()
@@ -28,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -39,7 +47,7 @@ from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from piggyback_interp.errors import UserError
+from piggyback_interp.errors import InputTooLongError, UserError
 
 Segment = Literal["prefix", "query", "postfix", "response"]
 SEGMENTS: tuple[Segment, ...] = ("prefix", "query", "postfix", "response")
@@ -47,6 +55,9 @@ Align = Literal["left", "prefix"]
 ALIGNS: tuple[Align, ...] = ("left", "prefix")
 
 Messages = str | Sequence[Mapping[str, Any]]
+
+# Hugging Face's model_max_length when a tokenizer names no limit is int(1e30)
+_NO_LIMIT = 10**12
 
 _EMPTY_SEGMENT_HINTS = {
     "prefix": "this chat template has no prefix before the user's text (it renders the "
@@ -195,6 +206,10 @@ def chat_spans(
     A token that merges template text with the user's text (``[INST] What`` as one
     token ``▁What``) counts as query.
 
+    Raises :class:`~piggyback_interp.errors.InputTooLongError` when the rendering has more
+    tokens than :func:`context_limit` (the model's context); a text that cannot fit by
+    its length alone is refused before it is tokenized.
+
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer
         >>> tok = tiny_tokenizer()
@@ -322,10 +337,7 @@ def batch_spans(
         raise ValueError(f"unknown align {align!r}; choose one of {ALIGNS}")
     if isinstance(conversations, str) or len(conversations) == 0:
         raise ValueError("conversations must be a non-empty list (wrap a single chat in a list)")
-    rows = [
-        c if isinstance(c, ChatSpans) else chat_spans(tokenizer, c, **chat_spans_kwargs)
-        for c in conversations
-    ]
+    rows = render_prompts(tokenizer, conversations, **chat_spans_kwargs)
     if align == "prefix":
         _check_shared_prefix(rows)
     pad = _pad_token_id(tokenizer, pad_token_id)
@@ -344,6 +356,121 @@ def batch_spans(
         align=align,
         prefix_len=len(rows[0].prefix) if align == "prefix" else None,
     )
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages | ChatSpans],
+    **chat_spans_kwargs: Any,
+) -> list[ChatSpans]:
+    """:func:`chat_spans` of every prompt (spans pass through), each checked against the
+    context; an :class:`~piggyback_interp.errors.InputTooLongError` names the prompt's index.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_model
+        >>> tok = tiny_model("llama").tokenizer
+        >>> render_prompts(tok, ["Hi", "Tell me a joke. " * 300])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        piggyback_interp.errors.InputTooLongError: prompt 1: the chat renders to ... tokens, ...
+    """
+    limit = context_limit(tokenizer)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        try:
+            row = (
+                prompt
+                if isinstance(prompt, ChatSpans)
+                else chat_spans(tokenizer, prompt, **chat_spans_kwargs)
+            )
+            _check_tokens(len(row) - len(row.padding), limit)
+        except InputTooLongError as err:
+            raise InputTooLongError(f"prompt {i}: {err}") from err
+        rows.append(row)
+    return rows
+
+
+def context_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most tokens a rendering may have: the tokenizer's ``model_max_length``.
+
+    A model loaded by this toolkit sets it to its context (``max_position_embeddings``);
+    ``None`` when the tokenizer names no limit (Hugging Face's ``int(1e30)`` placeholder).
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_model, tiny_tokenizer
+        >>> context_limit(tiny_model("llama").tokenizer), context_limit(tiny_tokenizer())
+        (1024, None)
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
+def split_long(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    *,
+    reserve: int = 0,
+    **chat_spans_kwargs: Any,
+) -> tuple[list[Messages], list[tuple[int, str]]]:
+    """The prompts whose rendering fits the context with ``reserve`` tokens to spare, and
+    ``(index, reason)`` for each one that does not (skipping long prompts, when asked).
+
+    ``reserve`` leaves room for generated tokens (``max_new_tokens``). The prompts that fit
+    are returned as given, in order.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_model
+        >>> tok = tiny_model("llama").tokenizer
+        >>> kept, skipped = split_long(tok, ["Hi", "Tell me a joke. " * 300])
+        >>> kept, [i for i, _ in skipped]
+        (['Hi'], [1])
+    """
+    limit = context_limit(tokenizer)
+    kept, skipped = [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            _check_tokens(len(chat_spans(tokenizer, prompt, **chat_spans_kwargs)) + reserve, limit)
+        except InputTooLongError as err:
+            skipped.append((i, str(err)))
+        else:
+            kept.append(prompt)
+    return kept, skipped
+
+
+def _too_long(size: str, limit: int) -> str:
+    return (
+        f"the chat renders to {size}, more than the model's context of {limit} tokens "
+        "(max_position_embeddings); shorten it, or skip what does not fit (--skip-long on "
+        "the command line; in Python skip_long=True for training data, split_long for prompts)"
+    )
+
+
+def _check_tokens(n: int, limit: int | None) -> None:
+    if limit is not None and n > limit:
+        raise InputTooLongError(_too_long(f"{n} tokens", limit))
+
+
+def _check_characters(tokenizer: PreTrainedTokenizerBase, text: str, limit: int | None) -> None:
+    """Refuse, without tokenizing it, a text too long for ``limit`` tokens by its length alone.
+
+    A token covers at most as many characters of the text as its vocabulary entry has
+    characters (a byte-level BPE entry has one per byte, a SentencePiece piece one per
+    character), so a text longer than ``limit`` times the longest entry has more than
+    ``limit`` tokens. A 50 MB training row is then refused at once, not tokenized first.
+    """
+    if limit is None or len(text) <= limit:
+        return
+    widest = _widest_token(tokenizer, len(tokenizer))
+    if len(text) > limit * widest:
+        at_least = math.ceil(len(text) / widest)
+        size = f"at least {at_least} tokens ({len(text)} characters, at most {widest} per token)"
+        raise InputTooLongError(_too_long(size, limit))
+
+
+@functools.lru_cache(maxsize=8)
+def _widest_token(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The longest vocabulary entry in characters (cached per tokenizer and vocabulary size)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 # --- messages -------------------------------------------------------------------------
@@ -454,8 +581,11 @@ def _spans(
         return _render(tokenizer, msgs, **render_kwargs)
 
     text = render(messages)
+    limit = context_limit(tokenizer)
+    _check_characters(tokenizer, text, limit)
     q_chars = _locate(render, messages, q_idx, text, "user's text")
     ids, offsets = _tokenize(tokenizer, text)
+    _check_tokens(len(ids), limit)
     query = _token_range(offsets, *q_chars)
     end = len(ids)
     response = None
@@ -484,7 +614,9 @@ def _tokenize(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text`` (the template renders BOS itself)."""
     try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoding = tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
     except NotImplementedError as err:
         raise ValueError("chat_spans needs a fast tokenizer (one with character offsets)") from err
     ids = [int(i) for i in encoding["input_ids"]]

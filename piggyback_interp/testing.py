@@ -25,6 +25,9 @@ from transformers import PreTrainedTokenizerFast
 
 Arch = Literal["llama", "qwen2", "qwen3"]
 ARCHS: tuple[Arch, ...] = ("llama", "qwen2", "qwen3")
+# the tiny models' context (max_position_embeddings): room for a judge's rubric, small
+# enough that tests of inputs longer than the context stay fast
+TINY_CONTEXT = 1024
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -105,7 +108,7 @@ def tiny_hf_model(arch: str = "llama", *, n_layers: int = 2, seed: int = 0):
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

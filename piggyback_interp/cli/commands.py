@@ -58,15 +58,50 @@ def _dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
+def _prompts(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, str]]]:
+    """The prompts, checked against the base model's context before anything is written: a
+    too-long one raises, or with ``--skip-long`` is dropped and returned as (index, reason)."""
     from piggyback_interp.data.questions import load_prompts
+    from piggyback_interp.models import load_tokenizer
+    from piggyback_interp.spans import render_prompts, split_long
 
     prompts = load_prompts(args.prompts, args.n_prompts)
+    tokenizer = load_tokenizer(args.base)  # it carries the model's context
+    skipped: list[tuple[int, str]] = []
+    if args.skip_long:
+        prompts, skipped = split_long(tokenizer, prompts)
+    else:
+        render_prompts(tokenizer, prompts)
     if len(prompts) < 2:
         raise UsageError(
             "give at least 2 prompts (--n-prompts >= 2): the verdict needs an error bar"
+            + (f" ({len(skipped)} were skipped as too long)" if skipped else "")
         )
-    return prompts
+    return prompts, skipped
+
+
+def _record_skipped(args: argparse.Namespace, run: Any, kept: int, skipped: list) -> None:
+    """With ``--skip-long``: say how many prompts were skipped, in ``skipped_prompts.json``."""
+    if not args.skip_long:
+        return
+    import sys
+
+    from piggyback_interp.runs import write_json
+
+    if skipped:
+        print(
+            f"skipped {len(skipped)} of {kept + len(skipped)} prompts too long for the model "
+            f"(--skip-long); first: prompt {skipped[0][0]}: {skipped[0][1]}",
+            file=sys.stderr,
+        )
+    write_json(
+        run.path / "skipped_prompts.json",
+        {
+            "skipped": len(skipped),
+            "kept": kept,
+            "prompts": [{"index": i, "reason": reason} for i, reason in skipped],
+        },
+    )
 
 
 def _scan_config(args: argparse.Namespace) -> Any:
@@ -80,6 +115,31 @@ def _save_figure(fig: Any, path: Path) -> None:
     from piggyback_interp.figures import save_figure
 
     save_figure(fig, path, png=False)
+
+
+def _check_lengths(model: str, config: Any, *datasets: Any) -> None:
+    """Encode the chat data once before anything is written, so that a row longer than the
+    model's context (or another bad row) fails with nothing on disk; the run encodes again."""
+    import warnings
+
+    from piggyback_interp.data import ChatDataWarning
+    from piggyback_interp.models import load_tokenizer
+    from piggyback_interp.training import encode_dataset
+
+    datasets = tuple(data for data in datasets if data is not None)
+    if not datasets:
+        return
+    tokenizer = load_tokenizer(model)  # it carries the model's context
+    with warnings.catch_warnings():  # the run itself warns about skipped rows
+        warnings.simplefilter("ignore", ChatDataWarning)
+        for data in datasets:
+            encode_dataset(
+                tokenizer,
+                data,
+                system_prompt=config.system_prompt,
+                max_length=config.max_length,
+                skip_long=config.skip_long,
+            )
 
 
 # --- training and evaluation -----------------------------------------------------------------
@@ -110,11 +170,11 @@ def finetune(args: argparse.Namespace) -> int:
     if bool(args.data) == bool(args.setting):
         raise UsageError("give exactly one of --data FILE.jsonl or --setting NAME")
     config = dataclass_from(FinetuneConfig, args)  # checked before anything is written
-    run, models = _run(args), _models(args)
     retain = load_chat_jsonl(args.retain) if args.retain else None
-    if args.data:
-        data = load_chat_jsonl(args.data)
-    else:
+    data = load_chat_jsonl(args.data) if args.data else None
+    _check_lengths(args.model, config, data, retain)
+    run, models = _run(args), _models(args)
+    if data is None:
         from piggyback_interp.settings import setting_data
 
         base = models.get(args.model)
@@ -205,10 +265,12 @@ def _experiment(args: argparse.Namespace, part: str) -> Any:
     from piggyback_interp.pipeline import experiment_step
 
     config = _scan_config(args)  # checked before anything is written
+    prompts, skipped = _prompts(args)
     run = _run(args)
+    _record_skipped(args, run, len(prompts), skipped)
     base, model = _pair(args)
     return experiment_step(
-        run, "scan", part, base, model, _prompts(args), config, progress=progress(args)
+        run, "scan", part, base, model, prompts, config, progress=progress(args)
     )
 
 
@@ -352,9 +414,10 @@ def scan(args: argparse.Namespace) -> int:
 
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     config = _scan_config(args)  # checked before anything is written
+    prompts, skipped = _prompts(args)
     run = _run(args)
+    _record_skipped(args, run, len(prompts), skipped)
     base, model = _pair(args)
-    prompts = _prompts(args)
     result = scan_step(run, "scan", base, model, prompts, config, progress=progress(args))
     write_json(
         run.path / "run.json",

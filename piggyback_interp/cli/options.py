@@ -144,6 +144,12 @@ def add_prompts(parser: argparse.ArgumentParser, *, n: int) -> None:
     parser.add_argument(
         "--n-prompts", type=int, default=n, help="how many prompts (default: %(default)s)"
     )
+    parser.add_argument(
+        "--skip-long",
+        action="store_true",
+        help="skip prompts longer than the model's context (listed in "
+        "<out>/skipped_prompts.json) instead of stopping with an error",
+    )
 
 
 def _unwrap(annotation: Any) -> tuple[type, bool, bool]:

@@ -1,6 +1,7 @@
 """Finetuning: response-only SFT batches, TReFT's K/V regulariser, LoRA, the loop."""
 
 from piggyback_interp.training.batches import (
+    EncodedDataset,
     TrainBatch,
     TrainExample,
     batches,
@@ -19,6 +20,7 @@ from piggyback_interp.training.treft import (
 )
 
 __all__ = [
+    "EncodedDataset",
     "FinetuneConfig",
     "FinetuneResult",
     "KVReference",

@@ -9,6 +9,10 @@ so the logits at position ``t`` predict the label at ``t + 1``.
 Batches are right-padded, so the prefix sits at ``0 .. P-1`` in every row, and are
 shuffled deterministically per ``(seed, epoch)`` without touching any global RNG.
 
+An example longer than the model's context (or than ``max_length``) raises
+:class:`~piggyback_interp.errors.InputTooLongError` naming it (``file:line`` for a loaded
+JSONL); ``encode_dataset(..., skip_long=True)`` skips it instead and says how many.
+
 Example:
     >>> from piggyback_interp.testing import tiny_tokenizer
     >>> tok = tiny_tokenizer()
@@ -24,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,9 +39,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from piggyback_interp.data import ChatDataset, ChatExample
-from piggyback_interp.errors import UserError
-from piggyback_interp.spans import ChatSpans, chat_spans, position_ids_from_mask
+from piggyback_interp.data import ChatDataset, ChatDataWarning, ChatExample
+from piggyback_interp.errors import InputTooLongError, UserError
+from piggyback_interp.spans import ChatSpans, chat_spans, context_limit, position_ids_from_mask
 
 IGNORE_INDEX = -100
 
@@ -49,7 +54,8 @@ class TrainExample:
     ``labels[t]`` is ``input_ids[t]`` for the response tokens and the first token
     after them, else ``-100``. ``spans`` gives the segment positions (after a
     ``max_length`` truncation its ``input_ids`` are the truncated ones, while
-    ``text`` still describes the full rendering).
+    ``text`` still describes the full rendering); ``truncated`` is how many tokens
+    ``max_length`` cut from the end.
 
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer
@@ -63,9 +69,36 @@ class TrainExample:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     spans: ChatSpans
+    truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+class EncodedDataset(list[TrainExample]):
+    """The examples :func:`encode_dataset` encoded (a list), and what it did to long ones.
+
+    ``skipped`` says, for each example skipped by ``skip_long=True``, where it is and how
+    long (``"train.jsonl:7: the chat renders to 900 tokens, ..."``); ``truncated``
+    counts the examples ``max_length`` cut (only tokens after the labelled ones).
+    """
+
+    def __init__(self, examples: Iterable[TrainExample] = (), skipped: Sequence[str] = ()) -> None:
+        super().__init__(examples)
+        self.skipped = list(skipped)
+
+    @property
+    def truncated(self) -> int:
+        return sum(1 for e in self if e.truncated)
+
+    def summary(self) -> dict[str, Any]:
+        """``{"examples", "skipped", "truncated", "skipped_examples"}`` (the first 20)."""
+        return {
+            "examples": len(self),
+            "skipped": len(self.skipped),
+            "truncated": self.truncated,
+            "skipped_examples": self.skipped[:20],
+        }
 
 
 def encode_example(
@@ -86,8 +119,10 @@ def encode_example(
         system_prompt: as in :func:`~piggyback_interp.spans.chat_spans`.
         chat_template: a jinja template overriding the tokenizer's.
         max_length: keep at most this many tokens, cutting from the right; raises
-            ``ValueError`` if that would cut a labelled token (the response or its
-            end-of-turn token).
+            :class:`~piggyback_interp.errors.InputTooLongError` if that would cut a
+            labelled token (the response or its end-of-turn token). Without it the limit
+            is the model's context (the tokenizer's ``model_max_length``, see
+            :func:`~piggyback_interp.spans.context_limit`), and a longer example raises.
 
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer
@@ -107,17 +142,23 @@ def encode_example(
                 "{'role': 'assistant', 'content': ...} right after the last user message "
                 f"(roles: {roles})"
             )
-    spans = chat_spans(
-        tokenizer, messages, system_prompt=system_prompt, chat_template=chat_template
-    )
+    _check_max_length(tokenizer, max_length)
+    try:
+        spans = chat_spans(
+            tokenizer, messages, system_prompt=system_prompt, chat_template=chat_template
+        )
+    except InputTooLongError as err:
+        source = getattr(example, "source", None)
+        raise InputTooLongError(f"{source}: {err}" if source else str(err)) from err
     assert spans.response is not None
     ids = spans.input_ids
-    stop = min(spans.response.stop + 1, len(ids))  # the response + the end-of-turn token
+    n_tokens = len(ids)
+    stop = min(spans.response.stop + 1, n_tokens)  # the response + the end-of-turn token
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise UserError(f"max_length must be a positive int or None, got {max_length!r}")
         if max_length < stop:
-            raise UserError(
+            raise InputTooLongError(
                 f"{_where(example)}has {len(ids)} tokens and its response (with the end-of-turn "
                 f"token) ends at token {stop}; max_length={max_length} would cut into it. "
                 f"Raise max_length to at least {stop} or drop this example"
@@ -128,7 +169,7 @@ def encode_example(
     labels = tuple(
         tok if spans.response.start <= t < stop else IGNORE_INDEX for t, tok in enumerate(ids)
     )
-    return TrainExample(ids, labels, spans)
+    return TrainExample(ids, labels, spans, n_tokens - len(ids))
 
 
 def encode_dataset(
@@ -137,8 +178,14 @@ def encode_dataset(
     *,
     system_prompt: str | None = "default",
     max_length: int | None = None,
-) -> list[TrainExample]:
+    skip_long: bool = False,
+) -> EncodedDataset:
     """:func:`encode_example` for every conversation; errors name the example's index.
+
+    An example longer than the model's context, or whose response ``max_length`` would
+    cut, raises :class:`~piggyback_interp.errors.InputTooLongError`; with
+    ``skip_long=True`` it is skipped instead, listed in the result's ``skipped``, and a
+    :class:`~piggyback_interp.data.ChatDataWarning` says how many.
 
     Example:
         >>> from piggyback_interp.data import ChatDataset
@@ -149,7 +196,8 @@ def encode_dataset(
         >>> len(encode_dataset(tiny_tokenizer(), ds))
         3
     """
-    out = []
+    _check_max_length(tokenizer, max_length)
+    out = EncodedDataset()
     for index, example in enumerate(data):
         try:
             out.append(
@@ -157,9 +205,33 @@ def encode_dataset(
                     tokenizer, example, system_prompt=system_prompt, max_length=max_length
                 )
             )
+        except InputTooLongError as err:
+            if not skip_long:
+                raise InputTooLongError(f"example {index}: {err}") from err
+            out.skipped.append(f"example {index}: {err}")
         except ValueError as err:
             raise UserError(f"example {index}: {err}") from err
+    if out.skipped:
+        warnings.warn(
+            f"skipped {len(out.skipped)} examples too long for the model (skip_long=True); "
+            f"first: {out.skipped[0]}",
+            ChatDataWarning,
+            stacklevel=2,
+        )
     return out
+
+
+def _check_max_length(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> None:
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise UserError(f"max_length must be a positive int or None, got {max_length!r}")
+    limit = context_limit(tokenizer)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"max_length={max_length} is more than the model's context of {limit} tokens "
+            f"(max_position_embeddings); use max_length <= {limit}"
+        )
 
 
 @dataclass

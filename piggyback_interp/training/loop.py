@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from piggyback_interp import distributed
 from piggyback_interp.checks import at_least, non_negative, positive
-from piggyback_interp.errors import UserError
+from piggyback_interp.errors import InputTooLongError, UserError
 from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
-from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.provenance import versions
 from piggyback_interp.training.batches import (
     IGNORE_INDEX,
+    EncodedDataset,
     TrainExample,
     batches,
     encode_dataset,
@@ -83,7 +84,8 @@ class FinetuneConfig:
     retain_ratio: float = 0.2  # interleave: the retain set's share of the training mixture
     kl_lambda: float = 50.0  # kl_train / kl_retain: weight of KL(initial || model)
     kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
-    max_length: int | None = None
+    max_length: int | None = None  # cut examples to this many tokens (never their response)
+    skip_long: bool = False  # skip examples longer than the context / max_length, don't raise
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end only)
     mixed_precision: str = (
         "no"  # "bf16": autocast the forward to bfloat16 (GPU); weights stay as loaded
@@ -335,10 +337,20 @@ def finetune(
     """
     config = config or FinetuneConfig()
     tok = chat_tokenizer(model)
-    examples = _encode(tok, data, config)
+    examples = _encode(model, data, config)
     if not examples:
-        raise UserError("no training examples: the dataset is empty")
-    retain_examples = _encode(tok, retain, config) if retain is not None else None
+        raise UserError(
+            f"no training examples ({len(examples.skipped)} skipped as too long)"
+            if examples.skipped
+            else "no training examples"
+        )
+    retain_examples = _encode(model, retain, config) if retain is not None else None
+    long_examples = {
+        "context_length": context_length(model),
+        "max_length": config.max_length,
+        "data": examples.summary(),
+        "retain": retain_examples.summary() if retain_examples is not None else None,
+    }
     if config.method in ("interleave", "kl_retain") and not retain_examples:
         raise UserError(
             f"method {config.method!r} needs retain=: a chat dataset of aligned examples from other domains"
@@ -465,6 +477,7 @@ def finetune(
         "config": asdict(config),
         "data_sha256": data_sha,
         "n_examples": len(examples),
+        "long_examples": long_examples,
         "processes": size,
         "fsdp": sharded,
         "versions": versions(),
@@ -519,13 +532,31 @@ def _log(step: int, epoch: int, terms: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _encode(tok: Any, data: Any, config: FinetuneConfig) -> list[TrainExample]:
+def _encode(model: Any, data: Any, config: FinetuneConfig) -> EncodedDataset:
+    """Encode ``data`` (or check already encoded examples) against the model's context."""
     items = list(data)
-    if items and isinstance(items[0], TrainExample):
-        return items
-    return encode_dataset(
-        tok, data, system_prompt=config.system_prompt, max_length=config.max_length
-    )
+    if not (items and isinstance(items[0], TrainExample)):
+        return encode_dataset(
+            chat_tokenizer(model),
+            items,
+            system_prompt=config.system_prompt,
+            max_length=config.max_length,
+            skip_long=config.skip_long,
+        )
+    limit = context_length(model)
+    out = EncodedDataset()
+    for index, example in enumerate(items):
+        if limit is not None and len(example) > limit:
+            reason = (
+                f"example {index} has {len(example)} tokens, more than the model's context of "
+                f"{limit} tokens (max_position_embeddings); shorten it or set skip_long"
+            )
+            if not config.skip_long:
+                raise InputTooLongError(reason)
+            out.skipped.append(reason)
+        else:
+            out.append(example)
+    return out
 
 
 def _interleaved(
