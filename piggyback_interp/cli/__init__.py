@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         options=map_command.add_options,
     )
-    p.set_defaults(func=map_command.run)
+    p.set_defaults(func=map_command.run, record=False)
     return parser
 
 
