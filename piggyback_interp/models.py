@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import functools
 import gc
 import hashlib
@@ -566,12 +567,14 @@ class ModelPair:
 
     ``reference`` holds whatever was computed from the base before it was released
     (the memory-lean path of :func:`load_pair`); ``base`` is then unavailable.
+    ``shared``: the two models hold ONE copy of the base weights (see :func:`load_pair`).
     """
 
     finetuned: TransformerBridge
     tokenizer: Any
     _base: TransformerBridge | None = None
     reference: Any = None
+    shared: bool = False  # one copy of the base weights: finetuned = base + unmerged LoRA
 
     @property
     def base(self) -> TransformerBridge:
@@ -602,21 +605,114 @@ def _config_and_tokenizer(model: TransformerBridge | str | os.PathLike[str]) -> 
     return load_config(source), load_tokenizer(source)
 
 
+SHARED_ATTR = "_piggyback_shared"  # set on parameters that two models of a pair hold
+
+
+def shares_weights(param: torch.Tensor) -> bool:
+    """Whether ``param`` is held by both models of a shared-base pair (editing it in
+    place would change both: swap it in one model instead, as task vectors do)."""
+    return bool(getattr(param, SHARED_ATTR, False))
+
+
+def _shared_base_problem(
+    base: TransformerBridge | str | os.PathLike[str],
+    finetuned: TransformerBridge | str | os.PathLike[str],
+    merge_adapter: bool | None,
+    placement: Placement | None,
+) -> str | None:
+    """Why the pair cannot share one copy of the base weights (None: it can, exactly)."""
+    if isinstance(base, TransformerBridge) or isinstance(finetuned, TransformerBridge):
+        return "the models are already loaded (pass names or directories instead)"
+    ft_source, base_source = resolve_source(finetuned), resolve_source(base)
+    if ft_source.kind != "adapter" or ft_source.adapter_path is None:
+        return f"the finetuned model {ft_source.name!r} is not a LoRA adapter directory"
+    peft_type = json.loads((Path(ft_source.adapter_path) / ADAPTER_CONFIG).read_text()).get(
+        "peft_type"
+    )
+    if peft_type != "LORA":
+        return f"the adapter is a {peft_type} adapter, not LoRA"
+    if base_source.kind == "adapter" or ft_source.path != base_source.path:
+        return (
+            f"the adapter applies to {ft_source.path!r}, not to the pair's base "
+            f"{base_source.path!r}"
+        )
+    if merge_adapter:
+        return "merge_adapter=True merges the adapter into a copy of its own"
+    if placement is not None:
+        return "placement= (a model spread over devices) is loaded as two copies"
+    return None
+
+
+def _load_shared(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    *,
+    device: str,
+    dtype: torch.dtype,
+) -> tuple[TransformerBridge, TransformerBridge]:
+    """(base, finetuned) bridges over ONE copy of the base weights.
+
+    The finetuned HF model is a copy of the base's module tree whose parameters are the
+    base's own tensors (``deepcopy`` with every parameter memoised to itself), with the
+    LoRA adapter injected unmerged. Each model has its own modules and so its own bridge
+    and hooks; nothing is toggled, so no state can be left behind.
+    """
+    from peft import PeftModel
+
+    base_source, ft_source = resolve_source(base), resolve_source(finetuned)
+    assert ft_source.adapter_path is not None
+    base_hf = _load_hf(base_source, device=device, dtype=dtype, merge_adapter=False)
+    memo: dict[int, Any] = {id(p): p for p in base_hf.parameters()}
+    ft_hf = copy.deepcopy(base_hf, memo)
+    peft_model = PeftModel.from_pretrained(
+        ft_hf, str(Path(ft_source.adapter_path).resolve()), is_trainable=False
+    )
+    ft_hf = peft_model.base_model.model.eval()
+    for param in base_hf.parameters():  # peft froze them: the same tensors in both models
+        setattr(param, SHARED_ATTR, True)
+    return (
+        bridge_from_hf(
+            base_hf,
+            load_tokenizer(base_source),
+            name=base_source.path,
+            info=_info(base_source, dtype, False),
+        ),
+        bridge_from_hf(
+            ft_hf,
+            load_tokenizer(ft_source),
+            name=ft_source.path,
+            info=_info(ft_source, dtype, False),
+        ),
+    )
+
+
 def load_pair(
     base: TransformerBridge | str | os.PathLike[str],
     finetuned: TransformerBridge | str | os.PathLike[str],
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    merge_adapter: bool = True,
+    merge_adapter: bool | None = None,
     reference: Callable[[TransformerBridge], Any] | None = None,
     placement: Placement | None = None,
+    shared: bool | None = None,
 ) -> ModelPair:
     """Load (or pair already-loaded) base and finetuned models, checked compatible.
 
     Compatibility (architecture, vocabulary, special tokens, chat template) is
     checked from configs and tokenizers BEFORE any weights are read; a mismatch
     raises :class:`IncompatiblePairError` naming each difference.
+
+    Shared base (the default where it is exact): when ``finetuned`` is a LoRA adapter
+    directory on ``base`` itself, the pair holds ONE copy of the base weights;
+    ``pair.finetuned`` runs them with the adapter unmerged, ``pair.base`` without it
+    (``pair.shared`` is True). Both are ordinary, independent bridges: hooks, caches,
+    generation and weight reading work on each unchanged. ``shared=False`` loads two
+    copies (the adapter merged unless ``merge_adapter=False``); ``shared=True`` raises
+    :class:`~piggyback_interp.errors.UserError` where sharing is impossible.
+    ``merge_adapter`` (default: merged for two copies, unmerged for a shared pair)
+    applies to adapters loaded as a copy of their own; ``merge_adapter=True`` implies two
+    copies.
 
     Memory-lean path: with ``reference=fn``, the base is loaded first,
     ``pair.reference = fn(base)`` is computed (under ``torch.no_grad``), the base
@@ -632,11 +728,35 @@ def load_pair(
     ft_cfg, ft_tok = _config_and_tokenizer(finetuned)
     _check_pair(base_cfg, base_tok, ft_cfg, ft_tok)
 
+    if shared is not False:
+        problem = _shared_base_problem(base, finetuned, merge_adapter, placement)
+        if problem is None:
+            assert not isinstance(base, TransformerBridge)
+            assert not isinstance(finetuned, TransformerBridge)
+            base_model, ft_model = _load_shared(base, finetuned, device=device, dtype=dtype)
+            if reference is None:
+                return ModelPair(ft_model, base_tok, base_model, shared=True)
+            with torch.no_grad():
+                ref = reference(base_model)
+            return ModelPair(ft_model, base_tok, None, ref, shared=True)
+        if shared:
+            from piggyback_interp.errors import UserError
+
+            raise UserError(
+                f"cannot share one copy of the base weights: {problem}. Sharing needs a "
+                "LoRA adapter directory on the pair's own base, unmerged, without "
+                "placement=; pass shared=False to load two copies"
+            )
+
     def materialise(model: TransformerBridge | str | os.PathLike[str]) -> TransformerBridge:
         if isinstance(model, TransformerBridge):
             return model
         return load_model(
-            model, device=device, dtype=dtype, merge_adapter=merge_adapter, placement=placement
+            model,
+            device=device,
+            dtype=dtype,
+            merge_adapter=merge_adapter is not False,
+            placement=placement,
         )
 
     if reference is None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from piggyback_interp.task_vectors.sources import _named_parameters
+from piggyback_interp.task_vectors.sources import _hf_module, _named_parameters
 from piggyback_interp.task_vectors.vector import TaskVector
 
 # ================================================================ applying a vector
@@ -43,9 +43,34 @@ def _target_parameters(model: torch.nn.Module, vector: TaskVector) -> dict[str, 
 
 
 @torch.no_grad()
-def _add(params: Mapping[str, torch.nn.Parameter], vector: TaskVector, alpha: float) -> None:
+def _add(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    vector: TaskVector,
+    alpha: float,
+) -> None:
+    """Add ``alpha * delta`` to each parameter.
+
+    A parameter the two models of a shared-base pair both hold is not edited in place
+    (that would change the other model too): this model gets a new parameter instead.
+    """
+    from piggyback_interp.models import shares_weights
+
     for name, param in params.items():
-        param.add_(vector.deltas[name].to(param.device), alpha=alpha)
+        delta = vector.deltas[name].to(param.device)
+        if shares_weights(param):
+            new = torch.nn.Parameter(param.add(delta, alpha=alpha), param.requires_grad)
+            _swap(model, param, new)
+        else:
+            param.add_(delta, alpha=alpha)
+
+
+def _swap(model: torch.nn.Module, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+    """Make every module of ``model`` that holds ``old`` hold ``new`` (ties kept)."""
+    for module in _hf_module(model)[0].modules():
+        for key, value in module._parameters.items():
+            if value is old:
+                module._parameters[key] = new
 
 
 def apply_task_vector(
@@ -62,7 +87,7 @@ def apply_task_vector(
         >>> model.model.norm.weight[0].item()
         3.0
     """
-    _add(_target_parameters(model, vector), vector, float(alpha))
+    _add(model, _target_parameters(model, vector), vector, float(alpha))
     return model
 
 
@@ -90,12 +115,20 @@ def scaled_task_vector(
         >>> bool((changed != before).any()), torch.equal(model(ids), before)
         (True, True)
     """
+    from piggyback_interp.models import shares_weights
+
     params = _target_parameters(model, vector)
-    originals = {name: param.detach().clone() for name, param in params.items()}
+    originals = {
+        name: param.detach().clone() for name, param in params.items() if not shares_weights(param)
+    }
     try:
-        _add(params, vector, float(alpha))
+        _add(model, params, vector, float(alpha))
         yield model
     finally:
+        current = _named_parameters(model)
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(originals[name])
+                if name in originals:
+                    param.copy_(originals[name])
+                elif current[name] is not param:  # a shared-base pair's weight, swapped
+                    _swap(model, current[name], param)

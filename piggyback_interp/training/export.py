@@ -45,25 +45,32 @@ def _lora_layers(model: Any) -> list[Any]:
 
 
 def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The HF state dict of ``model`` with any LoRA adapters merged (model unchanged)."""
+    """The HF state dict of ``model`` with any LoRA adapters merged (model unchanged).
+
+    The LoRA deltas are added to copies; the weights themselves are never merged and
+    unmerged in place (that would round them, and would change the base model of a
+    shared-base pair, which holds the same tensors).
+    """
     from transformers import AutoModelForCausalLM
+
+    from piggyback_interp.task_vectors.sources import _lora_deltas
 
     hf = model.original_model
     expected = AutoModelForCausalLM.from_config(hf.config).state_dict().keys()
-    lora = _lora_layers(model)
-    for layer in lora:
-        layer.merge()
-    try:
-        found: dict[str, torch.Tensor] = {}
-        for name, value in hf.state_dict().items():
-            if "lora_" in name:
-                continue
-            key = _clean(name)
-            if key in expected and key not in found:
-                found[key] = value.detach().clone()
-    finally:
-        for layer in lora:
-            layer.unmerge()
+    params = dict(hf.named_parameters(remove_duplicate=False))
+    names = {id(p): n for n, p in reversed(params.items())}  # the first name of each tensor
+    deltas = {id(params[n]): fns for n, fns in _lora_deltas(model, names).items()}
+    found: dict[str, torch.Tensor] = {}
+    for name, value in hf.state_dict().items():
+        if "lora_" in name:
+            continue
+        key = _clean(name)
+        if key in expected and key not in found:
+            value = value.detach().clone()
+            for delta, merged in deltas.get(id(params.get(name)), []):
+                if not merged:
+                    value += delta().to(value.device, value.dtype)
+            found[key] = value
     missing = [k for k in expected if k not in found]
     if missing:
         raise RuntimeError(f"could not map these HF weights from the bridge: {missing[:3]}")
