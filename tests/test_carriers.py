@@ -140,3 +140,20 @@ def test_generating_position_matches_a_reference_loop(pair):
     shares = generating_shares(frame, n_boot=10)
     assert sorted(shares["layer"].unique()) == list(range(tuned.cfg.n_layers))
     assert set(shares["condition"]) == {"last_postfix", "query"}
+
+
+def test_base_runs_reference_gives_the_same_values(pair):
+    """The cached base side (base_runs, batched) equals running the base per prompt."""
+    from piggyback_interp.experiments.carriers import base_runs
+
+    base, tuned = pair
+    ref = base_runs(base, PROMPTS, TARGET, n_generating=2)
+    for fn in (carrier_values, generating_position):
+        fresh, cached = fn(base, tuned, PROMPTS, TARGET), fn(base, tuned, PROMPTS, TARGET, reference=ref)
+        assert (fresh[["segment", "condition", "n"]] == cached[["segment", "condition", "n"]]).all().all()
+        assert fresh["logp"].to_numpy() == pytest.approx(cached["logp"].to_numpy(), abs=1e-5)
+    graded = graded_measures(base, tuned, PROMPTS, TARGET)
+    cached = graded_measures(base, tuned, PROMPTS, TARGET, reference=ref)
+    assert graded["kl"].to_numpy() == pytest.approx(cached["kl"].to_numpy(), abs=1e-6)
+    with pytest.raises(ValueError, match="other tokens"):  # a reference of other prompts
+        carrier_values(base, tuned, PROMPTS[::-1], TARGET, reference=ref)

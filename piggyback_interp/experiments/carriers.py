@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from piggyback_interp.metrics import TargetLogProb, metric_on_model, next_token_logprobs
+from piggyback_interp.metrics import TargetLogProb, metric_on_model
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching import Activations, capture
 from piggyback_interp.spans import ChatSpans, batch_spans, chat_spans, empty_query_spans
@@ -69,6 +70,30 @@ def _logp(model: Any, spans: ChatSpans, metric: TargetLogProb) -> float:
     return float(metric_on_model(model, _one(model, spans), metric).item())
 
 
+class _TargetAndNext(TargetLogProb):
+    """``TargetLogProb`` that also keeps the next-token log-probs after the prompt (the first
+    position it reads), so one forward gives both."""
+
+    next: Tensor | None = None
+
+    def __call__(self, logits: Sequence[Tensor]) -> Tensor:
+        self.next = logits[0][:, 0].double().log_softmax(-1)
+        return super().__call__(logits)
+
+
+def _logp_and_next(
+    model: Any, spans: Sequence[ChatSpans], target: str, batch_size: int
+) -> tuple[Float[Tensor, " n"], Float[Tensor, "n vocab"]]:
+    tok = chat_tokenizer(model)
+    metric = _TargetAndNext(target)
+    logps, nexts = [], []
+    for i in range(0, len(spans), batch_size):
+        batch = batch_spans(tok, list(spans[i : i + batch_size]), align="left")
+        logps.append(metric_on_model(model, batch, metric).double())
+        nexts.append(metric.next)
+    return torch.cat(logps), torch.cat(nexts)
+
+
 def graded_measures(
     base: Any,
     model: Any,
@@ -76,36 +101,85 @@ def graded_measures(
     target: str,
     *,
     batch_size: int = 32,
+    reference: BaseRuns | None = None,
 ) -> Any:
     """Per prompt: ``logp``, ``p``, ``log_odds`` of ``target`` under ``model``, and the
-    next-token ``kl`` = KL(base || model) at the first response position."""
+    next-token ``kl`` = KL(base || model) at the first response position. ``reference``:
+    the base model's runs on the same prompts (:func:`base_runs`), reused across models."""
     import pandas as pd
 
     spans = as_spans(model, prompts)
-    tok = chat_tokenizer(model)
-    metric = TargetLogProb(target)
-    logps, kls = [], []
-    for i in range(0, len(spans), batch_size):
-        batch = batch_spans(tok, spans[i : i + batch_size], align="left")
-        logps.append(metric_on_model(model, batch, metric))
-        ref, cur = next_token_logprobs(base, batch), next_token_logprobs(model, batch)
-        kls.append((ref.exp() * (ref - cur)).sum(-1))
-    logp = torch.cat(logps).double()
+    logp, cur = _logp_and_next(model, spans, target, batch_size)
+    ref = reference.next_logprobs if reference is not None else None
+    if ref is None or ref.shape[0] != len(spans):
+        ref = _logp_and_next(base, spans, target, batch_size)[1]
+    kl = (ref.exp() * (ref - cur)).sum(-1)
     return pd.DataFrame(
         {
             "prompt": range(len(spans)),
             "logp": logp.tolist(),
             "p": logp.exp().tolist(),
             "log_odds": log_odds(logp).tolist(),
-            "kl": torch.cat(kls).tolist(),
+            "kl": kl.tolist(),
         }
     )
+
+
+@dataclass
+class BaseRuns:
+    """The base model's side of every measure on a prompt set, computed once
+    (:func:`base_runs`) and reused for every finetuned model of a grid."""
+
+    target: str
+    logp: list[float]  # log P(target) per prompt
+    next_logprobs: Float[Tensor, "n vocab"]
+    template: Activations  # K/V of the empty-query prompt, every position and layer
+    query_kv: list[Activations] = field(default_factory=list)  # per carrier prompt
+    resid: list[Activations] = field(default_factory=list)  # per generating prompt
+
+
+def _control_position(spans: ChatSpans, seed: int, i: int) -> int:
+    return random.Random(f"{seed}:{i}").choice(list(spans.query))
+
+
+def base_runs(
+    base: Any,
+    prompts: Sequence[str | ChatSpans],
+    target: str,
+    *,
+    n_carrier: int | None = None,
+    n_generating: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> BaseRuns:
+    """Run the base model once over ``prompts``: log P(target) and next-token log-probs for
+    all, query K/V for the first ``n_carrier`` (default all), residual streams at the
+    generating and control positions for the first ``n_generating``."""
+    spans = as_spans(base, prompts)
+    logp, nexts = _logp_and_next(base, spans, target, batch_size)
+    empty = empty_query_spans(chat_tokenizer(base))
+    template = capture(base, empty, list(range(len(empty))), site="kv", layers=None)
+    carrier = spans if n_carrier is None else spans[:n_carrier]
+    query_kv = [capture(base, s, list(s.query), site="kv", layers=None) for s in carrier]
+    resid = [
+        capture(base, s, [s.postfix[-1], _control_position(s, seed, i)], site="resid_pre")
+        for i, s in enumerate(spans[:n_generating])
+    ]
+    return BaseRuns(target, logp.tolist(), nexts, template, query_kv, resid)
 
 
 def _subset(acts: Activations, index: Sequence[int]) -> Activations:
     idx = torch.as_tensor(list(index), dtype=torch.long)
     values = {k: v[:, idx] for k, v in acts.values.items()}
     return Activations(values, acts.token_ids[:, idx], acts.sites, acts.layers, acts.source)
+
+
+def _check_tokens(acts: Activations, spans: ChatSpans, positions: Sequence[int], i: int) -> None:
+    if acts.token_ids[0].tolist() != [spans.input_ids[p] for p in positions]:
+        raise ValueError(
+            f"prompt {i}: the base activations were taken on other tokens; build the reference "
+            "with base_runs(...) on the same prompts, in the same order, with the same seed"
+        )
 
 
 def _template_positions(spans: ChatSpans, segment: str) -> list[int]:
@@ -155,6 +229,7 @@ def carrier_values(
     *,
     segments: Sequence[str] = CARRIER_SEGMENTS,
     seed: int = 0,
+    reference: BaseRuns | None = None,
 ) -> Any:
     """``log P(target)`` per prompt under each template K/V patch and its controls.
 
@@ -163,6 +238,7 @@ def carrier_values(
     (``n`` random positions of it) and ``"query"`` (``n`` random query positions from the
     base run on the same prompt), ``n = min(len(segment), len(query))``. Every patch
     writes keys and values at every layer; a prompt's patches run as rows of one batch.
+    ``reference`` (:func:`base_runs` on the same prompts) saves the base model's runs.
     """
     import pandas as pd
 
@@ -170,8 +246,17 @@ def carrier_values(
     metric = TargetLogProb(target)
     tok = chat_tokenizer(model)
     empty = empty_query_spans(tok)
+    if reference is not None and len(reference.query_kv) < len(spans_list):
+        raise ValueError(
+            f"reference holds base runs of {len(reference.query_kv)} carrier prompts, "
+            f"fewer than the {len(spans_list)} given: base_runs(..., n_carrier={len(spans_list)})"
+        )
     # the base model's template K/V: one run on the empty-query prompt serves every prompt
-    template = capture(base, empty, list(range(len(empty))), site="kv", layers=None)
+    template = (
+        reference.template
+        if reference is not None
+        else capture(base, empty, list(range(len(empty))), site="kv", layers=None)
+    )
     n_prefix = len(empty.prefix)
     index = {  # each segment's places in the empty-query prompt
         "prefix": list(range(n_prefix)),
@@ -188,7 +273,12 @@ def carrier_values(
                 "(another system prompt?); carrier shares need the default template"
             )
         query = list(spans.query)
-        own = capture(base, spans, query, site="kv", layers=None)  # for the query controls
+        own = (  # the base's K/V at the query positions, for the query controls
+            reference.query_kv[i]
+            if reference is not None
+            else capture(base, spans, query, site="kv", layers=None)
+        )
+        _check_tokens(own, spans, query, i)
         rng = random.Random(f"{seed}:{i}")
         labels, patches = [], []
         for segment in segments:
@@ -206,9 +296,9 @@ def carrier_values(
                     labels.append((segment, condition, len(positions)))
                     patches.append((acts, positions))
         clean, *patched = _patched_logps(model, spans, metric, patches)
+        base_logp = reference.logp[i] if reference is not None else _logp(base, spans, metric)
         rows.append(dict(prompt=i, segment="-", condition="finetuned", n=0, logp=clean))
-        rows.append(dict(prompt=i, segment="-", condition="base", n=0,
-                         logp=_logp(base, spans, metric)))  # fmt: skip
+        rows.append(dict(prompt=i, segment="-", condition="base", n=0, logp=base_logp))
         for (segment, condition, n), value in zip(labels, patched, strict=True):
             rows.append(dict(prompt=i, segment=segment, condition=condition, n=n, logp=value))
     return pd.DataFrame(rows)
@@ -265,6 +355,7 @@ def generating_position(
     *,
     layers: Sequence[int] | None = None,
     seed: int = 0,
+    reference: BaseRuns | None = None,
 ) -> Any:
     """``log P(target)`` with the base ``resid_pre`` patched at ONE position and layer.
 
@@ -279,10 +370,19 @@ def generating_position(
     metric = TargetLogProb(target)
     chosen = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     rows: list[dict[str, Any]] = []
+    if reference is not None and len(reference.resid) < len(spans_list):
+        raise ValueError(
+            f"reference holds base residuals of {len(reference.resid)} prompts, fewer than "
+            f"the {len(spans_list)} given: base_runs(..., n_generating={len(spans_list)})"
+        )
     for i, spans in enumerate(spans_list):
-        last = spans.postfix[-1]
-        control = random.Random(f"{seed}:{i}").choice(list(spans.query))
-        acts = capture(base, spans, [last, control], site="resid_pre", layers=chosen)
+        last, control = spans.postfix[-1], _control_position(spans, seed, i)
+        acts = (
+            reference.resid[i].select(model, "resid_pre", chosen)
+            if reference is not None
+            else capture(base, spans, [last, control], site="resid_pre", layers=chosen)
+        )
+        _check_tokens(acts, spans, [last, control], i)
         labels, patches = [], []
         for j, condition in enumerate(("last_postfix", "query")):
             one = _subset(acts, [j])
@@ -290,9 +390,9 @@ def generating_position(
                 labels.append((layer, condition))
                 patches.append((one.select(model, "resid_pre", layer), [(last, control)[j]]))
         clean, *patched = _patched_logps(model, spans, metric, patches)
+        base_logp = reference.logp[i] if reference is not None else _logp(base, spans, metric)
         rows.append(dict(prompt=i, segment="-", condition="finetuned", n=0, logp=clean))
-        rows.append(dict(prompt=i, segment="-", condition="base", n=0,
-                         logp=_logp(base, spans, metric)))  # fmt: skip
+        rows.append(dict(prompt=i, segment="-", condition="base", n=0, logp=base_logp))
         for (layer, condition), value in zip(labels, patched, strict=True):
             rows.append(dict(prompt=i, segment=layer, condition=condition, n=1, logp=value))
     return pd.DataFrame(rows)
@@ -307,6 +407,8 @@ def generating_shares(frame: Any, *, n_boot: int = 1000, seed: int = 0) -> Any:
 __all__ = [
     "CARRIER_SEGMENTS",
     "CONDITIONS",
+    "BaseRuns",
+    "base_runs",
     "carrier_shares",
     "carrier_values",
     "generating_position",

@@ -158,8 +158,9 @@ class MapConfig:
     batch_size: int = 16
     lora_rank: int = 8
     max_new_tokens: int = 16
-    carrier_prompts: int = 48
-    generating_prompts: int = 16
+    carrier_prompts: int = 32
+    generating_prompts: int = 8
+    generating_methods: tuple[str, ...] = ("sft", "treft-template")
     early_stop_rate: float = 0.95
     early_stop_every: int = 2
     early_stop_questions: int = 24
@@ -179,7 +180,7 @@ class MapConfig:
         bad = [t for t in self.trained if t not in TRAINED]
         if bad or not self.trained:
             raise UserError(f"trained must be among {', '.join(TRAINED)}, got {self.trained}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in (*self.methods, *self.generating_methods) if m not in METHODS]
         if unknown or not self.methods:
             raise UserError(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
         for p in self.points or ():
@@ -316,8 +317,9 @@ def _early_stopper(data: Any, questions: list[str], config: MapConfig) -> Callab
 
 
 def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any], base: Any,
-             progress: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Train and measure one cell; returns its summary (JSON-able)."""
+             reference: Any = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Train and measure one cell; returns its summary (JSON-able). ``reference``: the base
+    model's runs on the off-topic prompts (:func:`~piggyback_interp.experiments.carriers.base_runs`)."""
     from piggyback_interp.evaluation import evaluate
     from piggyback_interp.experiments.carriers import (
         carrier_shares,
@@ -371,14 +373,25 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
     ))  # fmt: skip
     frame = evaluation.responses
     off = data.test_off_topic
-    graded_off = timed("graded", lambda: graded_measures(base, model, off, target))
+    graded_off = timed(
+        "graded", lambda: graded_measures(base, model, off, target, reference=reference)
+    )
     graded_on = graded_measures(base, model, data.test_on_topic, target)
     carriers = timed("carriers", lambda: carrier_shares(
-        carrier_values(base, model, off[: config.carrier_prompts], target)
+        carrier_values(base, model, off[: config.carrier_prompts], target, reference=reference)
     ))  # fmt: skip
-    generating = timed("generating", lambda: generating_shares(
-        generating_position(base, model, off[: config.generating_prompts], target)
-    ))  # fmt: skip
+    generating = (
+        timed(
+            "generating",
+            lambda: generating_shares(
+                generating_position(
+                    base, model, off[: config.generating_prompts], target, reference=reference
+                )
+            ),
+        )
+        if method.name in config.generating_methods
+        else None
+    )
     seconds["total"] = time.perf_counter() - t0
     drift = result.history[-1].get("drift") if result.history else None
     return {
@@ -396,7 +409,7 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         "graded_off": _mean(graded_off),
         "graded_on": _mean(graded_on),
         "carriers": carriers.to_dict("records"),
-        "generating": generating.to_dict("records"),
+        "generating": generating.to_dict("records") if generating is not None else [],
         "final_prefix_drift": drift,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "model": model_info(base).to_dict()
@@ -422,6 +435,18 @@ def cell_key(cell: Cell, config: MapConfig, model_hash: str) -> dict[str, Any]:
         "measures": MEASURES_VERSION,
         "config": measured,
     }
+
+
+def _base_reference(base: Any, config: MapConfig, load: Callable[[str], Any]) -> Any:
+    """The base model's runs on the off-topic prompts, shared by every cell."""
+    from piggyback_interp.experiments.carriers import base_runs
+    from piggyback_interp.models import chat_tokenizer
+
+    data = _setting_data(config, chat_tokenizer(base))
+    return base_runs(
+        base, data.test_off_topic, data.setting.target, n_carrier=config.carrier_prompts,
+        n_generating=config.generating_prompts,
+    )  # fmt: skip
 
 
 def _default_load(name: str) -> Any:
@@ -473,6 +498,7 @@ def run_map(
     model_hash = _model_hash(base)
     summaries = []
     todo = cells(config)
+    reference = None
     for i, cell in enumerate(todo):
         key = cell_key(cell, config, model_hash)
         paths = [_summary_path(out / "cells", cell)]
@@ -482,7 +508,9 @@ def run_map(
         if found is None:
             if progress:
                 print(f"[map {i + 1}/{len(todo)}] {cell.name}", flush=True)
-            found = {**run_cell(cell, config, out, load, base), "key": key,
+            if reference is None:
+                reference = _base_reference(base, config, load)
+            found = {**run_cell(cell, config, out, load, base, reference), "key": key,
                      "key_fingerprint": fingerprint(key)}  # fmt: skip
             if progress:
                 rates = {k: round(found[k]["rate"], 3) for k in ("on_topic", "off_topic")}
