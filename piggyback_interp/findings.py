@@ -52,7 +52,9 @@ def scan_sections(result: ScanResult, *, what: str = "the finetuned model") -> l
             "segment (`all`); `n` of its positions (`matched`); `n` query positions (`query`, "
             "the non-template control); Gaussian noise of the base's norm at the matched positions "
             "(`noise`). Recovery is the fraction of the gap closed (1: the finetuned model answers "
-            "like the base model; 0: no change). Noise is a destructive control: far from 0 (above "
+            "like the base model; 0: no change); with a target answer it is given in log-probability "
+            "(`recovery`) and in probability (`recovery_prob`, P = exp(log P)), which weighs the "
+            "prompts where the answer is likely. Noise is a destructive control: far from 0 (above "
             "1 or below 0) it shows the model does read those positions, so a K/V patch near 0 "
             "there means the base values change nothing, not that the positions are ignored. "
             "Error bars: 95% over prompts.",

@@ -242,7 +242,8 @@ def segment_patching(
     One row per (prompt, segment, condition): ``all`` (every position of the segment),
     ``matched`` (``n`` of its positions, ``n`` = the smaller of segment and query),
     ``query`` (``n`` query positions), ``noise`` (noise of the base's norm at the
-    matched positions); ``n``, ``value``, ``clean``, ``source_value``, ``recovery``.
+    matched positions); ``n``, ``value``, ``clean``, ``source_value``, ``recovery``; for
+    ``metric="target"`` also ``recovery_prob``, the fraction of the gap in P(target).
     """
     import pandas as pd
 
@@ -280,7 +281,12 @@ def segment_patching(
             frame = pd.concat([pd.DataFrame([full]), controls], ignore_index=True)
             frames.append(frame.assign(prompt=i, segment=segment))
     columns = ["prompt", "segment", "condition", "n", "value", "clean", "source_value", "recovery"]
-    return pd.concat(frames, ignore_index=True)[columns]
+    out = pd.concat(frames, ignore_index=True)[columns]
+    if config.metric == "target":  # the same gap in probability space: P = exp(log P)
+        p, c, b = (out[k].map(math.exp) for k in ("value", "clean", "source_value"))
+        gap = b - c  # NaN where there is no gap (relative to the probabilities themselves)
+        out["recovery_prob"] = ((p - c) / gap).where(gap.abs() > 1e-9 * (b.abs() + c.abs()))
+    return out
 
 
 def layer_patching(
@@ -459,6 +465,10 @@ def carrier_verdict(
             row["perturb_reduction_query"] = _mean_se(own[own["segment"] == "query"]["reduction"])[
                 0
             ]
+        if "recovery_prob" in group:
+            prob = group.pivot(index="prompt", columns="condition", values="recovery_prob")
+            row["recovery_all_prob"] = _mean_se(prob["all"])[0]
+            row["recovery_query_control_prob"] = _mean_se(prob["query"])[0]
         row["carrier"] = bool(full >= min_recovery and specific)
         row["partial"] = bool(not row["carrier"] and specific and full > 0)
         rows.append(row)
@@ -484,6 +494,12 @@ def carrier_verdict(
             f"{percent(r['recovery_matched'])} at matched positions vs "
             f"{percent(r['recovery_query_control'])} at as many query positions "
             f"(difference {percent(r['matched_minus_query'])} ± {percent(r['matched_minus_query_se'])} SE)"
+            + (
+                f"; in probability of the target {percent(r['recovery_all_prob'])} vs "
+                f"{percent(r['recovery_query_control_prob'])} at query positions"
+                if "recovery_all_prob" in r
+                else ""
+            )
             + (" → carrier" if r["carrier"] else "")
         )
     detail = (

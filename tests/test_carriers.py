@@ -149,8 +149,15 @@ def test_base_runs_reference_gives_the_same_values(pair):
     base, tuned = pair
     ref = base_runs(base, PROMPTS, TARGET, n_generating=2)
     for fn in (carrier_values, generating_position):
-        fresh, cached = fn(base, tuned, PROMPTS, TARGET), fn(base, tuned, PROMPTS, TARGET, reference=ref)
-        assert (fresh[["segment", "condition", "n"]] == cached[["segment", "condition", "n"]]).all().all()
+        fresh, cached = (
+            fn(base, tuned, PROMPTS, TARGET),
+            fn(base, tuned, PROMPTS, TARGET, reference=ref),
+        )
+        assert (
+            (fresh[["segment", "condition", "n"]] == cached[["segment", "condition", "n"]])
+            .all()
+            .all()
+        )
         assert fresh["logp"].to_numpy() == pytest.approx(cached["logp"].to_numpy(), abs=1e-5)
     graded = graded_measures(base, tuned, PROMPTS, TARGET)
     cached = graded_measures(base, tuned, PROMPTS, TARGET, reference=ref)

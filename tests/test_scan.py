@@ -184,7 +184,7 @@ def test_segment_patching_finds_a_planted_postfix_carrier(
         "clean",
         "source_value",
         "recovery",
-    ]
+    ] + (["recovery_prob"] if metric == "target" else [])
     assert len(frame) == len(prompts) * 2 * 4
     target_ids = chat_tokenizer(base).encode(TARGET, add_special_tokens=False)
     for i, spans in enumerate(spans_list[: len(prompts)]):
@@ -213,8 +213,15 @@ def test_segment_patching_finds_a_planted_postfix_carrier(
         # the postfix (8 tokens) is shorter than every query: "matched" is all of it
         assert _rec(frame, i, "postfix", "matched")["n"] == len(spans.postfix)
         assert _rec(frame, i, "postfix", "matched")["recovery"] == pytest.approx(1, abs=1e-4)
+    if metric == "target":  # the same gaps in probability space, by hand
+        for _, row in frame.iterrows():
+            p, c, b = (math.exp(row[k]) for k in ("value", "clean", "source_value"))
+            assert row["recovery_prob"] == pytest.approx((p - c) / (b - c), rel=1e-6, abs=1e-9)
+        assert _rec(frame, 0, "postfix", "all")["recovery_prob"] == pytest.approx(1, abs=1e-3)
     verdict = carrier_verdict(frame)
     assert verdict.carriers == ("postfix",)
+    if metric == "target":
+        assert "in probability of the target" in verdict.detail
     assert verdict.headline == "The postfix carries the finetuned behaviour"
     evidence = verdict.evidence.set_index("segment")
     assert evidence.loc["postfix", "recovery_all"] == pytest.approx(1, abs=1e-4)
