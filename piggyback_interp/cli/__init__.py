@@ -43,6 +43,7 @@ from piggyback_interp.errors import (
     EXIT_INPUT,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    DiskError,
     PiggybackError,
     disk_error,
 )
@@ -328,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code == EXIT_OK and args.record:
             record_config(args)
         return code
+    except DiskError as err:  # a writer's errno, said with the fix
+        return _error(command, str(disk_error(err) or err), EXIT_DISK)
     except PiggybackError as err:
         return _error(command, str(err), err.exit_code)
     except KeyboardInterrupt:
