@@ -39,11 +39,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.metrics import LogitMetric, continuation_inputs
 from piggyback_interp.models import chat_tokenizer
@@ -112,13 +114,13 @@ def atp_prescreen(
     per layer x cell). Needs a left-padded batch (``batch_spans(..., align="left")``).
     """
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    job = _Job.build(model, source, spans, metric, site, layers, segment)
-    if job.batch.align != "left":
-        raise ValueError(
+        raise UserError(f"top_k must be >= 0, got {top_k}")
+    if as_batch(model, spans).align != "left":
+        raise UserError(
             "atp_prescreen patches its top cells with the reference loop, which needs "
             "batch_spans(..., align='left')"
         )
+    job = _Job.build(model, source, spans, metric, site, layers, segment)
     delta, clean = job.estimate(isolate)
     values = delta + clean[:, None, None]
     atp_mean = values.mean(0).tolist()
@@ -142,11 +144,19 @@ def atp_prescreen(
     return result
 
 
+@dataclass
 class _Job:
     """The inputs of an AtP sweep, checked, with the source's activations captured."""
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
+    model: Any
+    source: Any
+    batch: ChatBatch
+    metric: LogitMetric
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    positions: Tensor
+    acts: Activations
+    tok: Any
 
     @classmethod
     def build(cls, model, source, spans, metric, site, layers, segment) -> _Job:
@@ -166,7 +176,6 @@ class _Job:
             metric=metric,
             sites=sites,
             layers=chosen,
-            segment=segment,
             positions=positions,
             acts=acts,
             tok=chat_tokenizer(model),
@@ -313,7 +322,7 @@ def _remove_self_reads(model, layer, hook_sites, leaves, grads, attn, extra_grad
     attn_module = model.blocks[layer].attn.original_component
     scaling = attn_module.scaling
     if getattr(attn_module, "attn_logit_softcapping", None) is not None:
-        raise ValueError(
+        raise UserError(
             "isolated key/value attribution patching does not support attention logit "
             "softcapping; pass isolate=False"
         )
