@@ -77,6 +77,8 @@ class ScanConfig:
     ``metric="kl"``: the gap is ``KL(base || finetuned)`` of the next token;
     ``"target"``: the difference in log-prob of ``target`` (e.g. the trained answer).
     ``layers``: the layers of the per-layer experiments (``None``: all).
+    ``resid_atp_top_k``: rank every residual-sweep cell by attribution patching and
+    patch only the top ``k`` exactly (``None``: patch every cell exactly).
     """
 
     segments: tuple[str, ...] = TEMPLATE_SEGMENTS
@@ -88,6 +90,7 @@ class ScanConfig:
     resid_sweep: bool = True
     min_recovery: float = 0.25
     seed: int = 0
+    resid_atp_top_k: int | None = None
 
     def __post_init__(self) -> None:
         bad = [s for s in self.segments if s not in TEMPLATE_SEGMENTS]
@@ -102,6 +105,8 @@ class ScanConfig:
         at_least(self, 1, "trials")
         if not 0 < self.min_recovery <= 1:
             raise UserError(f"min_recovery must be in (0, 1], got {self.min_recovery}")
+        if self.resid_atp_top_k is not None and self.resid_atp_top_k < 0:
+            raise UserError(f"resid_atp_top_k must be >= 0, got {self.resid_atp_top_k}")
 
 
 # --- the gap metric ---------------------------------------------------------------------
@@ -385,6 +390,18 @@ def residual_sweep(
     :func:`~piggyback_interp.patching.sweep.sweep`)."""
     spans_list = as_spans(model, prompts)
     metric = gap_metric(base, _left(model, spans_list), config)
+    if config.resid_atp_top_k is not None:
+        from piggyback_interp.patching.atp import atp_prescreen
+
+        return atp_prescreen(
+            model,
+            base,
+            _left(model, spans_list),
+            metric,
+            site="resid_pre",
+            layers=config.layers,
+            top_k=config.resid_atp_top_k,
+        )
     aligned = batch_spans(chat_tokenizer(model), spans_list, align="prefix")
     return sweep(
         model,

@@ -472,6 +472,26 @@ def test_residual_sweep_shape_and_planted_answers(base, post, pre, post_scan, pr
     assert torch.allclose(one.values[:, 0], planted.values[:, 1], atol=1e-6)
 
 
+def test_residual_sweep_atp_prescreen(base, pre, pre_scan):
+    """resid_atp_top_k: every cell ranked by AtP, the top k patched exactly."""
+    exact = pre_scan.resid
+    screened = residual_sweep(base, pre, PROMPTS, ScanConfig(resid_atp_top_k=3), progress=False)
+    assert screened.meta["method"] == "atp_prescreen"
+    assert screened.values.shape == exact.values.shape
+    atp = (torch.tensor(screened.meta["atp_values"]) - screened.clean.mean()).abs().flatten()
+    n_cells = len(exact.positions)
+    top = sorted(divmod(i, n_cells) for i in atp.argsort(descending=True)[:3].tolist())
+    assert screened.meta["exact_cells"] == [[exact.layers[li], exact.positions[c]] for li, c in top]
+    for li, c in top:
+        assert torch.allclose(screened.values[:, li, c], exact.values[:, li, c], atol=1e-5)
+    # every cell exact: the exact sweep (AtP alone underrates the planted layer-0 cell,
+    # a large, nonlinear change: see docs/patching.md)
+    everything = residual_sweep(base, pre, PROMPTS, ScanConfig(resid_atp_top_k=2 * n_cells))
+    assert torch.allclose(everything.values, exact.values, atol=1e-5)
+    with pytest.raises(ValueError, match="resid_atp_top_k"):
+        ScanConfig(resid_atp_top_k=-1)
+
+
 # ------------------------------------------------------------- verdict rule
 
 

@@ -35,7 +35,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -282,6 +282,7 @@ def sweep(
     cells_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    method: Literal["exact", "atp"] = "exact",
 ) -> SweepResult:
     """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
 
@@ -303,7 +304,16 @@ def sweep(
         checkpoint: a file to record finished layers in; a rerun with the same
             arguments resumes from it.
         progress: show a progress bar.
+        method: ``"exact"`` patches every cell; ``"atp"`` estimates every cell from one
+            forward and one backward (:func:`~piggyback_interp.patching.atp.atp_sweep`;
+            ``cells_per_batch``, ``checkpoint`` and ``progress`` do not apply).
     """
+    if method == "atp":
+        from piggyback_interp.patching.atp import atp_sweep
+
+        return atp_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
+    if method != "exact":
+        raise ValueError(f"unknown sweep method {method!r}; choose 'exact' or 'atp'")
     sites = expand_sites(site)
     if len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(
@@ -662,19 +672,35 @@ def reference_sweep(
         pin = capture(model, batch, segment, site=KV_SITES, layers=None)
     out = torch.empty(positions.shape[0], len(chosen), positions.shape[1])
     for li, layer in enumerate(chosen):
-        names = [resolve_site(model, s).name(layer) for s in sites]
         for i in range(positions.shape[1]):
-            values = {n: v[:, i : i + 1] for n, v in pin.values.items()} if pin else {}
-            values.update({n: acts.values[n][:, i : i + 1] for n in names})
-            one = Activations(
-                values,
-                acts.token_ids[:, i : i + 1],
-                tuple(dict.fromkeys((*sites, *(KV_SITES if pin else ())))),
-                tuple(range(model.cfg.n_layers)) if pin else (layer,),
-            )
-            with patch_activations(model, one, positions[:, i : i + 1]):
-                out[:, li, i] = metric_on_model(model, batch, metric).cpu()
+            out[:, li, i] = exact_cell(model, batch, metric, acts, pin, sites, layer, i, positions)
     return out
+
+
+def exact_cell(
+    model: Any,
+    batch: ChatBatch,
+    metric: LogitMetric,
+    acts: Activations,
+    pin: Activations | None,
+    sites: Sequence[str],
+    layer: int,
+    i: int,
+    positions: Tensor,
+) -> Float[Tensor, " prompts"]:
+    """The metric with cell ``i`` of ``acts`` patched at ``layer`` (one full forward per
+    continuation); ``pin`` (the target's own keys/values at every layer) isolates K/V."""
+    names = [resolve_site(model, s).name(layer) for s in sites]
+    values = {n: v[:, i : i + 1] for n, v in pin.values.items()} if pin else {}
+    values.update({n: acts.values[n][:, i : i + 1] for n in names})
+    one = Activations(
+        values,
+        acts.token_ids[:, i : i + 1],
+        tuple(dict.fromkeys((*sites, *(KV_SITES if pin else ())))),
+        tuple(range(model.cfg.n_layers)) if pin else (layer,),
+    )
+    with patch_activations(model, one, positions[:, i : i + 1]):
+        return metric_on_model(model, batch, metric).cpu()
 
 
 __all__ = ["SweepResult", "reference_sweep", "sweep"]
