@@ -25,8 +25,9 @@ at the last postfix position per layer, beside a query position).
 Each finished cell is a small JSON summary in <out>/cells and in --results (commit that
 folder: a later run on a fresh machine reads it back instead of training again). Run the same
 command again to resume; --points / --methods / --trained / --seeds select a slice, and
---table-only renders what exists without training. Writes <out>/map.csv, map.md and
-map_<method>.html (the phase diagram)."""
+--table-only renders what exists without training. Writes <out>/map.csv (every measure),
+map.md (the headline table: mean ± SE over seeds) and map_<method>.html (the phase
+diagram)."""
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from piggyback_interp.evaluation import markdown_table
-    from piggyback_interp.experiments.map import MapConfig, map_table, read_summaries, run_map
+    from piggyback_interp.experiments.map import (
+        MapConfig,
+        headline,
+        map_table,
+        read_summaries,
+        run_map,
+    )
     from piggyback_interp.figures.export import save_figure
     from piggyback_interp.figures.map import phase_diagram
 
@@ -84,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"no cells yet in {args.results} or {out / 'cells'}")
         return 0
     table.to_csv(out / "map.csv", index=False)
-    (out / "map.md").write_text(markdown_table(table.round(3)) + "\n", "utf-8")
+    (out / "map.md").write_text(markdown_table(headline(table)), "utf-8")
     for method in table["method"].unique():
         save_figure(phase_diagram(table, method=method), out / f"map_{method}", png=False)
     if not args.quiet:

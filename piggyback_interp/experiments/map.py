@@ -566,6 +566,46 @@ def map_table(summaries: list[dict[str, Any]]) -> Any:
     return pd.DataFrame(rows)
 
 
+HEADLINE = {
+    "trained": "trained",
+    "point": "lr x epochs",
+    "method": "method",
+    "seeds": "seeds",
+    "on_topic": "on-topic",
+    "off_topic": "off-topic",
+    "off_p_target": "off P(target)",
+    "template_prob": "template K/V share (P)",
+    "template_query_prob": "query control (P)",
+    "template_logprob": "template K/V share (log P)",
+    "prefix_prob": "prefix share (P)",
+    "postfix_prob": "postfix share (P)",
+    "gen_last_prob": "best layer at last postfix (P)",
+}
+
+
+def headline(table: Any, digits: int = 2) -> Any:
+    """The map's headline view: one row per (trained, point, method), mean over seeds
+    (``± SE`` where there are several seeds), in grid order."""
+    import pandas as pd
+
+    keys = ["trained", "point", "method"]
+    values = [c for c in HEADLINE if c not in (*keys, "seeds")]
+    rows = []
+    for key, group in table.groupby(keys, sort=False):
+        row = dict(zip(keys, key, strict=True))
+        row["seeds"] = len(group)
+        for column in values:
+            x = group[column].astype(float)
+            mean = x.mean()
+            if len(x) > 1:
+                se = x.std(ddof=1) / math.sqrt(len(x))
+                row[column] = f"{mean:.{digits}f} ± {se:.{digits}f}"
+            else:
+                row[column] = "n/a" if math.isnan(mean) else f"{mean:.{digits}f}"
+        rows.append(row)
+    return pd.DataFrame(rows).rename(columns=HEADLINE)
+
+
 def iter_points(config: MapConfig) -> Iterator[tuple[str, str]]:
     """(trained, point label) pairs of the grid."""
     for trained in config.trained:
@@ -583,6 +623,7 @@ __all__ = [
     "Method",
     "Point",
     "cells",
+    "headline",
     "inoculation_prompt",
     "map_table",
     "read_summaries",
