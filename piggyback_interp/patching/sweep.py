@@ -276,6 +276,7 @@ def sweep(
     cells_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    engine: str = "batched",
 ) -> SweepResult:
     """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
 
@@ -288,17 +289,40 @@ def sweep(
             of each prompt runs per prompt (faster; same values).
         metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
         site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``
-            run on the fast engine; ``kv`` | ``k`` | ``v`` | ``z`` run the reference
-            loop (one forward per cell; K/V cells isolated as in :func:`patch_prefix`).
-            For whole-prefix K/V layer windows use :func:`kv_layer_sweep`.
+            run on the residual engine; ``kv`` | ``k`` | ``v`` | ``z`` (every head) on
+            the batched K/V and head engine (:mod:`~piggyback_interp.patching.kv_engine`;
+            K/V cells isolated as in :func:`patch_prefix`). For whole-prefix K/V layer
+            windows use :func:`kv_layer_sweep`, for single heads :func:`head_sweep` and
+            :func:`kv_head_sweep`.
         layers: the layers to sweep (default all).
         segment: the positions to sweep: a segment name or explicit positions.
         cells_per_batch: how many positions share one forward (rows = this x prompts).
         checkpoint: a file to record finished layers in; a rerun with the same
             arguments resumes from it.
         progress: show a progress bar.
+        engine: ``"batched"`` (the engines) or ``"loop"`` (:func:`reference_sweep`, one
+            full forward per cell: the oracle, slow). The K/V and head engine keeps no
+            checkpoint.
     """
+    if engine not in ("batched", "loop"):
+        raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
+    if engine == "loop":
+        return _loop_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
+    if set(sites) <= set(KV_SITES) or sites == ("z",):
+        from piggyback_interp.patching.kv_engine import engine_sweep
+
+        return engine_sweep(
+            model,
+            source,
+            spans,
+            metric,
+            site=site,
+            layers=layers,
+            segment=segment,
+            cells_per_batch=cells_per_batch,
+            progress=progress,
+        )
     if len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
     site_name = sites[0]
@@ -386,7 +410,7 @@ def sweep(
 
 
 def _loop_sweep(model, source, spans, metric, *, site, layers, segment) -> SweepResult:
-    """Sites the engine does not batch yet (k, v, kv, z): the reference loop."""
+    """``engine="loop"``, and mixed sites no engine batches: the reference loop."""
     batch = as_batch(model, spans)
     if batch.align != "left":
         raise ValueError(
