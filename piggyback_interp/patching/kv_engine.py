@@ -23,6 +23,7 @@ prompt (the postfix's empty-query prompt) is rotated for its new place by the mo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -248,12 +249,14 @@ class PatchEngine:
             pair = []
             for s, own in (("k", c.keys), ("v", c.values)):
                 own = own[:b, :, :start]
-                swap = (
-                    cells.pos[:, :b, None, :start, None]
-                    & cells.layers[:, j, None, None, None, None]
-                    & cells.heads[:, None, :, None, None]
-                )
-                if s in self.sites and self.source_cache is not None and bool(swap.any()):
+                swap = None
+                if s in self.sites and self.source_cache is not None:
+                    swap = (
+                        cells.pos[:, :b, None, :start, None]
+                        & cells.layers[:, j, None, None, None, None]
+                        & cells.heads[:, None, :, None, None]
+                    )
+                if swap is not None and bool(swap.any()):
                     layer = self.source_cache.layers[j]
                     src = (layer.keys if s == "k" else layer.values)[:b, :, :start]
                     pair.append(torch.where(swap, src[None], own[None]).flatten(0, 1))
@@ -358,15 +361,18 @@ def run_cells(
     specs: Sequence[tuple[Tensor, int | Sequence[int], Tensor | None]],
     cells_per_batch: int,
     bar: Any = None,
+    *,
+    by_layer: bool = True,
 ) -> Tensor:
-    """The metric of every cell of ``specs`` (``[cells, prompts]``), ``cells_per_batch``
-    cells per forward. A spec is (``[B, T0]`` bool columns, layer(s), ``[heads]`` bool
-    mask or ``None`` for every head)."""
+    """The metric of every cell of ``specs`` (``[cells, prompts]``), up to
+    ``cells_per_batch`` cells per forward. A spec is (``[B, T0]`` bool columns, layer(s),
+    ``[heads]`` bool mask or ``None`` for every head). With ``by_layer`` a forward
+    holds cells of one first layer only (a run starts at its lowest first layer), in
+    chunks of balanced size."""
     n_layers = engine.model.cfg.n_layers
     n_heads = n_heads_at(engine.model, engine.hook_sites[engine.sites[0]])
     out = []
-    for c0 in range(0, len(specs), cells_per_batch):
-        chunk = specs[c0 : c0 + cells_per_batch]
+    for chunk in _chunks(specs, cells_per_batch, by_layer):
         layers = torch.zeros(len(chunk), n_layers, dtype=torch.bool)
         heads = torch.ones(len(chunk), n_heads, dtype=torch.bool)
         for c, (_, layer, head) in enumerate(chunk):
@@ -380,6 +386,25 @@ def run_cells(
         if bar is not None:
             bar.update(len(chunk))
     return torch.cat(out)
+
+
+def _chunks(specs: Sequence, size: int, by_layer: bool) -> list[Sequence]:
+    """Consecutive chunks of at most ``size`` specs, equally full (within runs of one
+    first layer if ``by_layer``)."""
+    groups: list[list] = []
+    last = None
+    for spec in specs:
+        first = spec[1] if isinstance(spec[1], int) else min(spec[1])
+        if not groups or (by_layer and first != last):
+            groups.append([])
+        groups[-1].append(spec)
+        last = first
+    chunks = []
+    for group in groups:
+        n = -(-len(group) // size)  # as few forwards as the size allows
+        bounds = [round(i * len(group) / n) for i in range(n + 1)]
+        chunks += [group[a:b] for a, b in itertools.pairwise(bounds)]
+    return chunks
 
 
 def engine_sweep(

@@ -101,7 +101,8 @@ def kv_layer_sweep(
         src = patcher.load_source(source, positions, range(starts[0], n_layers))
         whole = position_mask(positions, batch.input_ids.shape[1])
         specs = [(whole, range(s, s + window), None) for s in starts]
-        values = run_cells(patcher, specs, windows_per_batch, bar).T  # [B, windows]
+        # windows of several first layers share a forward (it starts at the lowest)
+        values = run_cells(patcher, specs, windows_per_batch, bar, by_layer=False).T
         clean = patcher.clean_values()
     bar.close()
     return SweepResult(
