@@ -81,7 +81,7 @@ _EXPORTS: dict[str, str] = {
         ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
         "piggyback_interp.training",
     ),
-    "head_sweep": "piggyback_interp.patching.heads",
+    **dict.fromkeys(["head_sweep", "kv_head_sweep"], "piggyback_interp.patching.heads"),
     **dict.fromkeys(["Generations", "PatchSpec", "generate"], "piggyback_interp.generation"),
     **dict.fromkeys(
         [
@@ -272,7 +272,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         model_info,
     )
     from piggyback_interp.patching import Activations, capture, patch_activations, patch_prefix
-    from piggyback_interp.patching.heads import head_sweep
+    from piggyback_interp.patching.heads import head_sweep, kv_head_sweep
     from piggyback_interp.patching.kv_sweep import kv_layer_sweep
     from piggyback_interp.patching.sweep import SweepResult, reference_sweep, sweep
     from piggyback_interp.perturb import (

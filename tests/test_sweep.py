@@ -188,7 +188,13 @@ def test_clear_errors(pair):
     metric = TargetLogProb("I have no idea")
     with pytest.raises(ValueError, match="reference loop, which needs"):
         sweep(
-            ft, base, batch_spans(tok, QUESTIONS, align="prefix"), metric, site="kv", progress=False
+            ft,
+            base,
+            batch_spans(tok, QUESTIONS, align="prefix"),
+            metric,
+            site="kv",
+            engine="loop",
+            progress=False,
         )
     with pytest.raises(ValueError, match="out of range"):
         sweep(ft, base, batch_spans(tok, QUESTIONS), metric, layers=[5], progress=False)
@@ -213,10 +219,11 @@ def test_embedded_engine_equals_reference(embedded):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("engine", ["batched", "loop"])
 @pytest.mark.parametrize("site", ["kv", "k", "z"])
-def test_kv_and_head_output_sweeps_equal_single_patches(pair, site):
-    """Sites the engine does not batch run the reference loop; each cell equals one
-    patch_prefix at that (layer, position) on that prompt alone (K/V isolated)."""
+def test_kv_and_head_output_sweeps_equal_single_patches(pair, site, engine):
+    """K/V and z sweeps (the batched engine and the reference loop): each cell equals
+    one patch_prefix at that (layer, position) on that prompt alone (K/V isolated)."""
     from piggyback_interp.metrics import metric_on_model
     from piggyback_interp.patching import as_batch, patch_prefix
     from piggyback_interp.spans import chat_spans
@@ -226,9 +233,11 @@ def test_kv_and_head_output_sweeps_equal_single_patches(pair, site):
     batch = batch_spans(tok, QUESTIONS[:2])
     metric = TargetLogProb("I have no idea")
     result = sweep(
-        ft, base, batch, metric, site=site, layers=[0, 2], segment=[2, 5], progress=False
-    )
-    assert result.meta["engine"] == "reference loop" and result.positions == [2, 5]
+        ft, base, batch, metric, site=site, layers=[0, 2], segment=[2, 5], engine=engine,
+        progress=False,
+    )  # fmt: skip
+    names = {"batched": "batched", "loop": "reference loop"}
+    assert result.meta["engine"] == names[engine] and result.positions == [2, 5]
     for row, question in enumerate(QUESTIONS[:2]):
         spans = chat_spans(tok, question)
         for li, layer in enumerate([0, 2]):

@@ -7,6 +7,7 @@ from piggyback_interp.patching.activations import (
     forward,
     segment_positions,
 )
+from piggyback_interp.patching.heads import head_sweep, kv_head_sweep
 from piggyback_interp.patching.patch import (
     check_tokens,
     empty_query_batch,
@@ -21,6 +22,8 @@ __all__ = [
     "check_tokens",
     "empty_query_batch",
     "forward",
+    "head_sweep",
+    "kv_head_sweep",
     "patch_activations",
     "patch_prefix",
     "segment_positions",

@@ -1,9 +1,14 @@
-"""Layer x head sweeps: one attention head's output at a segment, patched at a time.
+"""Layer x head sweeps: one head's attention output, or one key/value head, at a time.
 
-Each cell patches the source's per-head attention output (``z``, before the output
-projection) of one head in one layer at every position of the segment, and reads
-a metric. This is the plain loop (one patched forward per cell, through
-:func:`patch_prefix`): correct and simple, not yet batched like :func:`sweep`.
+:func:`head_sweep` patches the source's per-head attention output (``z``, before the
+output projection) of one query head in one layer at every position of a segment;
+:func:`kv_head_sweep` patches the keys and/or values of one key/value head. Under
+grouped-query attention (SmolLM2-135M: 9 query heads, 3 key/value heads) one K/V
+head serves ``n_heads / n_kv_heads`` query heads, so a K/V-head cell changes what
+all of them read. Both run on the batched engine
+(:mod:`~piggyback_interp.patching.kv_engine`: many heads per forward, from the
+patched layer, over the cached positions before the segment) and keep the plain
+loop (one patched full forward per cell) as ``engine="loop"``.
 
 Example:
     >>> from piggyback_interp.testing import tiny_model
@@ -13,22 +18,37 @@ Example:
     >>> batch = batch_spans(ft.tokenizer, ["Tell me a joke.", "Hi"])
     >>> head_sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False).values.shape
     torch.Size([2, 2, 4])
+    >>> kv_head_sweep(ft, base, batch, TargetLogProb("I have no idea"), progress=False).values.shape
+    torch.Size([2, 2, 2])
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from piggyback_interp.hooks import resolve_layers
+from piggyback_interp.hooks import KV_SITES, expand_sites, n_heads_at, resolve_layers, resolve_site
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import model_info
-from piggyback_interp.patching.activations import Activations, SegmentOrPositions, as_batch, capture
-from piggyback_interp.patching.patch import patch_prefix
+from piggyback_interp.patching.activations import (
+    Activations,
+    SegmentOrPositions,
+    as_batch,
+    capture,
+    segment_positions,
+)
+from piggyback_interp.patching.patch import (
+    check_tokens,
+    patch_activations,
+    source_activations,
+)
 from piggyback_interp.spans import ChatBatch, ChatSpans
+
+ENGINES = ("batched", "loop")
 
 
 def head_sweep(
@@ -40,48 +60,39 @@ def head_sweep(
     layers: int | Iterable[int] | None = None,
     heads: Iterable[int] | None = None,
     segment: SegmentOrPositions = "prefix",
+    cells_per_batch: int = 8,
     progress: bool = True,
+    engine: str = "batched",
 ) -> Any:
-    """Patch each (layer, head)'s attention output at ``segment`` from ``source``.
+    """Patch each (layer, query head)'s attention output at ``segment`` from ``source``.
 
     Returns a :class:`~piggyback_interp.patching.sweep.SweepResult` whose cells are
-    heads (``positions`` holds the head indices, ``tokens`` labels like ``"L3H5"``).
-    The batch must be left-padded (``batch_spans(..., align="left")``).
+    heads (``positions`` holds the head indices, ``tokens`` labels like ``"H5"``).
+    ``engine="batched"`` stacks ``cells_per_batch`` heads per forward (any padding);
+    ``engine="loop"`` is the reference (one :func:`patch_prefix` forward per cell) and
+    needs a left-padded batch (``batch_spans(..., align="left")``).
     """
-    from piggyback_interp.patching.sweep import SweepResult, loop_baselines
+    from piggyback_interp.patching.sweep import SweepResult
 
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
-    all_heads = list(range(model.cfg.n_heads))
-    heads = all_heads if heads is None else list(heads)
-    bad = [h for h in heads if h not in all_heads]
-    if bad:
-        raise ValueError(
-            f"head(s) {bad} out of range: this model has heads 0..{model.cfg.n_heads - 1}"
-        )
-    acts = (
-        source
-        if isinstance(source, Activations)
-        else capture(source, batch, segment, site="z", layers=chosen)
-    )
-    values = torch.empty(len(batch), len(chosen), len(heads))
+    heads = _heads(heads, model.cfg.n_heads, "head")
     bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="head sweep")
-    for li, layer in enumerate(chosen):
-        for hi, head in enumerate(heads):
-            with patch_prefix(
-                model,
-                acts,
-                batch,
-                site="z",
-                layers=[layer],
-                heads=[head],
-                segment=segment,
-                isolate=False,
-            ):
-                values[:, li, hi] = metric_on_model(model, batch, metric).cpu()
-            bar.update()
+    values, clean, src = _run(
+        engine,
+        model,
+        source,
+        batch,
+        metric,
+        ("z",),
+        chosen,
+        heads,
+        segment,
+        cells_per_batch,
+        bar,
+        isolate=False,
+    )
     bar.close()
-    clean, src = loop_baselines(model, source, batch, metric)
     return SweepResult(
         values=values,
         clean=clean,
@@ -98,8 +109,166 @@ def head_sweep(
             "layers": list(chosen),
             "heads": heads,
             "metric": metric.name,
+            "engine": engine,
         },
     )
 
 
-__all__ = ["head_sweep"]
+def kv_head_sweep(
+    model: Any,
+    source: Any,
+    spans: ChatSpans | ChatBatch,
+    metric: LogitMetric,
+    *,
+    site: str = "kv",
+    layers: int | Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    segment: SegmentOrPositions = "prefix",
+    isolate: bool = True,
+    cells_per_batch: int = 8,
+    progress: bool = True,
+    engine: str = "batched",
+) -> Any:
+    """Patch each (layer, key/value head)'s keys and/or values at ``segment`` from ``source``.
+
+    A cell writes the source's keys/values of ONE key/value head at one layer at every
+    position of the segment; under grouped-query attention every query head of that
+    head's group reads them (query heads ``h * g .. h * g + g - 1``, ``g = n_heads /
+    n_kv_heads``).
+
+    Args:
+        site: ``"kv"``, ``"k"`` or ``"v"``.
+        heads: key/value head indices (default all, ``0..n_kv_heads - 1``).
+        isolate: ``True`` (meaning (a), paper Eq. 1): every other key/value of the
+            segment's positions, at every layer and head, stays the target's clean one,
+            so only later positions see the patch, as if the head's entries were
+            swapped in the target's cache. ``False`` (meaning (b)): a plain hook, the
+            segment's own later layers see the patch too.
+        engine: ``"batched"`` (``cells_per_batch`` heads per forward) or ``"loop"`` (one
+            patched full forward per cell, left-padded batch only: the reference).
+
+    Returns a :class:`~piggyback_interp.patching.sweep.SweepResult` whose cells are K/V
+    heads (``tokens`` like ``"KV1"``).
+    """
+    from piggyback_interp.patching.sweep import SweepResult
+
+    sites = expand_sites(site)
+    if not set(sites) <= set(KV_SITES):
+        raise ValueError(f"kv_head_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}")
+    batch = as_batch(model, spans)
+    chosen = resolve_layers(model, layers)
+    heads = _heads(heads, n_heads_at(model, resolve_site(model, "k")), "key/value head")
+    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="kv head sweep")
+    values, clean, src = _run(
+        engine,
+        model,
+        source,
+        batch,
+        metric,
+        sites,
+        chosen,
+        heads,
+        segment,
+        cells_per_batch,
+        bar,
+        isolate=isolate,
+    )
+    bar.close()
+    return SweepResult(
+        values=values,
+        clean=clean,
+        source=src,
+        layers=list(chosen),
+        positions=heads,
+        tokens=[f"KV{h}" for h in heads],
+        segments=[segment if isinstance(segment, str) else "positions"] * len(heads),
+        meta={
+            "kind": "kv_head_sweep",
+            "target": model_info(model).name,
+            "source": "activations" if isinstance(source, Activations) else model_info(source).name,
+            "site": site,
+            "isolate": isolate,
+            "layers": list(chosen),
+            "heads": heads,
+            "metric": metric.name,
+            "engine": engine,
+        },
+    )
+
+
+def _heads(heads: Iterable[int] | None, n: int, what: str) -> list[int]:
+    chosen = list(range(n)) if heads is None else list(heads)
+    bad = [h for h in chosen if not 0 <= h < n]
+    if bad or not chosen:
+        raise ValueError(
+            f"{what}(s) {bad or chosen} out of range: this model has {what}s 0..{n - 1}"
+        )
+    return chosen
+
+
+def _run(
+    engine: str,
+    model: Any,
+    source: Any,
+    batch: ChatBatch,
+    metric: LogitMetric,
+    sites: Sequence[str],
+    layers: Sequence[int],
+    heads: list[int],
+    segment: SegmentOrPositions,
+    cells_per_batch: int,
+    bar: Any,
+    *,
+    isolate: bool,
+):
+    """(values ``[prompts, layers, heads]``, clean, source) of a head sweep."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    positions = segment_positions(batch, segment)
+    acts = None  # the source's values, where patch_prefix takes them (see source_activations)
+    if engine == "loop" or isinstance(source, Activations) or segment == "postfix":
+        acts = (
+            source.select(model, sites, layers)
+            if isinstance(source, Activations)
+            else source_activations(source, batch, segment, site=sites, layers=layers)
+        )
+        check_tokens(acts, batch, positions)
+    if engine == "loop":
+        return _loop(
+            model, source, batch, metric, acts, sites, layers, heads, segment, bar, isolate=isolate
+        )
+    from piggyback_interp.patching.kv_engine import PatchEngine, one_hot, position_mask, run_cells
+
+    patcher = PatchEngine(model, batch, metric, sites=sites, isolate=isolate)
+    src = patcher.load_source(source, positions, layers, acts)
+    mask = position_mask(positions, batch.input_ids.shape[1])
+    n = n_heads_at(model, patcher.hook_sites[sites[0]])
+    specs = [(mask, layer, one_hot(h, n)) for layer in layers for h in heads]
+    values = run_cells(patcher, specs, cells_per_batch, bar)  # [layers * heads, B]
+    values = values.reshape(len(layers), len(heads), -1).permute(2, 0, 1).contiguous()
+    return values, patcher.clean_values(), src
+
+
+def _loop(model, source, batch, metric, acts, sites, layers, heads, segment, bar, *, isolate):
+    """One patched full forward per (layer, head): the reference."""
+    from piggyback_interp.patching.sweep import loop_baselines
+
+    positions = segment_positions(batch, segment)
+    pin = None
+    if isolate and set(sites) <= set(KV_SITES):  # the target's own K/V at every layer
+        pin = capture(model, batch, segment, site=KV_SITES)
+    values = torch.empty(len(batch), len(layers), len(heads))
+    for li, layer in enumerate(layers):
+        one = acts.select(model, sites, [layer])
+        for hi, head in enumerate(heads):
+            with contextlib.ExitStack() as stack:
+                if pin is not None:  # pinned first, the head written over it
+                    stack.enter_context(patch_activations(model, pin, positions))
+                stack.enter_context(patch_activations(model, one, positions, heads=[head]))
+                values[:, li, hi] = metric_on_model(model, batch, metric).cpu()
+            bar.update()
+    clean, src = loop_baselines(model, source, batch, metric)
+    return values, clean, src
+
+
+__all__ = ["head_sweep", "kv_head_sweep"]

@@ -1,10 +1,12 @@
 """Key/value layer sweeps over the prefix cache (paper Eq. 1, one layer window at a time).
 
-For every window of layers, the finetuned model's prefix cache gets the base
-model's prefix keys/values at those layers (the ``isolate=True`` meaning of a
-per-layer K/V patch: only what later positions read changes), and the rest of
-the prompt runs over it. The prefix is computed ONCE per model, many windows are
-stacked on the batch axis, and no prefix position is recomputed.
+For every window of layers, the finetuned model's prefix keys/values at those
+layers become the base model's (the ``isolate=True`` meaning of a per-layer K/V
+patch: only what later positions read changes, as if the entries were swapped in
+the finetuned model's prefix cache), and the rest of the prompt runs over it. The
+batched engine (:mod:`~piggyback_interp.patching.kv_engine`) stacks many windows on
+the batch axis, runs the prefix once per window and starts at the window's first
+layer.
 
 Example:
     >>> from piggyback_interp.testing import tiny_model
@@ -19,35 +21,27 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import os
+
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from piggyback_interp.hooks import expand_sites, resolve_layers
-from piggyback_interp.metrics import LogitMetric, continuation_inputs
+from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import chat_tokenizer, model_info
-from piggyback_interp.patching.activations import as_batch
+from piggyback_interp.patching.activations import as_batch, segment_positions
+from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
+from piggyback_interp.patching.patch import patch_prefix
 from piggyback_interp.patching.sweep import (
     SweepResult,
-    _metric_values,
     _resume,
     _save_checkpoint,
     _tokens_sha256,
 )
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
-
-
-def _prefix_cache(model: Any, batch: ChatBatch) -> Any:
-    ids = batch.input_ids[:1, : batch.prefix_len].to(model.cfg.device)
-    with torch.no_grad():
-        _, cache = model(ids, return_type="logits_and_cache")
-    return cache
 
 
 def kv_layer_sweep(
@@ -62,6 +56,7 @@ def kv_layer_sweep(
     windows_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    engine: str = "batched",
 ) -> SweepResult:
     """Patch the source's PREFIX keys/values one layer window at a time.
 
@@ -76,11 +71,17 @@ def kv_layer_sweep(
         window: how many consecutive layers each cell patches.
         windows_per_batch: cells stacked on the batch axis per forward.
         checkpoint: a file to record finished windows in; a rerun with the same
-            arguments resumes from it.
+            arguments resumes from it (batched engine; the loop is the slow reference).
+        engine: ``"batched"`` (:mod:`~piggyback_interp.patching.kv_engine`: the prefix is
+            patched and run once per window, the rest of every prompt over it, from the
+            window's first layer) or ``"loop"`` (one :func:`patch_prefix` forward per
+            window and prompt: the reference, slow).
 
     Returns a :class:`SweepResult` whose layer axis is each window's first layer and
     whose single cell is the whole prefix (``values``: ``[prompts, windows, 1]``).
     """
+    if engine not in ("batched", "loop"):
+        raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
     if not set(sites) <= {"k", "v"}:
         raise ValueError(
@@ -101,9 +102,6 @@ def kv_layer_sweep(
         raise ValueError(
             f"a window of {window} layers starting at {starts[-1]} runs past layer {n_layers - 1}"
         )
-    target_cache, source_cache = _prefix_cache(model, batch), _prefix_cache(source, batch)
-    tok = chat_tokenizer(model)
-    B = len(batch)
     meta = {
         "kind": "kv_layer_sweep",
         "target": model_info(model).name,
@@ -113,88 +111,61 @@ def kv_layer_sweep(
         "starts": list(starts),
         "metric": metric.name,
     }
-    fingerprinted = {**meta, "tokens_sha256": _tokens_sha256(batch)}
-    values = torch.full((len(starts), B), float("nan"))
-    done = _resume(checkpoint, fingerprinted, values)
     bar = tqdm(total=len(starts), disable=not progress, desc=f"kv layer sweep ({site})")
-    bar.update(len(done))
-    for c0 in range(0, len(starts), windows_per_batch):
-        chunk = starts[c0 : c0 + windows_per_batch]
-        if all(c0 + j in done for j in range(len(chunk))):
-            continue
-        cache = _swapped_cache(target_cache, source_cache, chunk, window, sites, B)
-        vals = _metric_over_prefix(model, batch, metric, tok, cache, len(chunk))
-        values[c0 : c0 + len(chunk)] = vals.reshape(len(chunk), B).cpu()
-        done.update(range(c0, c0 + len(chunk)))
-        _save_checkpoint(checkpoint, fingerprinted, values, done)
-        bar.update(len(chunk))
+    if engine == "loop":
+        values, clean, src = _loop_windows(model, source, batch, metric, sites, starts, window, bar)
+    else:
+        positions = segment_positions(batch, "prefix")
+        patcher = PatchEngine(model, batch, metric, sites=sites)
+        src = patcher.load_source(source, positions, range(starts[0], n_layers))
+        whole = position_mask(positions, batch.input_ids.shape[1])
+        fingerprinted = {**meta, "tokens_sha256": _tokens_sha256(batch)}
+        windows = torch.full((len(starts), len(batch)), float("nan"))
+        done = _resume(checkpoint, fingerprinted, windows)
+        bar.update(len(done))
+        todo = [j for j in range(len(starts)) if j not in done]
+        for c0 in range(0, len(todo), windows_per_batch):
+            chunk = todo[c0 : c0 + windows_per_batch]
+            specs = [(whole, range(starts[j], starts[j] + window), None) for j in chunk]
+            # windows of several first layers share a forward (it starts at the lowest)
+            windows[chunk] = run_cells(patcher, specs, windows_per_batch, bar, by_layer=False)
+            done.update(chunk)
+            _save_checkpoint(checkpoint, fingerprinted, windows, done)
+        values = windows.T
+        clean = patcher.clean_values()
     bar.close()
-    no_swap = ()  # a cache of the model's own prefix keys/values, one copy per row
-    clean = _metric_over_prefix(
-        model, batch, metric, tok, _swapped_cache(target_cache, target_cache, [0], 1, no_swap, B), 1
-    ).cpu()
-    src = _metric_over_prefix(
-        source,
-        batch,
-        metric,
-        tok,
-        _swapped_cache(source_cache, source_cache, [0], 1, no_swap, B),
-        1,
-    ).cpu()
     return SweepResult(
-        values=values.T[:, :, None].contiguous(),
+        values=values[:, :, None].contiguous(),
         clean=clean,
         source=src,
         layers=list(starts),
         positions=[-1],  # one cell: the whole prefix
         tokens=["<whole prefix>"],
         segments=["prefix"],
-        meta=meta,
+        meta={**meta, "engine": engine},
     )
 
 
-def _swapped_cache(
-    target: Any, source: Any, starts: Iterable[int], window: int, sites: tuple[str, ...], B: int
-) -> Any:
-    """A prefix cache of ``len(starts) * B`` rows; cell c's rows carry the source's
-    keys/values at layers ``starts[c] .. starts[c] + window - 1``."""
-    starts = list(starts)
-    cache = DynamicCache()
-    for layer in range(len(target.layers)):
-        k_rows, v_rows = [], []
-        for s in starts:
-            swap = s <= layer < s + window
-            k = source.layers[layer].keys if swap and "k" in sites else target.layers[layer].keys
-            v = (
-                source.layers[layer].values
-                if swap and "v" in sites
-                else target.layers[layer].values
-            )
-            k_rows.append(k.expand(B, -1, -1, -1))
-            v_rows.append(v.expand(B, -1, -1, -1))
-        cache.update(torch.cat(k_rows), torch.cat(v_rows), layer)
-    return cache
+def _loop_windows(model, source, batch, metric, sites, starts, window, bar):
+    """The reference: one isolated :func:`patch_prefix` forward per window, per prompt."""
+    from piggyback_interp.generation import _unpad
+
+    values = torch.empty(len(batch), len(starts))
+    rows = [as_batch(model, _unpad(spans)) for spans in batch.spans]
+    for j, s in enumerate(starts):
+        for i, one in enumerate(rows):
+            with patch_prefix(model, source, one, site=sites, layers=range(s, s + window)):
+                values[i, j] = _row_metric(model, one, metric, i)
+        bar.update()
+    clean = torch.tensor([_row_metric(model, one, metric, i) for i, one in enumerate(rows)])
+    src = torch.tensor([_row_metric(source, one, metric, i) for i, one in enumerate(rows)])
+    return values, clean, src
 
 
-def _metric_over_prefix(
-    model: Any, batch: ChatBatch, metric: LogitMetric, tok: Any, prefix_cache: Any, reps: int
-) -> Tensor:
-    """The metric of ``model`` running the rest of every prompt (repeated ``reps`` times,
-    cell-major) over ``prefix_cache``; the cache is copied per continuation, never changed."""
-    P = batch.prefix_len
-    logits = []
-    with torch.no_grad():
-        for cont, n_read in zip(metric.continuations(tok), metric.n_read(tok), strict=True):
-            ids, mask, pos = continuation_inputs(batch, cont, model.cfg.device)
-            out = model(
-                ids[:, P:].repeat(reps, 1),
-                attention_mask=mask.repeat(reps, 1),
-                position_ids=pos[:, P:].repeat(reps, 1),
-                past_key_values=copy.deepcopy(prefix_cache),
-            )
-            read_start = ids.shape[1] - len(cont) - 1 - P
-            logits.append(out[:, read_start : read_start + n_read])
-    return _metric_values(metric, logits, torch.arange(len(batch)).repeat(reps))
+def _row_metric(model: Any, one: ChatBatch, metric: LogitMetric, row: int) -> float:
+    if hasattr(metric, "select_rows"):  # per-prompt references (e.g. KL)
+        metric = metric.select_rows(torch.tensor([row]))
+    return metric_on_model(model, one, metric).item()
 
 
 __all__ = ["kv_layer_sweep"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,7 @@ def sweep(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
     method: Literal["exact", "atp"] = "exact",
+    engine: str = "batched",
 ) -> SweepResult:
     """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
 
@@ -295,9 +297,11 @@ def sweep(
             of each prompt runs per prompt (faster; same values).
         metric: a :class:`~piggyback_interp.metrics.LogitMetric`.
         site: ``resid_pre`` | ``resid_mid`` | ``resid_post`` | ``attn_out`` | ``mlp_out``
-            run on the fast engine; ``kv`` | ``k`` | ``v`` | ``z`` run the reference
-            loop (one forward per cell; K/V cells isolated as in :func:`patch_prefix`).
-            For whole-prefix K/V layer windows use :func:`kv_layer_sweep`.
+            run on the residual engine; ``kv`` | ``k`` | ``v`` | ``z`` (every head) on
+            the batched K/V and head engine (:mod:`~piggyback_interp.patching.kv_engine`;
+            K/V cells isolated as in :func:`patch_prefix`). For whole-prefix K/V layer
+            windows use :func:`kv_layer_sweep`, for single heads :func:`head_sweep` and
+            :func:`kv_head_sweep`.
         layers: the layers to sweep (default all).
         segment: the positions to sweep: a segment name or explicit positions.
         cells_per_batch: how many positions share one forward (rows = this x prompts).
@@ -306,15 +310,46 @@ def sweep(
         progress: show a progress bar.
         method: ``"exact"`` patches every cell; ``"atp"`` estimates every cell from one
             forward and one backward (:func:`~piggyback_interp.patching.atp.atp_sweep`;
-            ``cells_per_batch``, ``checkpoint`` and ``progress`` do not apply).
+            ``cells_per_batch``, ``checkpoint``, ``engine`` and ``progress`` do not apply).
+        engine: ``"batched"`` (the engines) or ``"loop"`` (:func:`reference_sweep`, one
+            full forward per cell: the oracle, slow). The K/V and head engine keeps no
+            checkpoint.
     """
     if method == "atp":
         from piggyback_interp.patching.atp import atp_sweep
 
         return atp_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
     if method != "exact":
-        raise ValueError(f"unknown sweep method {method!r}; choose 'exact' or 'atp'")
+        raise UserError(f"unknown sweep method {method!r}; choose 'exact' or 'atp'")
+    if engine not in ("batched", "loop"):
+        raise UserError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
+    if engine == "loop":
+        return _loop_sweep(
+            model, source, spans, metric, site=site, layers=layers, segment=segment,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+    if set(sites) <= set(KV_SITES) or sites == ("z",):
+        from piggyback_interp.patching.kv_engine import engine_sweep
+
+        if checkpoint is not None:
+            warnings.warn(
+                "the batched K/V and head engine keeps no checkpoint; pass engine='loop' "
+                "(slower) to record finished layers",
+                stacklevel=2,
+            )
+
+        return engine_sweep(
+            model,
+            source,
+            spans,
+            metric,
+            site=site,
+            layers=layers,
+            segment=segment,
+            cells_per_batch=cells_per_batch,
+            progress=progress,
+        )
     if len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(
             model,
@@ -413,7 +448,7 @@ def sweep(
 def _loop_sweep(
     model, source, spans, metric, *, site, layers, segment, checkpoint=None
 ) -> SweepResult:
-    """Sites the engine does not batch yet (k, v, kv, z): the reference loop, layer by
+    """``engine="loop"``, and mixed sites no engine batches: the reference loop, layer by
     layer (each finished layer recorded in ``checkpoint``)."""
     batch = as_batch(model, spans)
     if batch.align != "left":
