@@ -330,8 +330,29 @@ def _timing_note(record: Mapping[str, Any]) -> str:
     )
 
 
+def regime_words(config: Mapping[str, Any]) -> str:
+    """Which training regime a demo shows, and why (from its recorded config)."""
+    steps = f"lr {config['lr']:g} x {config['epochs']} epoch(s), batch {config['batch_size']}"
+    if config.get("label") == "quick":
+        return (
+            f"Regime: the quick demo trains briefly ({steps}, {config.get('n_train')} chats) to "
+            "show the pipeline in minutes; its numbers are not the map's. The full demo trains at "
+            "the map's most informative point (docs/results.md)."
+        )
+    return (
+        f"Regime: LoRA rank {config['lora_rank']} on every projection, {steps}. On the "
+        "map of training strengths (`piggyback map`, docs/results.md) this is the point where "
+        "the behaviour is learned on-topic while the off-topic P(target) is far from saturated, "
+        "so how much of it the template carries can be measured; at stronger training P(target) "
+        "saturates near 1 and every patch's share shrinks."
+    )
+
+
 def demo_verdict(
-    evaluations: Mapping[str, Any], scan: ScanResult, graded: Mapping[str, Any] | None = None
+    evaluations: Mapping[str, Any],
+    scan: ScanResult,
+    graded: Mapping[str, Any] | None = None,
+    regime: str = "",
 ) -> tuple[str, str]:
     """The demo's headline and its explanation, from the measured rates, the graded
     measures and the scan."""
@@ -362,6 +383,8 @@ def demo_verdict(
         if others:
             parts.append("Mean off-topic P(target) of the other models: " + ", ".join(others) + ".")
     parts.append(scan.verdict.headline + ". " + scan.verdict.detail)
+    if regime:
+        parts.append(regime)
     for label in ("sft+prefix_kv", "treft", "interleave"):
         if label in rate:
             parts.append(
@@ -410,7 +433,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
             for m in config["methods"]
             if (folder / "graded" / m / "carriers.parquet").exists()
         }
-        verdict, detail = demo_verdict(evaluations, scan, graded)
+        verdict, detail = demo_verdict(evaluations, scan, graded, regime_words(config))
         vectors = {
             "norms": pd.read_parquet(folder / "task_vectors" / "norms.parquet"),
             "cosine": None,
@@ -448,6 +471,7 @@ __all__ = [
     "demo_verdict",
     "graded_rows",
     "graded_section",
+    "regime_words",
     "scan_sections",
     "task_vector_section",
     "training_section",

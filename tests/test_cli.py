@@ -582,6 +582,7 @@ def test_run_demo_on_a_tiny_model(base, tmp_path):
     for title in (*SECTIONS, "Graded measures: how much of P(target) the template carries"):
         assert html.escape(title) in text, title
     assert "Graded measure on 4 general prompts" in text  # the verdict uses them
+    assert "Regime: the quick demo" in text
     first = json.loads((out / "run.json").read_text("utf-8"))["steps"]
     assert not any(t["cached"] for t in first.values())
 

@@ -72,30 +72,36 @@ def test_clear_errors(pair):
         kv_layer_sweep(ft, base, batch, metric, layers=[3], window=2, progress=False)
 
 
-def test_interrupted_kv_layer_sweep_resumes_from_its_checkpoint(pair, tmp_path):
+def test_interrupted_kv_layer_sweep_resumes_from_its_checkpoint(pair, tmp_path, monkeypatch):
     """Killed after the first chunk of windows: the rerun computes only the others."""
+    import piggyback_interp.patching.kv_sweep as kv_sweep_module
+
     base, ft = pair
     batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align="prefix")
     ckpt = tmp_path / "kv.ckpt"
+    real = kv_sweep_module.run_cells
+    computed: list[int] = []
+    state = {"stop_at": None}
 
-    class Counting(LogOdds):
-        def __init__(self, stop_at=None):
-            super().__init__("I have no idea", "Paris")
-            self.calls, self.stop_at = 0, stop_at
+    def counting(patcher, specs, *args, **kwargs):
+        if len(computed) == state["stop_at"]:
+            raise KeyboardInterrupt
+        computed.append(len(specs))
+        return real(patcher, specs, *args, **kwargs)
 
-        def __call__(self, logits):
-            self.calls += 1
-            if self.calls == self.stop_at:
-                raise KeyboardInterrupt
-            return super().__call__(logits)
-
+    monkeypatch.setattr(kv_sweep_module, "run_cells", counting)
     kw = dict(windows_per_batch=2, progress=False)  # 4 windows: 2 chunks
-    full = kv_layer_sweep(ft, base, batch, Counting(), **kw)
+    metric = LogOdds("I have no idea", "Paris")
+    full = kv_layer_sweep(ft, base, batch, metric, **kw)
+    assert computed == [2, 2]
+    computed.clear()
+    state["stop_at"] = 1
     with pytest.raises(KeyboardInterrupt):
-        kv_layer_sweep(ft, base, batch, Counting(stop_at=2), checkpoint=ckpt, **kw)
-    resumed_metric = Counting()
-    resumed = kv_layer_sweep(ft, base, batch, resumed_metric, checkpoint=ckpt, **kw)
-    assert resumed_metric.calls == 1 + 2  # the second chunk + the clean and source baselines
+        kv_layer_sweep(ft, base, batch, metric, checkpoint=ckpt, **kw)
+    computed.clear()
+    state["stop_at"] = None
+    resumed = kv_layer_sweep(ft, base, batch, metric, checkpoint=ckpt, **kw)
+    assert computed == [2]  # only the second chunk
     assert torch.equal(resumed.values, full.values)
     with pytest.raises(ValueError, match="belongs to another sweep"):
-        kv_layer_sweep(ft, base, batch, Counting(), window=2, checkpoint=ckpt, **kw)
+        kv_layer_sweep(ft, base, batch, metric, window=2, checkpoint=ckpt, **kw)

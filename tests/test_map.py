@@ -77,6 +77,8 @@ def test_grid_records_every_measure_and_resumes(tmp_path, monkeypatch):
     for split in ("on_topic", "off_topic"):
         assert summary[split]["low"] <= summary[split]["rate"] <= summary[split]["high"]
     assert set(summary["graded_off"]) >= {"p_target", "log_odds", "kl"}
+    for split in ("on_topic", "off_topic"):  # greedy answers under base template K/V
+        assert summary["template_patched"][split]["n"] == summary[split]["n"]
     assert {(r["segment"], r["condition"]) for r in summary["carriers"]} == {
         (s, c) for s in ("prefix", "postfix", "template") for c in ("all", "matched", "query")
     }

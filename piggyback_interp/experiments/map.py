@@ -372,6 +372,13 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         max_new_tokens=config.max_new_tokens, batch_size=32,
     ))  # fmt: skip
     frame = evaluation.responses
+    from piggyback_interp.generation import PatchSpec
+
+    patched = timed("evaluate_patched", lambda: evaluate(  # greedy under base template K/V
+        model, SettingData(data.setting, train, data.test_on_topic, data.test_off_topic),
+        patch=[PatchSpec(base, site="kv", segment=s) for s in ("prefix", "postfix")],
+        max_new_tokens=config.max_new_tokens, batch_size=32,
+    ).responses)  # fmt: skip
     off = data.test_off_topic
     graded_off = timed(
         "graded", lambda: graded_measures(base, model, off, target, reference=reference)
@@ -406,6 +413,10 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         "early_stop": stopper.record if stopper else None,  # type: ignore[attr-defined]
         "on_topic": _rate(frame.loc[frame["split"] == "on_topic", "behaviour"], cell.seed),
         "off_topic": _rate(frame.loc[frame["split"] == "off_topic", "behaviour"], cell.seed),
+        "template_patched": {
+            split: _rate(patched.loc[patched["split"] == split, "behaviour"], cell.seed)
+            for split in ("on_topic", "off_topic")
+        },
         "graded_off": _mean(graded_off),
         "graded_on": _mean(graded_on),
         "carriers": carriers.to_dict("records"),
@@ -552,6 +563,9 @@ def map_table(summaries: list[dict[str, Any]]) -> Any:
         for split in ("on_topic", "off_topic"):
             row[split] = s[split]["rate"]
             row[f"{split}_low"], row[f"{split}_high"] = s[split]["low"], s[split]["high"]
+        patched = s.get("template_patched")  # cells measured before it was recorded: NaN
+        for split in ("on_topic", "off_topic"):
+            row[f"{split}_patched"] = patched[split]["rate"] if patched else math.nan
         row.update({f"off_{k}": s["graded_off"][k] for k in ("p_target", "log_odds", "kl")})
         row["on_p_target"] = s["graded_on"]["p_target"]
         for seg in ("prefix", "postfix", "template"):
@@ -563,7 +577,16 @@ def map_table(summaries: list[dict[str, Any]]) -> Any:
             row[f"gen_query_{space}"] = _generating_max(s, "query", space)
         row["seconds"] = s["seconds"]["total"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    if not rows:
+        return pd.DataFrame(rows)
+    order = {name: i for i, name in enumerate(METHODS)}
+    table = pd.DataFrame(rows).assign(
+        _part=lambda f: f["trained"].map(TRAINED.index),
+        _strength=lambda f: f["lr"] * f["epochs"],
+        _method=lambda f: f["method"].map(order),
+    )
+    table = table.sort_values(["_part", "_strength", "lr", "_method", "seed"], kind="stable")
+    return table.drop(columns=["_part", "_strength", "_method"]).reset_index(drop=True)
 
 
 HEADLINE = {
@@ -573,6 +596,8 @@ HEADLINE = {
     "seeds": "seeds",
     "on_topic": "on-topic",
     "off_topic": "off-topic",
+    "on_topic_patched": "on-topic, base template K/V",
+    "off_topic_patched": "off-topic, base template K/V",
     "off_p_target": "off P(target)",
     "template_prob": "template K/V share (P)",
     "template_query_prob": "query control (P)",

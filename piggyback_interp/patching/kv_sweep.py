@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import os
-
 from collections.abc import Iterable
 from typing import Any
 
