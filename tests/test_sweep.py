@@ -138,7 +138,7 @@ def test_interrupted_reference_loop_sweep_resumes_from_checkpoint(pair, tmp_path
     base, ft = pair
     batch = batch_spans(chat_tokenizer(ft), QUESTIONS[:2])
     ckpt = tmp_path / "kv.ckpt"
-    kw = dict(site="kv", segment=[2, 5], progress=False)  # 3 layers x 2 cells
+    kw = dict(site="kv", segment=[2, 5], progress=False, engine="loop")  # 3 layers x 2 cells
     full = sweep(ft, base, batch, _Interrupting(), **kw)
     with pytest.raises(KeyboardInterrupt):  # one metric call per cell: dies in layer 1
         sweep(ft, base, batch, _Interrupting(stop_at=3), checkpoint=ckpt, **kw)
@@ -147,6 +147,9 @@ def test_interrupted_reference_loop_sweep_resumes_from_checkpoint(pair, tmp_path
     assert resumed_metric.calls == 2 * 2 + 2  # layers 1 and 2 + the clean and source baselines
     assert torch.equal(resumed.values, full.values)
     assert resumed.meta["engine"] == "reference loop"
+    with pytest.warns(UserWarning, match="keeps no checkpoint"):  # the batched engine says so
+        sweep(ft, base, batch, _Interrupting(), checkpoint=tmp_path / "b.ckpt",
+              **{**kw, "engine": "batched"})  # fmt: skip
 
 
 def test_truncated_sweep_checkpoint_is_a_user_error(pair, tmp_path):

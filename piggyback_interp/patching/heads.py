@@ -72,8 +72,6 @@ def head_sweep(
     ``engine="loop"`` is the reference (one :func:`patch_prefix` forward per cell) and
     needs a left-padded batch (``batch_spans(..., align="left")``).
     """
-    from piggyback_interp.patching.sweep import SweepResult
-
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
     heads = _heads(heads, model.cfg.n_heads, "head")
@@ -93,25 +91,10 @@ def head_sweep(
         isolate=False,
     )
     bar.close()
-    return SweepResult(
-        values=values,
-        clean=clean,
-        source=src,
-        layers=list(chosen),
-        positions=heads,
-        tokens=[f"H{h}" for h in heads],
-        segments=[segment if isinstance(segment, str) else "positions"] * len(heads),
-        meta={
-            "kind": "head_sweep",
-            "target": model_info(model).name,
-            "source": "activations" if isinstance(source, Activations) else model_info(source).name,
-            "site": "z",
-            "layers": list(chosen),
-            "heads": heads,
-            "metric": metric.name,
-            "engine": engine,
-        },
-    )
+    return _head_result(
+        (values, clean, src), model, source, chosen, heads, segment, "H",
+        {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine},
+    )  # fmt: skip
 
 
 def kv_head_sweep(
@@ -150,8 +133,6 @@ def kv_head_sweep(
     Returns a :class:`~piggyback_interp.patching.sweep.SweepResult` whose cells are K/V
     heads (``tokens`` like ``"KV1"``).
     """
-    from piggyback_interp.patching.sweep import SweepResult
-
     sites = expand_sites(site)
     if not set(sites) <= set(KV_SITES):
         raise ValueError(f"kv_head_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}")
@@ -174,24 +155,36 @@ def kv_head_sweep(
         isolate=isolate,
     )
     bar.close()
+    return _head_result(
+        (values, clean, src), model, source, chosen, heads, segment, "KV",
+        {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
+         "engine": engine},
+    )  # fmt: skip
+
+
+def _head_result(
+    run: tuple[Any, Any, Any], model: Any, source: Any, chosen: list[int], heads: list[int],
+    segment: SegmentOrPositions, label: str, meta: dict[str, Any],
+) -> Any:  # fmt: skip
+    """A head sweep's :class:`~piggyback_interp.patching.sweep.SweepResult` (cells = heads)."""
+    from piggyback_interp.patching.sweep import SweepResult
+
+    values, clean, src = run
     return SweepResult(
         values=values,
         clean=clean,
         source=src,
         layers=list(chosen),
         positions=heads,
-        tokens=[f"KV{h}" for h in heads],
+        tokens=[f"{label}{h}" for h in heads],
         segments=[segment if isinstance(segment, str) else "positions"] * len(heads),
         meta={
-            "kind": "kv_head_sweep",
+            "kind": meta["kind"],
             "target": model_info(model).name,
             "source": "activations" if isinstance(source, Activations) else model_info(source).name,
-            "site": site,
-            "isolate": isolate,
+            **{k: v for k, v in meta.items() if k != "kind"},
             "layers": list(chosen),
             "heads": heads,
-            "metric": metric.name,
-            "engine": engine,
         },
     )
 

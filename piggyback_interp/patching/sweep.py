@@ -324,12 +324,8 @@ def sweep(
     if engine not in ("batched", "loop"):
         raise UserError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
-    if engine == "loop":
-        return _loop_sweep(
-            model, source, spans, metric, site=site, layers=layers, segment=segment,
-            checkpoint=checkpoint,
-        )  # fmt: skip
-    if set(sites) <= set(KV_SITES) or sites == ("z",):
+    engine_sites = set(sites) <= set(KV_SITES) or sites == ("z",)
+    if engine == "batched" and engine_sites:
         from piggyback_interp.patching.kv_engine import engine_sweep
 
         if checkpoint is not None:
@@ -338,29 +334,15 @@ def sweep(
                 "(slower) to record finished layers",
                 stacklevel=2,
             )
-
         return engine_sweep(
-            model,
-            source,
-            spans,
-            metric,
-            site=site,
-            layers=layers,
-            segment=segment,
-            cells_per_batch=cells_per_batch,
-            progress=progress,
-        )
-    if len(sites) != 1 or sites[0] not in SWEEP_SITES:
+            model, source, spans, metric, site=site, layers=layers, segment=segment,
+            cells_per_batch=cells_per_batch, progress=progress,
+        )  # fmt: skip
+    if engine == "loop" or len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(
-            model,
-            source,
-            spans,
-            metric,
-            site=site,
-            layers=layers,
-            segment=segment,
+            model, source, spans, metric, site=site, layers=layers, segment=segment,
             checkpoint=checkpoint,
-        )
+        )  # fmt: skip
     site_name = sites[0]
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
