@@ -163,7 +163,7 @@ def kv_head_sweep(
 
 
 def _head_result(
-    run: tuple[Any, Any, Any], model: Any, source: Any, chosen: list[int], heads: list[int],
+    run: tuple[Any, Any, Any], model: Any, source: Any, chosen: Sequence[int], heads: list[int],
     segment: SegmentOrPositions, label: str, meta: dict[str, Any],
 ) -> Any:  # fmt: skip
     """A head sweep's :class:`~piggyback_interp.patching.sweep.SweepResult` (cells = heads)."""
