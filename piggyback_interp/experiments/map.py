@@ -620,8 +620,8 @@ def headline(table: Any, digits: int = 2) -> Any:
         row = dict(zip(keys, key, strict=True))
         row["seeds"] = len(group)
         for column in values:
-            x = group[column].astype(float)
-            mean = x.mean()
+            x = group[column].astype(float).dropna()  # older cells lack some measures
+            mean = x.mean() if len(x) else math.nan
             if len(x) > 1:
                 se = x.std(ddof=1) / math.sqrt(len(x))
                 row[column] = f"{mean:.{digits}f} ± {se:.{digits}f}"
