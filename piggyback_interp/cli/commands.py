@@ -269,9 +269,7 @@ def _experiment(args: argparse.Namespace, part: str) -> Any:
     run = _run(args)
     _record_skipped(args, run, len(prompts), skipped)
     base, model = _pair(args)
-    return experiment_step(
-        run, "scan", part, base, model, prompts, config, progress=progress(args)
-    )
+    return experiment_step(run, "scan", part, base, model, prompts, config, progress=progress(args))
 
 
 def perturb(args: argparse.Namespace) -> int:
