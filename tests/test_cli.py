@@ -39,6 +39,7 @@ COMMANDS = (
     "scan",
     "report",
     "reproduce",
+    "map",  # run, resumed and rendered in tests/test_map.py
 )
 SECTIONS = (
     "Finetuning",
