@@ -74,6 +74,18 @@ def timed(fn) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def side_by_side(batched, loop) -> dict[str, Any]:
+    """Time ``batched()`` then ``loop()`` (each returns a SweepResult) in this process."""
+    fast, fast_s = timed(batched)
+    slow, loop_s = timed(loop)
+    return {
+        "loop_s": loop_s,
+        "batched_s": fast_s,
+        "max_abs_diff": (fast.values - slow.values).abs().max().item(),
+        "cells": int(fast.values[0].numel()),
+    }
+
+
 def report(args: argparse.Namespace, parts: dict[str, dict[str, Any]], setup: dict) -> dict:
     """Totals over ``parts`` ({name: {loop_s, batched_s, max_abs_diff, cells}})."""
     loop_s = sum(p["loop_s"] for p in parts.values())

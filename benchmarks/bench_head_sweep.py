@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
-    from _pair import load, parse_args, report, timed
+    from _pair import load, parse_args, report, side_by_side
 
     from piggyback_interp.patching.heads import head_sweep, kv_head_sweep
 
@@ -33,14 +33,10 @@ def main() -> None:
             return fn(ft, base, batch, metric, layers=layers, engine=engine,
                       cells_per_batch=args.cells_per_batch, progress=False)  # fmt: skip
 
-        fast, fast_s = timed(lambda run=run: run("batched", setup["prefix"]))
-        loop, loop_s = timed(lambda run=run: run("loop", setup["left"]))
-        parts[name] = {
-            "loop_s": loop_s,
-            "batched_s": fast_s,
-            "max_abs_diff": (fast.values - loop.values).abs().max().item(),
-            "cells": int(fast.values[0].numel()),
-        }
+        parts[name] = side_by_side(
+            lambda run=run: run("batched", setup["prefix"]),
+            lambda run=run: run("loop", setup["left"]),
+        )
     out = report(args, parts, setup)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
 

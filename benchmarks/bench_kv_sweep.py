@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def main() -> None:
-    from _pair import load, parse_args, report, timed
+    from _pair import load, parse_args, report, side_by_side
 
     from piggyback_interp.patching.kv_sweep import kv_layer_sweep
     from piggyback_interp.patching.sweep import sweep
@@ -37,22 +37,11 @@ def main() -> None:
         return kv_layer_sweep(ft, base, setup["prefix"], metric, engine=engine,
                               windows_per_batch=cpb, progress=False)  # fmt: skip
 
-    parts = {}
-    fast, fast_s = timed(lambda: position("batched", setup["prefix"]))
-    loop, loop_s = timed(lambda: position("loop", setup["left"]))
-    parts["position"] = {
-        "loop_s": loop_s,
-        "batched_s": fast_s,
-        "max_abs_diff": (fast.values - loop.values).abs().max().item(),
-        "cells": int(fast.values[0].numel()),
-    }
-    fast, fast_s = timed(lambda: layer("batched"))
-    loop, loop_s = timed(lambda: layer("loop"))
-    parts["layer"] = {
-        "loop_s": loop_s,
-        "batched_s": fast_s,
-        "max_abs_diff": (fast.values - loop.values).abs().max().item(),
-        "cells": int(fast.values[0].numel()),
+    parts = {
+        "position": side_by_side(
+            lambda: position("batched", setup["prefix"]), lambda: position("loop", setup["left"])
+        ),
+        "layer": side_by_side(lambda: layer("batched"), lambda: layer("loop")),
     }
     out = report(args, parts, setup)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))

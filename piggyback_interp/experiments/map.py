@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -328,6 +328,7 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         generating_shares,
         graded_measures,
     )
+    from piggyback_interp.generation import PatchSpec
     from piggyback_interp.models import chat_tokenizer, model_info
     from piggyback_interp.settings import SettingData
     from piggyback_interp.training import FinetuneConfig, finetune
@@ -372,8 +373,6 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         max_new_tokens=config.max_new_tokens, batch_size=32,
     ))  # fmt: skip
     frame = evaluation.responses
-    from piggyback_interp.generation import PatchSpec
-
     patched = timed("evaluate_patched", lambda: evaluate(  # greedy under base template K/V
         model, SettingData(data.setting, train, data.test_on_topic, data.test_off_topic),
         patch=[PatchSpec(base, site="kv", segment=s) for s in ("prefix", "postfix")],
@@ -629,13 +628,6 @@ def headline(table: Any, digits: int = 2) -> Any:
                 row[column] = "n/a" if math.isnan(mean) else f"{mean:.{digits}f}"
         rows.append(row)
     return pd.DataFrame(rows).rename(columns=HEADLINE)
-
-
-def iter_points(config: MapConfig) -> Iterator[tuple[str, str]]:
-    """(trained, point label) pairs of the grid."""
-    for trained in config.trained:
-        for label in config.points or DEFAULT_POINTS[trained]:
-            yield trained, label
 
 
 __all__ = [
