@@ -638,6 +638,10 @@ def test_reproduce_command(base, tmp_path, monkeypatch):
         model=str(base), seeds=(0,), settings=("abstention",)
     )
     assert "| setting | method |" in result.out and "wrote" in result.out
+    ok(*argv, "--lr", "3e-4", "--epochs", "2", "--out", tmp_path / "t5b")
+    assert calls[-1][1] == reproduce.Table5Config.smoke(
+        model=str(base), seeds=(0,), lr=3e-4, epochs=2
+    )
 
 
 # --- error paths --------------------------------------------------------------------------------

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=EMBEDDED_NAME, help="model name or directory")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
     p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3; the map's point: 3e-4)")
+    p.add_argument("--epochs", type=int, help="epochs over the training set (default: 1)")
     p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

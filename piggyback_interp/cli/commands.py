@@ -497,6 +497,7 @@ def reproduce(args: argparse.Namespace) -> int:
     piggyback reproduce table5 --out runs/table5            # 3 seeds x 2 settings x 3 methods
     piggyback reproduce table5 --reverse --out runs/table5  # a second worker on the same folder
     piggyback reproduce table5 --smoke --out runs/smoke     # two optimizer steps per model
+    piggyback reproduce table5 --lr 3e-4 --seeds 0 --out runs/table5-3e-4  # the map's point
     ```
     """
     from piggyback_interp.reproduce import Table5Config, reproduce_table5
@@ -506,6 +507,9 @@ def reproduce(args: argparse.Namespace) -> int:
         overrides["seeds"] = tuple(args.seeds)
     if args.settings is not None:
         overrides["settings"] = tuple(args.settings)
+    for name in ("lr", "epochs"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     config = Table5Config.smoke(**overrides) if args.smoke else Table5Config(**overrides)
     out = args.out or ("runs/table5-smoke" if args.smoke else "runs/table5")
     start = time.perf_counter()
