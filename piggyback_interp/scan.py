@@ -58,7 +58,8 @@ from piggyback_interp.metrics import (
     next_token_logprobs,
 )
 from piggyback_interp.models import chat_tokenizer, model_info
-from piggyback_interp.patching.activations import capture
+from piggyback_interp.patching.activations import segment_positions
+from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
 from piggyback_interp.patching.patch import patch_prefix
 from piggyback_interp.patching.sweep import SweepResult, _resume, _save_checkpoint, sweep
 from piggyback_interp.perturb import perturb_segments
@@ -68,6 +69,7 @@ from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, render_pro
 TEMPLATE_SEGMENTS = ("prefix", "postfix")
 METRICS = ("kl", "target")
 MIN_GAP = 1e-6  # a gap at most this on every prompt is no gap (identical models)
+LAYERS_PER_FORWARD = 8  # layer patching: cells stacked on the batch axis per forward
 
 
 @dataclass(frozen=True)
@@ -339,26 +341,26 @@ def layer_patching(
         groups: dict[int, list[int]] = {}
         for i, spans in enumerate(spans_list):
             groups.setdefault(len(spans.segment(condition)), []).append(i)
-        prepared = []
+        engines = []
         for members in groups.values():
             batch = _left(model, [spans_list[i] for i in members])
-            m = _rows(metric, members)
-            clean = metric_on_model(model, batch, m)
-            source = metric_on_model(base, batch, m)
-            acts = capture(base, batch, condition, site="kv", layers=layers)
-            # isolation (paper Eq. 1): every other layer keeps the model's own clean K/V;
-            # captured once here rather than by patch_prefix for every layer
-            own = capture(model, batch, condition, site="kv", layers=None)
-            prepared.append((members, batch, m, clean, source, acts, own))
-        for li in todo:
-            for members, batch, m, clean, source, acts, own in prepared:
-                one = acts.select(model, "kv", [layers[li]])
-                isolated = dataclasses.replace(own, values={**own.values, **one.values})
-                with patch_prefix(model, isolated, batch, segment=condition):
-                    value = metric_on_model(model, batch, m)
-                fraction = _fraction(value - clean, source - clean)
-                recovery[ci * len(layers) + li, members] = fraction.cpu().double()
-            done.add(ci * len(layers) + li)
+            # isolated (paper Eq. 1): the engine pins every other layer's K/V at the
+            # segment to the model's own clean values, and runs 8 layers per forward
+            engine = PatchEngine(model, batch, _rows(metric, members), sites=("k", "v"))
+            positions = segment_positions(batch, condition)
+            source = engine.load_source(base, positions, [layers[li] for li in todo])
+            mask = position_mask(positions, batch.input_ids.shape[1])
+            engines.append((members, engine, mask, engine.clean_values(), source))
+        for chunk in [
+            todo[c : c + LAYERS_PER_FORWARD] for c in range(0, len(todo), LAYERS_PER_FORWARD)
+        ]:
+            for members, engine, mask, clean, source in engines:
+                specs = [(mask, layers[li], None) for li in chunk]
+                values = run_cells(engine, specs, LAYERS_PER_FORWARD)  # [cells, prompts]
+                fraction = _fraction(values - clean, (source - clean).expand_as(values))
+                for row, li in enumerate(chunk):
+                    recovery[ci * len(layers) + li, members] = fraction[row].double()
+            done.update(ci * len(layers) + li for li in chunk)
             if distributed.is_main():  # under a launcher, rank 0 keeps the books
                 _save_checkpoint(checkpoint, meta, recovery, done)
     rows = [

@@ -371,10 +371,10 @@ def test_identical_models_are_a_zero_gap_error(base, metric):
 
 
 def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_path, monkeypatch):
-    """Killed after 3 (condition, layer) cells: the rerun patches only the other 3."""
+    """Killed inside the query condition: the rerun patches only the query cells."""
     config = ScanConfig(segments=("postfix",))
     full = layer_patching(base, post, PROMPTS, config)
-    real, calls = scan_module.patch_prefix, {"n": 0, "stop": 4}
+    real, calls = scan_module.run_cells, {"n": 0, "stop": 2}
 
     def counting(*args, **kwargs):
         calls["n"] += 1
@@ -382,17 +382,51 @@ def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scan_module, "patch_prefix", counting)
+    monkeypatch.setattr(scan_module, "run_cells", counting)
     ckpt = tmp_path / "layers.ckpt"
-    # postfix: one group of 2 prompts; query: 2 groups (lengths differ) -> 2 + 4 patches
-    with pytest.raises(KeyboardInterrupt):  # during (query, layer 0): 3 patches done
+    # postfix: one group of 2 prompts (one engine run for both layers); query: 2 groups
+    with pytest.raises(KeyboardInterrupt):  # during the query's first group
         layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
     calls.update(n=0, stop=None)
     resumed = layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
-    assert calls["n"] == 4  # (query, 0) and (query, 1), 2 groups each
+    assert calls["n"] == 2  # the query's 2 groups; the postfix was read back
     pd.testing.assert_frame_equal(resumed, full)
     with pytest.raises(ValueError, match="belongs to another sweep"):
         layer_patching(base, post, PROMPTS[:1], config, checkpoint=ckpt)
+
+
+def test_layer_patching_equals_the_isolated_patch_prefix_loop(base, post):
+    """The batched engine against the reference: one isolated ``patch_prefix`` per layer
+    (every other layer's K/V at the segment pinned to the model's own, paper Eq. 1)."""
+    import dataclasses
+
+    from piggyback_interp.metrics import metric_on_model
+    from piggyback_interp.patching import capture, patch_prefix
+    from piggyback_interp.spans import batch_spans, render_prompts
+
+    tok = post.tokenizer
+    frame = layer_patching(base, post, PROMPTS, ScanConfig())
+    for i, spans in enumerate(render_prompts(tok, PROMPTS)):
+        batch = batch_spans(tok, [spans], align="left")
+        metric = scan_module.gap_metric(base, batch, ScanConfig())
+        clean = metric_on_model(post, batch, metric).item()
+        source = metric_on_model(base, batch, metric).item()
+        for condition in ("prefix", "postfix", "query"):
+            own = capture(post, batch, condition, site="kv", layers=None)
+            for layer in range(post.cfg.n_layers):
+                one = capture(base, batch, condition, site="kv", layers=[layer])
+                isolated = dataclasses.replace(own, values={**own.values, **one.values})
+                with patch_prefix(post, isolated, batch, segment=condition):
+                    value = metric_on_model(post, batch, metric).item()
+                row = frame[
+                    (frame["prompt"] == i)
+                    & (frame["condition"] == condition)
+                    & (frame["layer"] == layer)
+                ]
+                # compared as the metric's value (float32 noise over a small gap is not
+                # an error in the fraction)
+                engine_value = clean + row["recovery"].item() * (source - clean)
+                assert engine_value == pytest.approx(value, abs=1e-5)
 
 
 def test_layer_patching_on_the_postfix_plant(base, post, post_scan):
