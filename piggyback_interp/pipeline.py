@@ -42,7 +42,7 @@ PART_FIELDS = {
     "perturbation": {"segments", "metric", "target", "trials", "perturb_mode", "seed"},
     "patching": {"segments", "metric", "target", "seed"},
     "layers": {"segments", "metric", "target", "layers"},
-    "resid": {"metric", "target", "layers"},
+    "resid": {"metric", "target", "layers", "resid_atp_top_k"},
 }
 CHECKPOINT = "checkpoint.pt"  # a resumable step's own checkpoint, inside its folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -80,7 +80,8 @@ class ScanConfig:
     ``"target"``: the difference in log-prob of ``target`` (e.g. the trained answer).
     ``layers``: the layers of the per-layer experiments (``None``: all).
     ``resid_atp_top_k``: rank every residual-sweep cell by attribution patching and
-    patch only the top ``k`` exactly (``None``: patch every cell exactly).
+    patch only the top ``k`` exactly (default 64 of the 720 cells of a 30-layer model;
+    ``None``: patch every cell exactly, about 8x slower on the embedded model).
     """
 
     segments: tuple[str, ...] = TEMPLATE_SEGMENTS
@@ -92,7 +93,7 @@ class ScanConfig:
     resid_sweep: bool = True
     min_recovery: float = 0.25
     seed: int = 0
-    resid_atp_top_k: int | None = None
+    resid_atp_top_k: int | None = 64
 
     def __post_init__(self) -> None:
         bad = [s for s in self.segments if s not in TEMPLATE_SEGMENTS]

@@ -401,19 +401,20 @@ def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, 
     import piggyback_interp.patching.sweep as sweep_module
     import piggyback_interp.scan as scan_module
 
-    # one unit of work: a chunk of cells (resid), a K/V patch of one group (kv-layers)
-    module, name = (
-        (sweep_module, "_run_cells") if kind == "resid" else (scan_module, "patch_prefix")
-    )
+    # one unit of work: a chunk of cells (resid), one engine run of a chunk of layers
+    # for one group of prompts (kv-layers)
+    module, name = (sweep_module, "_run_cells") if kind == "resid" else (scan_module, "run_cells")
     part, frame = {"resid": ("resid", "resid_sweep"), "kv-layers": ("layers", "layers")}[kind]
     args = ("sweep", *pair, "--kind", kind, "--layers", "0", "1")
+    if kind == "resid":  # the exact sweep checkpoints (the AtP pre-screen is one pass)
+        args += ("--resid-atp-top-k", "none")
     with monkeypatch.context() as m:
         whole = _counting(m, module, name)
         ok(*args, "--out", tmp_path / "whole")
     # resid: the checkpoint holds finished layers (each half the chunks); kv-layers:
-    # finished (condition, layer) cells (the first two, prefix at layers 0 and 1, one
-    # group of prompts each: the prefix is the same in every prompt)
-    done = whole["n"] // 2 if kind == "resid" else 2
+    # finished (condition, layer) cells (the prefix at layers 0 and 1: one engine run,
+    # one group of prompts, as the prefix is the same in every prompt)
+    done = whole["n"] // 2 if kind == "resid" else 1
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _counting(m, module, name, stop_at=done + 1)
@@ -432,6 +433,7 @@ def test_a_truncated_sweep_checkpoint_is_exit_2_naming_it(pair, tmp_path, monkey
     import piggyback_interp.patching.sweep as sweep_module
 
     args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1", "--out", tmp_path / "run")
+    args += ("--resid-atp-top-k", "none")  # the exact sweep, which checkpoints
     ckpt = tmp_path / "run" / "scan" / "resid" / "checkpoint.pt"
     real = sweep_module._run_cells
 
