@@ -48,6 +48,7 @@ import torch
 from piggyback_interp import distributed
 from piggyback_interp.checks import at_least
 from piggyback_interp.controls import compare_controls
+from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
 from piggyback_interp.io import atomic_write_parquet
 from piggyback_interp.metrics import (
@@ -532,9 +533,13 @@ def carrier_verdict(
 # --- everything --------------------------------------------------------------------------
 
 
-@dataclass
-class ScanResult:
-    """The four experiments and the verdict of one scan."""
+@dataclass(repr=False)
+class ScanResult(Summarized):
+    """The four experiments and the verdict of one scan.
+
+    Printed, it shows the verdict and what was run; in Jupyter also the evidence per
+    template segment.
+    """
 
     config: ScanConfig
     perturbation: Any
@@ -542,6 +547,27 @@ class ScanResult:
     layers: Any
     resid: SweepResult | None
     verdict: Verdict
+
+    def _facts(self) -> dict[str, Any]:
+        resid = (
+            None
+            if self.resid is None
+            else "{} prompts x {} layers x {} cells".format(*self.resid.values.shape)
+        )
+        return {
+            "carriers": list(self.verdict.carriers),
+            "headline": self.verdict.headline,
+            "metric": self.config.metric,
+            "prompts": self.patching["prompt"].nunique() if self.patching is not None else None,
+            "parts": [name for name in PARTS if getattr(self, name) is not None],
+            "resid_sweep": resid,
+        }
+
+    def _table(self) -> tuple[list[str], list[Any]]:
+        evidence = self.verdict.evidence
+        shown = ["segment", "recovery_all", "recovery_matched", "recovery_query_control"]
+        columns = [c for c in [*shown, "carrier", "partial"] if c in evidence]
+        return columns, list(evidence[columns].itertuples(index=False))
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write every part into ``folder`` (see :data:`PARTS`) and the verdict to ``scan.json``."""

@@ -252,6 +252,7 @@ def evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         temperature=args.temperature,
         batch_size=args.batch_size,
+        progress=progress(args),
     )
     print(markdown_table(evaluation.summary()))
     print(f"\nresponses: {Path(args.out) / 'evaluate' / 'evaluation.parquet'}")
