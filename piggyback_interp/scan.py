@@ -77,23 +77,32 @@ LAYERS_PER_FORWARD = 8  # layer patching: cells stacked on the batch axis per fo
 class ScanConfig:
     """What a carrier scan runs (recorded next to its results).
 
-    ``metric="kl"``: the gap is ``KL(base || finetuned)`` of the next token;
-    ``"target"``: the difference in log-prob of ``target`` (e.g. the trained answer).
-    ``layers``: the layers of the per-layer experiments (``None``: all).
-    ``resid_atp_top_k``: rank every residual-sweep cell by attribution patching and
-    patch only the top ``k`` exactly (``None``: patch every cell exactly).
+    Each field's docstring is also its ``piggyback scan --help`` text.
     """
 
     segments: tuple[str, ...] = TEMPLATE_SEGMENTS
+    """the template segments tested as carriers"""
     metric: str = "kl"
+    """the gap: kl (KL(base || finetuned) of the next token) or target (the difference in
+    log-prob of target)"""
     target: str | None = None
+    """the text metric=target scores (e.g. the trained answer)"""
     trials: int = 5
+    """random perturbations per prompt and segment"""
     perturb_mode: str = "nearest"
+    """nearest: each perturbed token becomes one of its nearest embedding neighbours;
+    random: a uniformly random token"""
     layers: tuple[int, ...] | None = None
+    """the layers of the per-layer experiments (none: all)"""
     resid_sweep: bool = True
+    """run the residual-stream sweep (layer x prefix position)"""
     min_recovery: float = 0.25
+    """the share of the gap a segment's base keys/values must close to carry the behaviour"""
     seed: int = 0
+    """seed of the perturbations"""
     resid_atp_top_k: int | None = None
+    """rank every residual-sweep cell by attribution patching and patch only the top k
+    exactly (none: patch every cell exactly)"""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.segments if s not in TEMPLATE_SEGMENTS]
