@@ -191,6 +191,7 @@ def generate(
     batch_size: int = 16,
     system_prompt: str | None = "default",
     stop_at_eos: bool = True,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> Generations:
     """Generate a reply to every chat prompt, batched, with a KV cache, optionally patched.
 
@@ -212,6 +213,8 @@ def generate(
         system_prompt: as in :func:`~piggyback_interp.spans.chat_spans`, for ``str`` and
             message-list prompts.
         stop_at_eos: stop a row at the tokenizer's / generation config's EOS token(s).
+        on_batch: called after each batch with its number of prompts (e.g. a
+            progress bar's ``update``).
 
     Prompts with different prefixes (e.g. different system prompts) are allowed: each
     distinct prefix gets its own (patched) prefix cache, computed once.
@@ -245,6 +248,8 @@ def generate(
                 logits, cache = group.prompt_forward(batch, chunk)
                 for i, (ids, done) in zip(chunk, decoder(logits, cache, batch, chunk), strict=True):
                     new_ids[i], finished[i] = ids, done
+                if on_batch is not None:
+                    on_batch(len(chunk))
     config = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,

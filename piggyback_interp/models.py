@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from piggyback_interp.display import Summarized
 from piggyback_interp.embedded import (
     EMBEDDED_DISPLAY_NAME,
     EMBEDDED_NAME,
@@ -561,13 +562,14 @@ class BaseReleasedError(RuntimeError):
     """The pair's base model was released to save memory."""
 
 
-@dataclass
-class ModelPair:
+@dataclass(repr=False)
+class ModelPair(Summarized):
     """A base (initial) model and a finetuned one with the same tokens and template.
 
     ``reference`` holds whatever was computed from the base before it was released
     (the memory-lean path of :func:`load_pair`); ``base`` is then unavailable.
     ``shared``: the two models hold ONE copy of the base weights (see :func:`load_pair`).
+    Printed, it names the two models and their shape, never their module trees.
     """
 
     finetuned: TransformerBridge
@@ -588,6 +590,19 @@ class ModelPair:
     @property
     def has_base(self) -> bool:
         return self._base is not None
+
+    def _facts(self) -> dict[str, Any]:
+        cfg = self.finetuned.cfg
+        return {
+            "base": model_info(self._base).display_name if self.has_base else "released",
+            "finetuned": model_info(self.finetuned).display_name,
+            "layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "device": str(next(self.finetuned.parameters()).device),
+            "shared": self.shared,
+            "reference": None if self.reference is None else type(self.reference).__name__,
+        }
 
     def release_base(self) -> None:
         """Drop the base model and free its memory (and CUDA cache)."""

@@ -198,6 +198,7 @@ def evaluate_step(
     seeds: Sequence[int] = (0,),
     temperature: float = 0.0,
     batch_size: int = 16,
+    progress: bool = True,
 ) -> Evaluation:
     """Evaluate on- and off-topic behaviour (with ``patch_base``: under the base prefix K/V)."""
     from piggyback_interp.evaluation import evaluate
@@ -216,6 +217,7 @@ def evaluate_step(
             seeds=seeds,
             temperature=temperature,
             batch_size=batch_size,
+            progress=progress,
         )
         evaluation.save(folder / "evaluation.parquet")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from piggyback_interp import distributed
+from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.io import (
@@ -74,12 +76,13 @@ from piggyback_interp.spans import ChatBatch, ChatSpans
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
-@dataclass
-class SweepResult:
+@dataclass(repr=False)
+class SweepResult(Summarized):
     """Metric values of a layer x position sweep, with axis labels and provenance.
 
     ``values[prompt, layer_index, cell]``; ``clean`` is the unpatched target's metric
-    and ``source`` the source model's, per prompt.
+    and ``source`` the source model's, per prompt. Printed, it shows the grid's shape,
+    site and metric and the cell of highest mean recovery; in Jupyter also the top cells.
     """
 
     values: Float[Tensor, "prompts layers cells"]
@@ -94,6 +97,37 @@ class SweepResult:
     def mean(self) -> Float[Tensor, "layers cells"]:
         """Mean over prompts."""
         return self.values.mean(0)
+
+    def _top_cells(self, k: int) -> list[list[Any]]:
+        """``[layer, position, token, segment, mean recovery]`` of the ``k`` best cells."""
+        recovery = self.recovery().nanmean(0).nan_to_num(nan=-math.inf).flatten()
+        n_cells = len(self.positions)
+        rows = []
+        for flat in recovery.argsort(descending=True)[:k].tolist():
+            if recovery[flat] == -math.inf:  # undefined: the source is the clean target
+                break
+            layer, cell = divmod(flat, n_cells)
+            rows.append(
+                [self.layers[layer], self.positions[cell], repr(self.tokens[cell]),
+                 self.segments[cell], recovery[flat].item()]
+            )  # fmt: skip
+        return rows
+
+    def _facts(self) -> dict[str, Any]:
+        prompts, _, cells = self.values.shape
+        best = self._top_cells(1)
+        return {
+            "prompts": prompts,
+            "layers": self.layers,
+            "cells": cells,
+            "site": self.meta.get("site"),
+            "metric": self.meta.get("metric"),
+            "best": "layer {}, position {} {} ({})".format(*best[0][:4]) if best else None,
+            "best_recovery": best[0][4] if best else None,
+        }
+
+    def _table(self) -> tuple[list[str], list[list[Any]]]:
+        return ["layer", "position", "token", "segment", "mean recovery"], self._top_cells(5)
 
     def recovery(self) -> Float[Tensor, "prompts layers cells"]:
         """(patched - clean) / (source - clean) per prompt: 1 = the source's behaviour."""
