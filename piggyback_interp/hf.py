@@ -10,10 +10,10 @@ so a change in transformers or TransformerLens is fixed in one file
 
 Example:
     >>> from piggyback_interp.testing import tiny_model
-    >>> from piggyback_interp.hf import hf_model, self_attention
+    >>> from piggyback_interp.hf import hf_config, hf_model
     >>> model = tiny_model("llama")
-    >>> type(hf_model(model)).__name__, type(self_attention(model, 0)).__name__
-    ('LlamaForCausalLM', 'LlamaAttention')
+    >>> type(hf_model(model)).__name__, hf_config(model).num_hidden_layers == model.cfg.n_layers
+    ('LlamaForCausalLM', True)
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def input_embedding(model: Any) -> Tensor | None:
 
 
 def self_attention(model: Any, layer: int) -> torch.nn.Module:
-    """The HF attention module (``q_proj``, ``k_proj``, ...) of decoder layer ``layer``
-    of a bridge or an HF causal LM."""
+    """The attention module (``q_proj``, ``k_proj``, ...) of decoder layer ``layer`` of an
+    HF causal LM, or of a bridge (there the bridge's wrapper of it, with the same projections)."""
     inner = getattr(model, "original_model", model)
     return inner.model.layers[layer].self_attn
 
