@@ -50,7 +50,7 @@ from piggyback_interp.checks import at_least
 from piggyback_interp.controls import compare_controls
 from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
-from piggyback_interp.io import atomic_write_parquet
+from piggyback_interp.io import atomic_write_parquet, resume_checkpoint, save_checkpoint
 from piggyback_interp.metrics import (
     LogitMetric,
     NextTokenKL,
@@ -62,7 +62,7 @@ from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import segment_positions
 from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
 from piggyback_interp.patching.patch import patch_prefix
-from piggyback_interp.patching.sweep import SweepResult, _resume, _save_checkpoint, sweep
+from piggyback_interp.patching.sweep import SweepResult, sweep
 from piggyback_interp.perturb import perturb_segments
 from piggyback_interp.runs import read_json, write_json
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, render_prompts
@@ -343,7 +343,7 @@ def layer_patching(
         "metric": metric.name,
         "config": {k: getattr(config, k) for k in ("metric", "target")},
     }
-    done = _resume(checkpoint, meta, recovery)
+    done = resume_checkpoint(checkpoint, meta, recovery)
     for ci, condition in enumerate(_bar(conditions, progress, "layer patching")):
         todo = [li for li in range(len(layers)) if ci * len(layers) + li not in done]
         if not todo:
@@ -373,7 +373,7 @@ def layer_patching(
                     recovery[ci * len(layers) + li, members] = fraction[row].double()
             done.update(ci * len(layers) + li for li in chunk)
             if distributed.is_main():  # under a launcher, rank 0 keeps the books
-                _save_checkpoint(checkpoint, meta, recovery, done)
+                save_checkpoint(checkpoint, meta, recovery, done)
     rows = [
         {
             "prompt": i,

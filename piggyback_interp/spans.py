@@ -159,6 +159,28 @@ class ChatSpans:
             padding=range(at, at + n),
         )
 
+    def without_padding(self) -> ChatSpans:
+        """The spans of a padded batch row without its padding (itself when unpadded)."""
+        pad = self.padding
+        if not pad:
+            return self
+
+        def move(span: range | None) -> range | None:
+            if span is None or span.start < pad.stop:
+                return span
+            return range(span.start - len(pad), span.stop - len(pad))
+
+        ids = self.input_ids
+        return replace(
+            self,
+            input_ids=ids[: pad.start] + ids[pad.stop :],
+            prefix=move(self.prefix),
+            query=move(self.query),
+            postfix=move(self.postfix),
+            response=move(self.response),
+            padding=range(0),
+        )
+
 
 def require_segment(spans: ChatSpans, name: str) -> range:
     """``spans.segment(name)``, raising a clear error when that segment is empty.

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from piggyback_interp import distributed
 from piggyback_interp.checks import at_least, non_negative, positive
 from piggyback_interp.errors import InputTooLongError, UserError
+from piggyback_interp.hf import hf_model
 from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
 from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.provenance import versions
@@ -157,9 +158,9 @@ class FinetuneResult:
 
 def _trainable(model: Any, config: FinetuneConfig) -> tuple[Any, list[torch.nn.Parameter]]:
     if config.lora_rank is None:
-        for p in model.original_model.parameters():
+        for p in hf_model(model).parameters():
             p.requires_grad_(True)
-        return None, list(model.original_model.parameters())
+        return None, list(hf_model(model).parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(
             config.seed
@@ -410,7 +411,7 @@ def finetune(
     peft_model, params = _trainable(model, config)
     sharded = bool(fsdp and shard_model(model))
     if sharded:  # the parameters are shards now
-        params = [p for p in model.original_model.parameters() if p.requires_grad]
+        params = [p for p in hf_model(model).parameters() if p.requires_grad]
     reg = KVRegulariser(model, reference)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     history: list[dict[str, Any]] = []
@@ -508,7 +509,7 @@ def finetune(
         "versions": versions(),
     }
     if out_dir is not None and config.export != "none":
-        with gathered(model.original_model):  # sharded: whole weights on rank 0
+        with gathered(hf_model(model)):  # sharded: whole weights on rank 0
             if distributed.is_main():
                 _export(model, Path(out_dir), config)
     if out_dir is not None and distributed.is_main():
@@ -601,13 +602,13 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The trainable weights, whole (a collective when sharded)."""
     return {
         n: full(p.detach()).clone()
-        for n, p in model.original_model.named_parameters()
+        for n, p in hf_model(model).named_parameters()
         if p.requires_grad
     }
 
 
 def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.original_model.named_parameters())
+    params = dict(hf_model(model).named_parameters())
     missing = set(state) - set(params)
     if missing:
         raise ValueError(f"the checkpoint has weights this model lacks, e.g. {sorted(missing)[:2]}")
