@@ -9,6 +9,7 @@ import json
 import os
 import types
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -152,6 +153,22 @@ def add_prompts(parser: argparse.ArgumentParser, *, n: int) -> None:
     )
 
 
+def _is_choice(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, Enum)
+
+
+def _option_hint(annotation: Any) -> Any:
+    """A field's annotation as its option takes it: an enum field (``Method | str``: the
+    dataclass takes the string too) takes only the enum's values."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return annotation
+    if not any(_is_choice(a) for a in args):
+        return annotation
+    rest = tuple(a for a in args if a is not str)
+    return typing.Union[rest] if len(rest) > 1 else rest[0]  # noqa: UP007
+
+
 def _unwrap(annotation: Any) -> tuple[type, bool, bool]:
     """(element type, is a tuple, may be None) of a dataclass field's annotation: its flag."""
     hint, optional = annotation, False
@@ -222,6 +239,8 @@ def describe(hint: Any) -> str:
         return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if _is_choice(hint):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
     words = {
         bool: "true or false (unquoted)",
         int: "an integer",
@@ -282,8 +301,9 @@ def add_dataclass(
     choices: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """One ``--field-name`` option per field of ``cls`` (tuples take several values); a config
-    file's value for it is validated against the field's annotation (or its ``choices``)."""
-    hints = typing.get_type_hints(cls)
+    file's value for it is validated against the field's annotation (or its ``choices``).
+    An enum field (a :class:`~piggyback_interp.checks.Choice`) offers its values as choices."""
+    hints = {name: _option_hint(hint) for name, hint in typing.get_type_hints(cls).items()}
     choices = choices or {}
     defaults = defaults or {}
     group = parser.add_argument_group(f"{cls.__name__} options")
@@ -291,6 +311,9 @@ def add_dataclass(
         if field.name in skip:
             continue
         kind, many, optional = _unwrap(hints[field.name])
+        allowed = choices.get(field.name)
+        if allowed is None and _is_choice(kind):
+            allowed = tuple(m.value for m in kind)
         default = defaults.get(field.name, field.default)
         flag = "--" + field.name.replace("_", "-")
         shown = "none" if default is None else (" ".join(map(str, default)) if many else default)
@@ -304,15 +327,15 @@ def add_dataclass(
         else:
             action = group.add_argument(
                 flag,
-                type=_flag_type(kind | None if optional else kind),
+                # an enum's flag is checked against its choices (the dataclass takes the text)
+                type=None if _is_choice(kind) else _flag_type(kind | None if optional else kind),
                 nargs="+" if many else None,
-                choices=choices.get(field.name),
+                choices=allowed,
                 default=default,
-                metavar=None if field.name in choices else field.name.upper(),
+                metavar=None if allowed else field.name.upper(),
                 help=f"(default: {shown}{'; none: unset' if optional else ''})",
             )
-        allowed = choices.get(field.name)
-        action.hint = Literal[allowed] if allowed else hints[field.name]  # type: ignore[attr-defined]
+        action.hint = Literal[choices[field.name]] if field.name in choices else hints[field.name]  # type: ignore[attr-defined]
 
 
 def dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from piggyback_interp import distributed
+from piggyback_interp.checks import Choice
 from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.io import (
@@ -267,6 +268,21 @@ def _attention_mask(mask: Tensor, start: int, T: int, dtype: torch.dtype) -> Ten
     return out.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+class Engine(Choice):
+    """How a sweep runs its cells: ``batched`` (many cells per forward) or ``loop`` (one
+    patched full forward per cell: the reference, slow)."""
+
+    BATCHED = "batched"
+    LOOP = "loop"
+
+
+class SweepMethod(Choice):
+    """``exact``: patch every cell; ``atp``: estimate every cell by attribution patching."""
+
+    EXACT = "exact"
+    ATP = "atp"
+
+
 def _fingerprint(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -283,8 +299,8 @@ def sweep(
     cells_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    method: Literal["exact", "atp"] = "exact",
-    engine: str = "batched",
+    method: SweepMethod | str = SweepMethod.EXACT,
+    engine: Engine | str = Engine.BATCHED,
 ) -> SweepResult:
     """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
 
@@ -315,17 +331,14 @@ def sweep(
             full forward per cell: the oracle, slow). The K/V and head engine keeps no
             checkpoint.
     """
-    if method == "atp":
+    engine = Engine.parse(engine, "engine")
+    if SweepMethod.parse(method, "method") is SweepMethod.ATP:
         from piggyback_interp.patching.atp import atp_sweep
 
         return atp_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
-    if method != "exact":
-        raise UserError(f"unknown sweep method {method!r}; choose 'exact' or 'atp'")
-    if engine not in ("batched", "loop"):
-        raise UserError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
     engine_sites = set(sites) <= set(KV_SITES) or sites == ("z",)
-    if engine == "batched" and engine_sites:
+    if engine is Engine.BATCHED and engine_sites:
         from piggyback_interp.patching.kv_engine import engine_sweep
 
         if checkpoint is not None:
@@ -338,7 +351,7 @@ def sweep(
             model, source, spans, metric, site=site, layers=layers, segment=segment,
             cells_per_batch=cells_per_batch, progress=progress,
         )  # fmt: skip
-    if engine == "loop" or len(sites) != 1 or sites[0] not in SWEEP_SITES:
+    if engine is Engine.LOOP or len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(
             model, source, spans, metric, site=site, layers=layers, segment=segment,
             checkpoint=checkpoint,
@@ -720,4 +733,4 @@ def exact_cell(
         return metric_on_model(model, batch, metric).cpu()
 
 
-__all__ = ["SweepResult", "reference_sweep", "sweep"]
+__all__ = ["Engine", "SweepMethod", "SweepResult", "reference_sweep", "sweep"]
