@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from piggyback_interp.hooks import KV_SITES, expand_sites, n_heads_at, resolve_layers, resolve_site
@@ -239,7 +240,8 @@ def _run(
     n = n_heads_at(model, patcher.hook_sites[sites[0]])
     specs = [(mask, layer, one_hot(h, n)) for layer in layers for h in heads]
     values = run_cells(patcher, specs, cells_per_batch, bar)  # [layers * heads, B]
-    values = values.reshape(len(layers), len(heads), -1).permute(2, 0, 1).contiguous()
+    values = rearrange(values, "(layer head) prompt -> prompt layer head", layer=len(layers))
+    values = values.contiguous()
     return values, patcher.clean_values(), src
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -431,7 +432,7 @@ def sweep(
         src_logits = [_full_logits(source, v) for v in variants]
         src_value = _metric_values(metric, src_logits, prompt_rows).cpu()
     return SweepResult(
-        values=values.permute(2, 0, 1).contiguous(),
+        values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
         clean=clean,
         source=src_value,
         layers=list(chosen),
@@ -470,7 +471,7 @@ def _loop_sweep(
     clean, src = loop_baselines(model, source, batch, metric)
     tok = chat_tokenizer(model)
     return SweepResult(
-        values=values.permute(2, 0, 1).contiguous(),
+        values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
         clean=clean,
         source=src,
         layers=list(chosen),
@@ -553,18 +554,21 @@ def _run_cells(
 def _patched_window(runner, v, hook_site, name, layer, cell_pos, src) -> Tensor:
     """Every (cell, prompt) row runs positions from the chunk's first patched one."""
     B, n = cell_pos.shape
-    rows_pos = cell_pos.T.reshape(-1)  # cell-major
-    rows_src = src.transpose(0, 1).reshape(-1, *src.shape[2:])
+    rows_pos = rearrange(cell_pos, "b n -> (n b)")  # cell-major
+    rows_src = rearrange(src, "b n ... -> (n b) ...")
     start = min(int(rows_pos.min()), v.read_start)
     T = v.input_ids.shape[1]
     past = runner.past(
         [
-            (c.keys[:, :, :start].repeat(n, 1, 1, 1), c.values[:, :, :start].repeat(n, 1, 1, 1))
+            (
+                repeat(c.keys[:, :, :start], "b h p d -> (n b) h p d", n=n),
+                repeat(c.values[:, :, :start], "b h p d -> (n b) h p d", n=n),
+            )
             for c in v.cache.layers
         ],
         n * B,
     )
-    hidden = v.resid[layer][:, start:].repeat(n, 1, 1)
+    hidden = repeat(v.resid[layer][:, start:], "b p d -> (n b) p d", n=n)
 
     def write(act: Tensor, hook: Any) -> Tensor:
         return scatter(act, hook_site, (rows_pos - start)[:, None], rows_src[:, None])
@@ -608,13 +612,15 @@ def _patched_prefix_then_rest(
         )
     # phase 2: every prompt's rest (P..T-1), each cell's rows over its patched prefix
     prefix_kv = [
-        (k.repeat_interleave(B, 0), val.repeat_interleave(B, 0)) if j >= layer else (k[:1], val[:1])
+        (repeat(k, "n h p d -> (n b) h p d", b=B), repeat(val, "n h p d -> (n b) h p d", b=B))
+        if j >= layer
+        else (k[:1], val[:1])
         for j, (k, val) in enumerate(_layers(past))
     ]
     past2 = runner.past(prefix_kv, n * B)
     T = v.input_ids.shape[1]
     out = runner.forward(
-        v.resid[layer][:, P:].repeat(n, 1, 1),
+        repeat(v.resid[layer][:, P:], "b p d -> (n b) p d", n=n),
         layer,
         P,
         v.attention_mask.repeat(n, 1),

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -130,7 +131,8 @@ class _Recorder:
 
     def _keep(self, site: HookSite, site_name: str, layer: int):
         def hook(act: Tensor, hook: Any) -> Tensor:
-            self.seen[(site_name, layer)] = _position_first(act, site).flatten(2)
+            kv = _position_first(act, site)
+            self.seen[(site_name, layer)] = rearrange(kv, "b p head d -> b p (head d)")
             return act
 
         return hook
