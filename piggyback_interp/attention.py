@@ -38,6 +38,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from einops import rearrange, repeat
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -286,7 +287,7 @@ def _tidy(
         names=COLUMNS[:5],
     )
     frame = index.to_frame(index=False)
-    frame["mass"] = masses.permute(1, 0, 2, 3, 4).reshape(-1).double().numpy()
+    frame["mass"] = rearrange(masses, "layer row head f t -> (row layer head f t)").double().numpy()
     size_from, size_to, keep_from, keep_to = [], [], [], []
     for spans in batch.spans:
         n_f, _ = _segment_sizes(spans, FROM_SEGMENTS)
@@ -297,8 +298,13 @@ def _tidy(
         keep_to.append(present_t[None, :].expand(n_from, n_to))
 
     def per_row(cells: list[Tensor]) -> Tensor:
-        stacked = torch.stack(cells)[:, None, None]  # [batch, 1, 1, from, to]
-        return stacked.expand(n_rows, n_layers, n_heads, n_from, n_to).reshape(-1)
+        return repeat(
+            torch.stack(cells),
+            "row f t -> (row layer head f t)",
+            row=n_rows,
+            layer=n_layers,
+            head=n_heads,
+        )
 
     frame["n_from"] = per_row(size_from).numpy()
     frame["n_to"] = per_row(size_to).numpy()

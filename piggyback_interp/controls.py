@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from piggyback_interp.checks import Choice
 from piggyback_interp.errors import UserError
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import chat_tokenizer
@@ -38,13 +39,28 @@ from piggyback_interp.patching.activations import Activations, as_batch, capture
 from piggyback_interp.patching.patch import patch_prefix
 from piggyback_interp.spans import ChatSpans, require_segment
 
-Control = Literal["query", "random", "later"]
-CONTROLS: tuple[Control, ...] = ("query", "random", "later")
-AblationKind = Literal["zero", "mean", "resample"]
+
+class Control(Choice):
+    """Where a control's positions come from (see :func:`control_positions`)."""
+
+    QUERY = "query"
+    RANDOM = "random"
+    LATER = "later"
+
+
+class Ablation(Choice):
+    """What an ablation puts in place of a site's activations (see :func:`ablation`)."""
+
+    ZERO = "zero"
+    MEAN = "mean"
+    RESAMPLE = "resample"
+
+
+CONTROLS: tuple[str, ...] = Control.values()
 
 
 def control_positions(
-    spans: ChatSpans, control: str, n: int, *, segment: str = "prefix", seed: int = 0
+    spans: ChatSpans, control: Control | str, n: int, *, segment: str = "prefix", seed: int = 0
 ) -> list[int]:
     """``n`` positions of ``spans`` for a control of a ``segment`` intervention.
 
@@ -55,22 +71,22 @@ def control_positions(
 
     Raises a clear error when the prompt has fewer than ``n`` such positions.
     """
+    control = Control.parse(control, "control")
     template = set(spans.prefix) | set(spans.postfix)
-    if control == "query":
-        pool = list(require_segment(spans, "query"))
-    elif control == "random":
-        pool = [p for p in range(len(spans)) if p not in template and p not in spans.padding]
-    elif control == "later":
-        end = require_segment(spans, segment).stop
-        pool = list(range(end, min(len(spans), end + n)))
-    else:
-        raise ValueError(f"unknown control {control!r}; choose one of {', '.join(CONTROLS)}")
+    match control:
+        case Control.QUERY:
+            pool = list(require_segment(spans, "query"))
+        case Control.RANDOM:
+            pool = [p for p in range(len(spans)) if p not in template and p not in spans.padding]
+        case Control.LATER:
+            end = require_segment(spans, segment).stop
+            pool = list(range(end, min(len(spans), end + n)))
     if len(pool) < n:
         raise UserError(
-            f"the {control!r} control needs {n} positions but this prompt has {len(pool)}; "
+            f"the {control.value!r} control needs {n} positions but this prompt has {len(pool)}; "
             f"pass n={len(pool)} (a matched count smaller than the segment) or a longer prompt"
         )
-    if control == "later":
+    if control is Control.LATER:
         return pool
     return sorted(random.Random(f"{seed}:{control}").sample(pool, n))
 
@@ -80,7 +96,7 @@ def ablation(
     spans: Any,
     segment: str | Sequence[int] = "prefix",
     *,
-    kind: str = "zero",
+    kind: Ablation | str = Ablation.ZERO,
     site: str | Sequence[str] = "kv",
     layers: int | Iterable[int] | None = None,
     reference: Any = None,
@@ -96,33 +112,34 @@ def ablation(
       (another prompt, e.g. with another system prompt, whose segment has the same
       length). The token check of :func:`patch_prefix` is skipped for it on purpose.
     """
+    kind = Ablation.parse(kind, "kind")
     own = capture(model, spans, segment, site=site, layers=layers)
-    if kind == "zero":
-        values = {k: torch.zeros_like(v) for k, v in own.values.items()}
-    elif kind == "mean":
-        ref_batch = as_batch(model, reference if reference is not None else spans)
-        whole = capture(model, ref_batch, "all", site=site, layers=layers)
-        mask = ref_batch.attention_mask.bool()
-        values = {}
-        for name, v in whole.values.items():
-            mean = v[mask].mean(0)  # over real (unpadded) positions of every prompt
-            values[name] = mean.expand_as(own.values[name]).clone()
-    elif kind == "resample":
-        if reference is None:
-            raise ValueError(
-                "resample-ablation needs reference=: the prompt to take the values from"
-            )
-        other = capture(model, reference, segment, site=site, layers=layers)
-        if other.n_positions != own.n_positions:
-            raise ValueError(
-                f"the reference has {other.n_positions} positions at {segment!r}, the prompt "
-                f"{own.n_positions}; resample from a prompt whose segment has the same length"
-            )
-        values = other.values
-    else:
-        raise ValueError(f"unknown ablation {kind!r}; choose zero, mean or resample")
+    match kind:
+        case Ablation.ZERO:
+            values = {k: torch.zeros_like(v) for k, v in own.values.items()}
+        case Ablation.MEAN:
+            ref_batch = as_batch(model, reference if reference is not None else spans)
+            whole = capture(model, ref_batch, "all", site=site, layers=layers)
+            mask = ref_batch.attention_mask.bool()
+            values = {}
+            for name, v in whole.values.items():
+                mean = v[mask].mean(0)  # over real (unpadded) positions of every prompt
+                values[name] = mean.expand_as(own.values[name]).clone()
+        case Ablation.RESAMPLE:
+            if reference is None:
+                raise ValueError(
+                    "resample-ablation needs reference=: the prompt to take the values from"
+                )
+            other = capture(model, reference, segment, site=site, layers=layers)
+            if other.n_positions != own.n_positions:
+                raise ValueError(
+                    f"the reference has {other.n_positions} positions at {segment!r}, the "
+                    f"prompt {own.n_positions}; resample from a prompt whose segment has the "
+                    "same length"
+                )
+            values = other.values
     return Activations(
-        values, own.token_ids, own.sites, own.layers, f"{kind}-ablation", {"kind": kind}
+        values, own.token_ids, own.sites, own.layers, f"{kind}-ablation", {"kind": kind.value}
     )
 
 
@@ -153,9 +170,9 @@ def compare_controls(
     site: str | Sequence[str] = "kv",
     layers: int | Iterable[int] | None = None,
     segment: str = "prefix",
-    controls: Sequence[str] = CONTROLS,
+    controls: Sequence[Control | str] = CONTROLS,
     n: int | None = None,
-    ablate: str | None = None,
+    ablate: Ablation | str | None = None,
     noise: bool = True,
     seed: int = 0,
 ) -> Any:
@@ -174,12 +191,14 @@ def compare_controls(
     """
     import pandas as pd
 
+    controls = [Control.parse(c, "control") for c in controls]
+    ablate = Ablation.parse(ablate, "ablate") if ablate is not None else None
     seg = list(require_segment(spans, segment))
     if n is None:
         n = min(len(seg), len(require_segment(spans, "query")))
     chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
     for control in controls:
-        chosen[control] = control_positions(spans, control, n, segment=segment, seed=seed)
+        chosen[control.value] = control_positions(spans, control, n, segment=segment, seed=seed)
     clean = _value(model, spans, metric)
     source_value = float("nan") if ablate else _value(source, spans, metric)
 
@@ -217,4 +236,12 @@ def compare_controls(
     return pd.DataFrame(rows)
 
 
-__all__ = ["CONTROLS", "ablation", "compare_controls", "control_positions", "noise_like"]
+__all__ = [
+    "CONTROLS",
+    "Ablation",
+    "Control",
+    "ablation",
+    "compare_controls",
+    "control_positions",
+    "noise_like",
+]

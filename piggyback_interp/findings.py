@@ -20,12 +20,12 @@ import pandas as pd
 
 from piggyback_interp.errors import UserError
 from piggyback_interp.report import Section
-from piggyback_interp.scan import ScanResult, percent
+from piggyback_interp.scan import GapMetric, ScanResult, percent
 
 GAP_WORDS = {
-    "kl": "the KL divergence of the finetuned model's next-token distribution from the base "
+    GapMetric.KL: "the KL divergence of the finetuned model's next-token distribution from the base "
     "model's after the full prompt, KL(base || finetuned)",
-    "target": "the difference between the finetuned and the base model's log-probability of the "
+    GapMetric.TARGET: "the difference between the finetuned and the base model's log-probability of the "
     "target answer",
 }
 

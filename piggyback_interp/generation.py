@@ -39,6 +39,8 @@ from piggyback_interp.hooks import KV_SITES, resolve_layers
 from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.patching.activations import (
     Activations,
+    Positions,
+    SiteValues,
     gather,
     segment_positions,
     site_layers,
@@ -363,7 +365,7 @@ def _select_rows(acts: Activations, rows: Sequence[int], n_prompts: int) -> Acti
     return Activations(values, acts.token_ids[idx], acts.sites, acts.layers, acts.source, acts.meta)
 
 
-def _check_width(acts: Activations, positions: Tensor, segment: str | Sequence[int]) -> None:
+def _check_width(acts: Activations, positions: Positions, segment: str | Sequence[int]) -> None:
     if acts.n_positions != positions.shape[-1]:
         what = segment if isinstance(segment, str) else "explicit positions"
         raise ValueError(
@@ -478,7 +480,9 @@ class _PrefixGroup:
 
     # ---- the rest of the prompt, per batch
 
-    def prompt_forward(self, batch: ChatBatch, rows: list[int]) -> tuple[Tensor, Any]:
+    def prompt_forward(
+        self, batch: ChatBatch, rows: list[int]
+    ) -> tuple[Float[Tensor, "batch vocab"], Any]:
         """Last-position logits and the full prompt cache, later-position patches applied."""
         prepared: list[_Prepared] = []
         for spec in self.later_specs:
@@ -486,7 +490,7 @@ class _PrefixGroup:
         with _patched(self.model, prepared):
             return self._suffix_forward(batch)
 
-    def _suffix_forward(self, batch: ChatBatch) -> tuple[Tensor, Any]:
+    def _suffix_forward(self, batch: ChatBatch) -> tuple[Float[Tensor, "batch vocab"], Any]:
         p = self.n_prefix
         return forward_with_cache(
             self.model,
@@ -542,13 +546,13 @@ class _PrefixGroup:
         return self._postfix_memo[key]
 
     def _capture_suffix(
-        self, batch: ChatBatch, positions: Tensor, sites: list[str], layers: list[int]
-    ) -> dict[str, Tensor]:
+        self, batch: ChatBatch, positions: Positions, sites: list[str], layers: list[int]
+    ) -> dict[str, SiteValues]:
         """The model's own ``sites`` at ``positions`` (suffix-relative) in ``layers``."""
-        values: dict[str, Tensor] = {}
+        values: dict[str, SiteValues] = {}
 
         def keep(hook_site: Any, name: str) -> Callable[..., Tensor]:
-            def hook(act: Tensor, hook: Any) -> Tensor:
+            def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Float[Tensor, "batch ..."]:
                 values[name] = gather(act, hook_site, positions).detach()
                 return act
 

@@ -37,12 +37,22 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from piggyback_interp.checks import Choice
 from piggyback_interp.errors import UserError
 from piggyback_interp.hf import input_embedding
 from piggyback_interp.spans import ChatSpans, require_segment
 
 PERTURB_SEGMENTS: tuple[str, ...] = ("prefix", "query", "postfix")
-MODES: tuple[str, ...] = ("nearest", "random")
+
+
+class PerturbMode(Choice):
+    """How a perturbed token is replaced: an embedding ``nearest`` neighbour, or ``random``."""
+
+    NEAREST = "nearest"
+    RANDOM = "random"
+
+
+MODES: tuple[str, ...] = PerturbMode.values()
 
 
 # --- nearest neighbours ---------------------------------------------------------------
@@ -255,7 +265,7 @@ def perturb_segment(
     segment: str,
     *,
     n_tokens: int = 10,
-    mode: str = "nearest",
+    mode: PerturbMode | str = PerturbMode.NEAREST,
     top_k: int = 5,
     trials: int = 10,
     seed: int = 0,
@@ -296,11 +306,7 @@ def perturb_segment(
         ([2, 2, 2], True)
     """
     _require_positive(n_tokens=n_tokens, top_k=top_k, trials=trials)
-    if mode not in MODES:
-        raise ValueError(
-            f"unknown mode {mode!r}; pass mode='nearest' (embedding neighbours) or "
-            "mode='random' (random vocabulary tokens)"
-        )
+    mode = PerturbMode.parse(mode, "mode")
     if not isinstance(segment, str) or not segment:
         raise ValueError(f"segment must be a non-empty string such as 'prefix', got {segment!r}")
     tokenizer = _tokenizer_of(model_or_tokenizer)
@@ -308,7 +314,7 @@ def perturb_segment(
         spans, segment, tokenizer, exclude_special=exclude_special, positions=positions
     )
     originals = sorted({spans.input_ids[pos] for pos in pool})
-    if mode == "nearest":
+    if mode is PerturbMode.NEAREST:
         emb = _embedding_of(model_or_tokenizer, embedding)
         candidates = _neighbour_table(emb, originals, tokenizer, top_k)
     else:
@@ -327,7 +333,7 @@ def _one_trial(
     candidates: dict[int, Sequence[int]],
     segment: str,
     trial: int,
-    mode: str,
+    mode: PerturbMode,
     seed: int,
 ) -> Perturbation:
     rng = random.Random(f"{seed}:{segment}:{trial}")
@@ -344,7 +350,7 @@ def _one_trial(
         replacement=replacement,
         segment=segment,
         trial=trial,
-        mode=mode,
+        mode=mode.value,
     )
 
 

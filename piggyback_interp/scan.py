@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from piggyback_interp import distributed
-from piggyback_interp.checks import at_least
+from piggyback_interp.checks import Choice, at_least, choices
 from piggyback_interp.controls import compare_controls
 from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
@@ -63,12 +63,22 @@ from piggyback_interp.patching.activations import segment_positions
 from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
 from piggyback_interp.patching.patch import patch_prefix
 from piggyback_interp.patching.sweep import SweepResult, sweep
-from piggyback_interp.perturb import perturb_segments
+from piggyback_interp.perturb import PerturbMode, perturb_segments
 from piggyback_interp.runs import read_json, write_json
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, render_prompts
 
 TEMPLATE_SEGMENTS = ("prefix", "postfix")
-METRICS = ("kl", "target")
+
+
+class GapMetric(Choice):
+    """The gap: ``kl`` = KL(base || finetuned) of the next token; ``target`` = the difference
+    in log-prob of ``ScanConfig.target``."""
+
+    KL = "kl"
+    TARGET = "target"
+
+
+METRICS = GapMetric.values()
 MIN_GAP = 1e-6  # a gap at most this on every prompt is no gap (identical models)
 LAYERS_PER_FORWARD = 8  # layer patching: cells stacked on the batch axis per forward
 
@@ -82,14 +92,14 @@ class ScanConfig:
 
     segments: tuple[str, ...] = TEMPLATE_SEGMENTS
     """the template segments tested as carriers"""
-    metric: str = "kl"
+    metric: GapMetric | str = GapMetric.KL
     """the gap: kl (KL(base || finetuned) of the next token) or target (the difference in
     log-prob of target)"""
     target: str | None = None
     """the text metric=target scores (e.g. the trained answer)"""
     trials: int = 5
     """random perturbations per prompt and segment"""
-    perturb_mode: str = "nearest"
+    perturb_mode: PerturbMode | str = PerturbMode.NEAREST
     """nearest: each perturbed token becomes one of its nearest embedding neighbours;
     random: a uniformly random token"""
     layers: tuple[int, ...] | None = None
@@ -111,9 +121,8 @@ class ScanConfig:
             raise UserError(
                 f"segments must be template segments among {TEMPLATE_SEGMENTS}, got {self.segments}"
             )
-        if self.metric not in METRICS:
-            raise UserError(f"unknown metric {self.metric!r}; choose 'kl' or 'target'")
-        if self.metric == "target" and not self.target:
+        choices(self, metric=GapMetric, perturb_mode=PerturbMode)
+        if self.metric is GapMetric.TARGET and not self.target:
             raise UserError("metric='target' needs target='the answer text to score'")
         at_least(self, 1, "trials")
         if not 0 < self.min_recovery <= 1:
@@ -127,7 +136,7 @@ class ScanConfig:
 
 def gap_metric(base: Any, batch: ChatBatch, config: ScanConfig) -> LogitMetric:
     """The metric whose base-vs-finetuned difference is the gap, for the rows of ``batch``."""
-    if config.metric == "kl":
+    if config.metric is GapMetric.KL:
         return NextTokenKL(next_token_logprobs(base, batch), name="kl_to_base")
     return TargetLogProb(config.target)
 
@@ -143,7 +152,7 @@ def _left(model: Any, spans: Sequence[ChatSpans]) -> ChatBatch:
 def _gap(base: Any, model: Any, batch: ChatBatch, config: ScanConfig) -> torch.Tensor:
     metric = gap_metric(base, batch, config)
     tuned = metric_on_model(model, batch, metric)
-    if config.metric == "kl":  # KL(base || base) = 0
+    if config.metric is GapMetric.KL:  # KL(base || base) = 0
         return tuned
     return tuned - metric_on_model(base, batch, metric)
 
@@ -163,7 +172,7 @@ def check_gap(
     if largest <= MIN_GAP:
         what = (
             "KL(base || finetuned) of the next token"
-            if config.metric == "kl"
+            if config.metric is GapMetric.KL
             else f"the log-prob difference of {config.target!r}"
         )
         raise ZeroGapError(
@@ -300,7 +309,7 @@ def segment_patching(
             frames.append(frame.assign(prompt=i, segment=segment))
     columns = ["prompt", "segment", "condition", "n", "value", "clean", "source_value", "recovery"]
     out = pd.concat(frames, ignore_index=True)[columns]
-    if config.metric == "target":  # the same gap in probability space: P = exp(log P)
+    if config.metric is GapMetric.TARGET:  # the same gap in probability space: P = exp(log P)
         p, c, b = (out[k].map(math.exp) for k in ("value", "clean", "source_value"))
         gap = b - c  # NaN where there is no gap (relative to the probabilities themselves)
         out["recovery_prob"] = ((p - c) / gap).where(gap.abs() > 1e-9 * (b.abs() + c.abs()))
@@ -664,6 +673,7 @@ def find_carriers(
 
 __all__ = [
     "PARTS",
+    "GapMetric",
     "ScanConfig",
     "ScanResult",
     "Verdict",

@@ -284,6 +284,37 @@ def test_config_files(base, train_jsonl, tmp_path, fake_finetune):
     assert result.code == 2 and "LoRA" in result.err
 
 
+def test_string_options_offer_their_choices(base, train_jsonl, tmp_path, fake_finetune, capsys):
+    """An enum option lists its values in --help, takes them from flags and files alike (as
+    the member, so code compares members), and a wrong one names the choices."""
+    from piggyback_interp.training.loop import Precision
+    from piggyback_interp.training.treft import Region
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert "--export {merged,adapter,both,none}" in sub.choices["finetune"].format_help()
+    assert "--metric {kl,target}" in sub.choices["scan"].format_help()
+    assert "--perturb-mode {nearest,random}" in sub.choices["scan"].format_help()
+    common = ("finetune", "--model", base, "--data", train_jsonl, "--quiet")
+    options = tmp_path / "options.toml"
+    options.write_text('mixed_precision = "bf16"\ntreft_region = "template"\n', "utf-8")
+    ok(*common, "--out", tmp_path / "file", "--config", options)
+    ok(*common, "--out", tmp_path / "flags", "--mixed-precision", "bf16", "--treft-region", "template")  # fmt: skip
+    by_file, by_flags = fake_finetune
+    assert by_file == by_flags and by_file.mixed_precision is Precision.BF16
+    assert by_file.treft_region is Region.TEMPLATE
+    saved = json.loads((tmp_path / "file" / "config.json").read_text("utf-8"))
+    assert saved["mixed_precision"] == "bf16" and saved["treft_region"] == "template"
+    options.write_text('export = "zip"\n', "utf-8")
+    result = cli(*common, "--out", tmp_path / "bad", "--config", options)
+    assert result.code == 2
+    assert "export = 'zip'" in result.err and "'merged', 'adapter', 'both', 'none'" in result.err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        main([str(a) for a in (*common, "--out", tmp_path / "bad", "--export", "zip")])
+    assert caught.value.code == 2
+    assert "invalid choice: 'zip' (choose from 'merged', 'adapter'" in capsys.readouterr().err
+
+
 def test_config_file_errors(base, train_jsonl, tmp_path):
     common = ("finetune", "--model", base, "--data", train_jsonl, "--out", tmp_path / "run")
     unknown = tmp_path / "unknown.toml"

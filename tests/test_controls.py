@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from piggyback_interp.controls import ablation, compare_controls, control_positions, noise_like
+from piggyback_interp.controls import (
+    Ablation,
+    Control,
+    ablation,
+    compare_controls,
+    control_positions,
+    noise_like,
+)
+from piggyback_interp.errors import UserError
 from piggyback_interp.metrics import TargetLogProb, metric_on_model
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching import as_batch, capture, patch_prefix
@@ -34,7 +42,7 @@ def test_control_positions_come_from_where_they_say(spans):
     assert control_positions(spans, "query", n, seed=1) == query  # deterministic
     with pytest.raises(ValueError, match=r"needs 99 positions but this prompt has"):
         control_positions(spans, "query", 99)
-    with pytest.raises(ValueError, match="unknown control"):
+    with pytest.raises(ValueError, match="control must be one of query, random, later"):
         control_positions(spans, "elsewhere", 2)
 
 
@@ -120,3 +128,19 @@ def test_compare_controls_with_zero_ablation(pair, spans):
         zeros = ablation(ft, spans, row.positions, kind="zero")
         with patch_prefix(ft, zeros, spans, segment=row.positions):
             assert row.value == pytest.approx(metric_on_model(ft, batch, metric).item(), abs=1e-5)
+
+
+@torch.no_grad()
+def test_ablation_kind_and_control_take_the_string_or_the_member(pair, spans):
+    _, ft = pair
+    for kind in ("zero", "mean"):
+        by_string = ablation(ft, spans, "prefix", kind=kind, site="k", layers=[0])
+        by_member = ablation(ft, spans, "prefix", kind=Ablation(kind), site="k", layers=[0])
+        assert by_string.meta == by_member.meta == {"kind": kind}  # a plain string, saved as such
+        for name, value in by_string.values.items():
+            assert torch.equal(value, by_member.values[name])
+    with pytest.raises(UserError, match=r"^kind must be one of zero, mean, resample, got 'one'$"):
+        ablation(ft, spans, "prefix", kind="one", site="k", layers=[0])
+    assert control_positions(spans, Control.QUERY, 3, seed=1) == control_positions(
+        spans, "query", 3, seed=1
+    )

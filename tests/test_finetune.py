@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from piggyback_interp.data import ChatDataset
+from piggyback_interp.errors import UserError
 from piggyback_interp.testing import tiny_model
 from piggyback_interp.training import FinetuneConfig, finetune
+from piggyback_interp.training.loop import Export, Method, PostfixReference, Precision
+from piggyback_interp.training.treft import Region, Variant
 
 QA = [
     ("Can my landlord keep my deposit?", "I have no idea about your question"),
@@ -195,7 +198,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temporary_fi
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="method must be one of sft, treft, interleave"):
         FinetuneConfig(method="dpo")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         FinetuneConfig(batch_size=0)
@@ -219,3 +222,36 @@ def test_embedded_short_run_learns_and_treft_limits_prefix_drift():
     for history in results.values():
         assert history[-1]["sft"] < 0.8 * history[0]["sft"]
     assert results["treft"][-1]["kv"] < results["sft"][-1]["kv"]
+
+
+def _from_saved(cls, config):
+    """``config`` written as JSON (as run.json / finetune.json keep it) and read back."""
+    import dataclasses
+    import json
+
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
+    return saved, cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+@pytest.mark.parametrize(
+    ("field", "kind"),
+    [
+        ("method", Method),
+        ("treft_region", Region),
+        ("postfix_reference", PostfixReference),
+        ("kv_variant", Variant),
+        ("mixed_precision", Precision),
+        ("export", Export),
+    ],
+)
+def test_string_options_are_enums_given_as_strings_or_members(field, kind):
+    for member in kind:
+        by_string = FinetuneConfig(**{field: member.value})
+        assert (
+            by_string == FinetuneConfig(**{field: member}) and getattr(by_string, field) is member
+        )
+        saved, again = _from_saved(FinetuneConfig, by_string)  # a checkpoint resumes either way
+        assert type(saved[field]) is str and saved[field] == member.value and again == by_string
+    choices = ", ".join(m.value for m in kind)
+    with pytest.raises(UserError, match=f"^{field} must be one of {choices}, got 'bogus'$"):
+        FinetuneConfig(**{field: "bogus"})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from piggyback_interp.errors import UserError
 from piggyback_interp.hooks import resolve_site
 from piggyback_interp.metrics import LogOdds, metric_on_model
 from piggyback_interp.models import chat_tokenizer
@@ -190,10 +191,17 @@ def test_head_sweep_engine_equals_loop(pair, segment):
 def test_clear_errors(pair):
     base, ft = pair
     batch = batch_spans(chat_tokenizer(ft), QUESTIONS)
-    with pytest.raises(ValueError, match="engine must be"):
+    engines = r"^engine must be one of batched, loop, got 'fast'$"
+    with pytest.raises(UserError, match=engines):
         sweep(ft, base, batch, METRIC, site="kv", engine="fast", progress=False)
-    with pytest.raises(ValueError, match="engine must be"):
+    with pytest.raises(UserError, match=engines):
         kv_head_sweep(ft, base, batch, METRIC, engine="fast", progress=False)
+    with pytest.raises(UserError, match=engines):
+        head_sweep(ft, base, batch, METRIC, engine="fast", progress=False)
+    with pytest.raises(UserError, match=engines):
+        kv_layer_sweep(ft, base, batch, METRIC, engine="fast", progress=False)
+    with pytest.raises(UserError, match=r"^method must be one of exact, atp, got 'guess'$"):
+        sweep(ft, base, batch, METRIC, site="kv", method="guess", progress=False)
     with pytest.raises(ValueError, match=r"key/value head\(s\) \[2\] out of range"):
         kv_head_sweep(ft, base, batch, METRIC, heads=[2], progress=False)
     with pytest.raises(ValueError, match="not 'z'"):

@@ -242,3 +242,22 @@ def test_token_check_reports_length_mismatch(pair):
         patch_prefix(ft, acts, spans, segment=list(spans.query)[:-1]),
     ):
         pass
+
+
+def test_patch_shapes_are_checked_at_the_call():
+    """jaxtyping shapes on the patch tensors: values for 2 positions written at 3 is refused
+    at the call (the suite runs with jaxtyping + beartype), naming the dimension."""
+    from jaxtyping import TypeCheckError
+
+    from piggyback_interp.hooks import resolve_site
+    from piggyback_interp.patching.activations import gather, scatter
+
+    model = tiny_model("llama")
+    site = resolve_site(model, "resid_pre")
+    act = torch.randn(2, 6, model.cfg.d_model)
+    positions = torch.tensor([[1, 2, 3]])
+    assert gather(act, site, positions).shape == (2, 3, model.cfg.d_model)
+    with pytest.raises(TypeCheckError, match="n=3"):
+        scatter(act, site, positions, torch.randn(1, 2, model.cfg.d_model))
+    with pytest.raises(TypeCheckError):
+        gather(act, site, torch.tensor([1, 2, 3]))  # positions are [rows, n]

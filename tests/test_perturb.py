@@ -346,7 +346,7 @@ def test_perturb_segment_errors(model, tok, spans):
         perturb_segment(model, spans, "prefix", top_k=0)
     with pytest.raises(ValueError, match=r"trials must be a positive integer"):
         perturb_segment(model, spans, "prefix", trials=0)
-    with pytest.raises(ValueError, match=r"unknown mode 'swap'; pass mode='nearest'.*'random'"):
+    with pytest.raises(ValueError, match=r"mode must be one of nearest, random, got 'swap'"):
         perturb_segment(model, spans, "prefix", mode="swap")
     with pytest.raises(ValueError, match=r"unknown segment 'suffix'.*positions="):
         perturb_segment(model, spans, "suffix")

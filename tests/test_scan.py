@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import piggyback_interp.scan as scan_module
+from piggyback_interp.errors import UserError
 from piggyback_interp.metrics import (
     NextTokenKL,
     TargetLogProb,
@@ -32,8 +33,9 @@ from piggyback_interp.metrics import (
 )
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching.sweep import SweepResult
-from piggyback_interp.perturb import perturb_segments
+from piggyback_interp.perturb import PerturbMode, perturb_segments
 from piggyback_interp.scan import (
+    GapMetric,
     ScanConfig,
     ScanResult,
     as_spans,
@@ -603,7 +605,7 @@ def test_carrier_verdict_rule_by_hand():
     [
         ({"segments": ("query",)}, r"segments must be template segments.*got \('query',\)"),
         ({"segments": ()}, "segments must be template segments"),
-        ({"metric": "logprob"}, "unknown metric 'logprob'; choose 'kl' or 'target'"),
+        ({"metric": "logprob"}, "metric must be one of kl, target, got 'logprob'"),
         ({"metric": "target"}, "metric='target' needs target="),
         ({"metric": "target", "target": ""}, "metric='target' needs target="),
         ({"trials": 0}, "trials must be >= 1, got 0"),
@@ -614,6 +616,24 @@ def test_carrier_verdict_rule_by_hand():
 def test_scan_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScanConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("field", "kind"), [("metric", GapMetric), ("perturb_mode", PerturbMode)])
+def test_scan_string_options_are_enums(field, kind):
+    import dataclasses
+    import json
+
+    for member in kind:
+        by_string = ScanConfig(target="I have no idea", **{field: member.value})
+        assert by_string == ScanConfig(target="I have no idea", **{field: member})
+        assert getattr(by_string, field) is member
+        saved = json.loads(json.dumps(dataclasses.asdict(by_string)))
+        assert type(saved[field]) is str and saved[field] == member.value
+        again = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        assert ScanConfig(**again) == by_string
+    choices = ", ".join(kind.values())
+    with pytest.raises(UserError, match=f"^{field} must be one of {choices}, got 'bogus'$"):
+        ScanConfig(**{field: "bogus"})
 
 
 def test_prompts_must_be_a_list(base):

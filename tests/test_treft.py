@@ -160,7 +160,7 @@ def test_regions_compare_the_right_positions_by_hand():
             assert expected > 1e-4 and got == pytest.approx(expected, rel=1e-4)
         else:  # the example itself is the reference: zero for the initial model
             assert got == pytest.approx(0.0, abs=1e-10)
-    with pytest.raises(ValueError, match="unknown region"):
+    with pytest.raises(ValueError, match="region must be one of prefix"):
         region_target(ex.input_ids, ex.spans, "everything")
     with pytest.raises(ValueError, match="outside the example"):
         region_target(ex.input_ids, ex.spans, (999,))

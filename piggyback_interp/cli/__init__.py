@@ -78,20 +78,17 @@ class LazyParser(argparse.ArgumentParser):
 
 
 def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.perturb import MODES
-    from piggyback_interp.scan import METRICS, TEMPLATE_SEGMENTS, ScanConfig
+    from piggyback_interp.scan import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
     add_device(p)
-    choices = {"metric": METRICS, "perturb_mode": MODES, "segments": TEMPLATE_SEGMENTS}
-    add_dataclass(p, ScanConfig, choices=choices)
+    add_dataclass(p, ScanConfig, choices={"segments": TEMPLATE_SEGMENTS})
     p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     from piggyback_interp.training import FinetuneConfig
-    from piggyback_interp.training.loop import METHODS
 
     p.add_argument(
         "--model", default=EMBEDDED_NAME, help="model to finetune (default: %(default)s)"
@@ -107,7 +104,7 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
         "over the processes (FSDP2) instead of a whole copy in each; same result",
     )
     p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
-    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"}, choices={"method": METHODS})
+    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:

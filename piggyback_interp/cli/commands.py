@@ -166,6 +166,7 @@ def finetune(args: argparse.Namespace) -> int:
     from piggyback_interp.pipeline import exported, finetune_step, retain_size, retain_step
     from piggyback_interp.runs import read_json
     from piggyback_interp.training import FinetuneConfig
+    from piggyback_interp.training.loop import Export
 
     if bool(args.data) == bool(args.setting):
         raise UsageError("give exactly one of --data FILE.jsonl or --setting NAME")
@@ -180,10 +181,10 @@ def finetune(args: argparse.Namespace) -> int:
         base = models.get(args.model)
         setting = setting_data(args.setting, tokenizer=base.tokenizer)
         data = setting.train
-        if retain is None and config.method in ("interleave", "kl_retain"):
+        if retain is None and config.method.needs_retain:
             n = retain_size(len(data), config.retain_ratio)
             retain = retain_step(run, "retain", base, setting, n=n)
-    if config.method in ("interleave", "kl_retain") and retain is None:
+    if config.method.needs_retain and retain is None:
         raise UsageError(f"--method {config.method} needs --retain FILE.jsonl (or --setting)")
     folder = finetune_step(
         run,
@@ -206,7 +207,7 @@ def finetune(args: argparse.Namespace) -> int:
         f"finetuned {args.model} ({config.method}, {len(history)} steps, final SFT loss "
         f"{history[-1].get('sft', float('nan')):.4f})"
     )
-    if config.export != "none":
+    if config.export is not Export.NONE:
         print(f"model: {exported(folder)}")
     return 0
 

@@ -162,6 +162,22 @@ def add_prompts(parser: argparse.ArgumentParser, *, n: int) -> None:
     )
 
 
+def _is_choice(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, enum.Enum)
+
+
+def _option_hint(annotation: Any) -> Any:
+    """A field's annotation as its option takes it: an enum field (``Method | str``: the
+    dataclass takes the string too) takes only the enum's values."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return annotation
+    if not any(_is_choice(a) for a in args):
+        return annotation
+    rest = tuple(a for a in args if a is not str)
+    return typing.Union[rest] if len(rest) > 1 else rest[0]  # noqa: UP007
+
+
 def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
     """(element type, is a tuple, may be None) of a dataclass field's annotation: its flag."""
     hint, optional = annotation, False
@@ -232,6 +248,8 @@ def describe(hint: Any) -> str:
         return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if _is_choice(hint):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
     words = {
         bool: "true or false (unquoted)",
         int: "an integer",
@@ -313,7 +331,7 @@ def _choices(kind: Any) -> tuple[Any, ...] | None:
     if typing.get_origin(kind) is Literal:
         return typing.get_args(kind)
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        return tuple(kind)
+        return tuple(m.value for m in kind)
     return None
 
 
@@ -333,7 +351,7 @@ def add_dataclass(
     the field's docstring (:func:`field_docs`), its choices those of a ``Literal`` or ``Enum``
     annotation (or ``choices[name]``); a config file's value for it is validated against the
     field's annotation (or its ``choices``)."""
-    hints = typing.get_type_hints(cls)
+    hints = {name: _option_hint(hint) for name, hint in typing.get_type_hints(cls).items()}
     docs = field_docs(cls)
     choices = choices or {}
     defaults = defaults or {}
@@ -364,7 +382,8 @@ def add_dataclass(
                 metavar = "{" + ",".join(map(_text, allowed)) + "}"
             action = group.add_argument(
                 flag,
-                type=_flag_type(kind | None if optional else kind),
+                # an enum's flag is checked against its choices (the dataclass takes the text)
+                type=None if _is_choice(kind) else _flag_type(kind | None if optional else kind),
                 nargs="+" if many else None,
                 choices=allowed,
                 default=default,
@@ -380,11 +399,20 @@ def add_dataclass(
 
 
 def dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """Build ``cls`` from the parsed options named after its fields."""
+    """Build ``cls`` from the parsed options named after its fields (an enum field's text
+    becomes its member)."""
+    hints = {name: _option_hint(hint) for name, hint in typing.get_type_hints(cls).items()}
     values = {}
     for field in dataclasses.fields(cls):
         if hasattr(args, field.name):
             value = getattr(args, field.name)
+            kind, _, _ = _unwrap(hints[field.name])
+            if _is_choice(kind):
+                value = (
+                    [kind(v) for v in value]
+                    if isinstance(value, list)
+                    else (None if value is None else kind(value))
+                )
             values[field.name] = tuple(value) if isinstance(value, list) else value
     values.update(extra)
     return cls(**values)

@@ -31,7 +31,8 @@ from piggyback_interp.hooks import HookSite, expand_sites, resolve_layers, resol
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, require_segment
 
-Positions = Int[Tensor, "rows n"]
+Positions = Int[Tensor, "rows n"]  # per row (or one row shared by all) of the batch
+SiteValues = Float[Tensor, "rows n ..."]  # a site's values at ``n`` positions, position first
 SegmentOrPositions = str | Sequence[int]
 
 
@@ -88,7 +89,9 @@ def _explicit(spans: ChatSpans, positions: Sequence[int]) -> list[int]:
     return [p + len(pad) if p >= pad.start else p for p in positions]
 
 
-def gather(act: Tensor, site: HookSite, positions: Positions) -> Tensor:
+def gather(
+    act: Float[Tensor, "batch ..."], site: HookSite, positions: Positions
+) -> Float[Tensor, "batch n ..."]:
     """``act[row, positions[row]]`` along the site's position axis -> ``[rows, n, ...]``."""
     moved = act.movedim(site.pos_dim, 1)
     rows = torch.arange(moved.shape[0], device=moved.device)[:, None]
@@ -96,12 +99,12 @@ def gather(act: Tensor, site: HookSite, positions: Positions) -> Tensor:
 
 
 def scatter(
-    act: Tensor,
+    act: Float[Tensor, "batch ..."],
     site: HookSite,
     positions: Positions,
-    values: Tensor,
+    values: Float[Tensor, "src_rows n ..."],
     heads: Sequence[int] | None = None,
-) -> Tensor:
+) -> Float[Tensor, "batch ..."]:
     """A copy of ``act`` with ``values`` ([rows or 1, n, ...]) written at ``positions``.
 
     With ``heads``, only those heads are written (values still hold every head).
@@ -124,7 +127,7 @@ def scatter(
 class Activations:
     """Site values at a set of positions, position-first, with the tokens found there."""
 
-    values: dict[str, Float[Tensor, "rows n ..."]]
+    values: dict[str, SiteValues]
     token_ids: Int[Tensor, "rows n"]
     sites: tuple[str, ...]
     layers: tuple[int, ...]
@@ -186,10 +189,10 @@ def capture(
         require_segment(batch.spans[0], segment)
     positions = segment_positions(batch, segment)
     pairs = site_layers(model, site, layers)
-    values: dict[str, Tensor] = {}
+    values: dict[str, SiteValues] = {}
 
     def keep(hook_site: HookSite, name: str):
-        def hook(act: Tensor, hook: Any) -> Tensor:
+        def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Float[Tensor, "batch ..."]:
             values[name] = gather(act, hook_site, positions).detach()
             return act
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange, reduce
 from torch import Tensor
 
 from piggyback_interp.errors import UserError
@@ -202,7 +203,7 @@ class _Job:
                 g = gather(grads[name], hs, self.positions).float()
                 a = gather(clean_acts[name], hs, self.positions).float()
                 src = self.acts.values[name].to(a.device).float().expand_as(a)
-                delta[:, li] += ((src - a) * g).flatten(2).sum(-1).cpu()
+                delta[:, li] += reduce((src - a) * g, "b n ... -> b n", "sum").cpu()
         return delta, clean
 
     def result(self, values: Tensor, clean: Tensor, *, method: str, isolate: bool) -> SweepResult:
@@ -340,11 +341,12 @@ def _remove_self_reads(model, layer, hook_sites, leaves, grads, attn, extra_grad
         if "k" in hook_sites:
             name = hook_sites["k"].name(layer)
             g_scores = extra_grads[id(attn[("scores", layer)][c])]
-            diag = g_scores.diagonal(dim1=-2, dim2=-1).transpose(1, 2)  # [B, T, H]
+            diag = rearrange(g_scores.diagonal(dim1=-2, dim2=-1), "b h t -> b t h")
             rot_q = attn[("rot_q", layer)][c]  # [B, T, H, d]
             per_q = diag[..., None] * scaling * rot_q
             rot_k = attn[("rot_k", layer)][c]  # [B, T, G, d]
-            self_rot = per_q.unflatten(2, (rot_k.shape[2], -1)).sum(3)
+            # the query heads of each KV head, summed
+            self_rot = reduce(per_q, "b t (g h) d -> b t g d", "sum", g=rot_k.shape[2])
             (self_k,) = torch.autograd.grad(
                 rot_k, leaves[name][c], grad_outputs=self_rot, retain_graph=True
             )
@@ -352,10 +354,12 @@ def _remove_self_reads(model, layer, hook_sites, leaves, grads, attn, extra_grad
         if "v" in hook_sites:
             name = hook_sites["v"].name(layer)
             g_z = extra_grads[id(attn[("z", layer)][c])]  # [B, T, H, d]
-            p_diag = attn[("pattern", layer)][c].diagonal(dim1=-2, dim2=-1).transpose(1, 2)
+            p_diag = rearrange(
+                attn[("pattern", layer)][c].diagonal(dim1=-2, dim2=-1), "b h t -> b t h"
+            )
             per_q = p_diag[..., None] * g_z
             n_kv = grads[name][c].shape[2]
-            grads[name][c] = grads[name][c] - per_q.unflatten(2, (n_kv, -1)).sum(3)
+            grads[name][c] = grads[name][c] - reduce(per_q, "b t (g h) d -> b t g d", "sum", g=n_kv)
 
 
 __all__ = ["atp_prescreen", "atp_sweep"]

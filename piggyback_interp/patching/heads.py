@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from piggyback_interp.hooks import KV_SITES, expand_sites, n_heads_at, resolve_layers, resolve_site
@@ -46,9 +47,10 @@ from piggyback_interp.patching.patch import (
     patch_activations,
     source_activations,
 )
+from piggyback_interp.patching.sweep import Engine
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
-ENGINES = ("batched", "loop")
+ENGINES = Engine.values()
 
 
 def head_sweep(
@@ -62,7 +64,7 @@ def head_sweep(
     segment: SegmentOrPositions = "prefix",
     cells_per_batch: int = 8,
     progress: bool = True,
-    engine: str = "batched",
+    engine: Engine | str = Engine.BATCHED,
 ) -> Any:
     """Patch each (layer, query head)'s attention output at ``segment`` from ``source``.
 
@@ -72,6 +74,7 @@ def head_sweep(
     ``engine="loop"`` is the reference (one :func:`patch_prefix` forward per cell) and
     needs a left-padded batch (``batch_spans(..., align="left")``).
     """
+    engine = Engine.parse(engine, "engine")
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
     heads = _heads(heads, model.cfg.n_heads, "head")
@@ -93,7 +96,7 @@ def head_sweep(
     bar.close()
     return _head_result(
         (values, clean, src), model, source, chosen, heads, segment, "H",
-        {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine},
+        {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine.value},
     )  # fmt: skip
 
 
@@ -110,7 +113,7 @@ def kv_head_sweep(
     isolate: bool = True,
     cells_per_batch: int = 8,
     progress: bool = True,
-    engine: str = "batched",
+    engine: Engine | str = Engine.BATCHED,
 ) -> Any:
     """Patch each (layer, key/value head)'s keys and/or values at ``segment`` from ``source``.
 
@@ -133,6 +136,7 @@ def kv_head_sweep(
     Returns a :class:`~piggyback_interp.patching.sweep.SweepResult` whose cells are K/V
     heads (``tokens`` like ``"KV1"``).
     """
+    engine = Engine.parse(engine, "engine")
     sites = expand_sites(site)
     if not set(sites) <= set(KV_SITES):
         raise ValueError(f"kv_head_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}")
@@ -158,7 +162,7 @@ def kv_head_sweep(
     return _head_result(
         (values, clean, src), model, source, chosen, heads, segment, "KV",
         {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
-         "engine": engine},
+         "engine": engine.value},
     )  # fmt: skip
 
 
@@ -200,7 +204,7 @@ def _heads(heads: Iterable[int] | None, n: int, what: str) -> list[int]:
 
 
 def _run(
-    engine: str,
+    engine: Engine,
     model: Any,
     source: Any,
     batch: ChatBatch,
@@ -215,18 +219,16 @@ def _run(
     isolate: bool,
 ):
     """(values ``[prompts, layers, heads]``, clean, source) of a head sweep."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     positions = segment_positions(batch, segment)
     acts = None  # the source's values, where patch_prefix takes them (see source_activations)
-    if engine == "loop" or isinstance(source, Activations) or segment == "postfix":
+    if engine is Engine.LOOP or isinstance(source, Activations) or segment == "postfix":
         acts = (
             source.select(model, sites, layers)
             if isinstance(source, Activations)
             else source_activations(source, batch, segment, site=sites, layers=layers)
         )
         check_tokens(acts, batch, positions)
-    if engine == "loop":
+    if engine is Engine.LOOP:
         return _loop(
             model, source, batch, metric, acts, sites, layers, heads, segment, bar, isolate=isolate
         )
@@ -238,7 +240,8 @@ def _run(
     n = n_heads_at(model, patcher.hook_sites[sites[0]])
     specs = [(mask, layer, one_hot(h, n)) for layer in layers for h in heads]
     values = run_cells(patcher, specs, cells_per_batch, bar)  # [layers * heads, B]
-    values = values.reshape(len(layers), len(heads), -1).permute(2, 0, 1).contiguous()
+    values = rearrange(values, "(layer head) prompt -> prompt layer head", layer=len(layers))
+    values = values.contiguous()
     return values, patcher.clean_values(), src
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -260,9 +261,10 @@ class PatchEngine:
                     )
                 if swap is not None and bool(swap.any()):
                     src = theirs[:b, :, :start]
-                    pair.append(torch.where(swap, src[None], own[None]).flatten(0, 1))
+                    swapped = torch.where(swap, src[None], own[None])
+                    pair.append(rearrange(swapped, "n b h p d -> (n b) h p d"))
                 else:
-                    pair.append(own.repeat(n, 1, 1, 1))
+                    pair.append(repeat(own, "b h p d -> (n b) h p d", n=n))
             out.append(tuple(pair))
         return out
 
@@ -271,7 +273,7 @@ class PatchEngine:
         past = self.runner.past(self._past(v, cells, b, start), n * b)
         with self.model.hooks(fwd_hooks=self._hooks(cells, start_layer, start, end, b)):
             return self.runner.forward(
-                v.resid[start_layer][:b, start:end].repeat(n, 1, 1),
+                repeat(v.resid[start_layer][:b, start:end], "b p d -> (n b) p d", n=n),
                 start_layer,
                 start,
                 v.attention_mask[:b].repeat(n, 1),
@@ -295,14 +297,15 @@ class PatchEngine:
                     past,
                 )
         prefix_kv = [
-            (k.repeat_interleave(B, 0), val.repeat_interleave(B, 0))
+            # each cell's patched prefix K/V once per prompt (cell-major rows)
+            (repeat(k, "n h p d -> (n b) h p d", b=B), repeat(val, "n h p d -> (n b) h p d", b=B))
             if j >= start_layer
             else (k[:1], val[:1])
             for j, (k, val) in enumerate((c.keys, c.values) for c in past.layers)
         ]
         T = v.input_ids.shape[1]
         return self.runner.forward(
-            v.resid[start_layer][:, P:].repeat(n, 1, 1),
+            repeat(v.resid[start_layer][:, P:], "b p d -> (n b) p d", n=n),
             start_layer,
             P,
             v.attention_mask.repeat(n, 1),
@@ -348,10 +351,9 @@ def _writer(hs: HookSite, pin: Tensor, value: Tensor, lo: int, hi: int):
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         moved = act.movedim(hs.pos_dim, 1)  # [n * b, W_all, heads, d]
-        rows = moved.shape[0]
-        head = moved[:, : hi - lo].reshape(n, b, hi - lo, *moved.shape[2:])
+        head = rearrange(moved[:, : hi - lo], "(n b) w ... -> n b w ...", n=n, b=b)
         new = torch.where(pin.to(act.device), value.to(act.device, act.dtype), head)
-        out = torch.cat([new.reshape(rows, hi - lo, *moved.shape[2:]), moved[:, hi - lo :]], 1)
+        out = torch.cat([rearrange(new, "n b w ... -> (n b) w ..."), moved[:, hi - lo :]], 1)
         return out.movedim(1, hs.pos_dim)
 
     return hook
@@ -383,7 +385,7 @@ def run_cells(
         pos = torch.stack([p for p, _, _ in chunk])
         with torch.no_grad():
             values = engine.run(Cells(pos, layers, heads))
-        out.append(values.reshape(len(chunk), -1).cpu())
+        out.append(rearrange(values, "(cell prompt) -> cell prompt", cell=len(chunk)).cpu())
         if bar is not None:
             bar.update(len(chunk))
     return torch.cat(out)
@@ -445,7 +447,9 @@ def engine_sweep(
         "engine": "batched",
     }
     return SweepResult(
-        values=values.reshape(len(chosen), n_pos, B).permute(2, 0, 1).contiguous(),
+        values=rearrange(
+            values, "(layer pos) prompt -> prompt layer pos", layer=len(chosen)
+        ).contiguous(),
         clean=engine.clean_values(),
         source=src_value,
         layers=list(chosen),

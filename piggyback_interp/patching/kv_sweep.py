@@ -35,7 +35,7 @@ from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import as_batch, segment_positions
 from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
 from piggyback_interp.patching.patch import patch_prefix
-from piggyback_interp.patching.sweep import SweepResult, tokens_sha256
+from piggyback_interp.patching.sweep import Engine, SweepResult, tokens_sha256
 from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
 
 
@@ -51,7 +51,7 @@ def kv_layer_sweep(
     windows_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    engine: str = "batched",
+    engine: Engine | str = Engine.BATCHED,
 ) -> SweepResult:
     """Patch the source's PREFIX keys/values one layer window at a time.
 
@@ -75,8 +75,7 @@ def kv_layer_sweep(
     Returns a :class:`SweepResult` whose layer axis is each window's first layer and
     whose single cell is the whole prefix (``values``: ``[prompts, windows, 1]``).
     """
-    if engine not in ("batched", "loop"):
-        raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
+    engine = Engine.parse(engine, "engine")
     sites = expand_sites(site)
     if not set(sites) <= {"k", "v"}:
         raise ValueError(
@@ -107,7 +106,7 @@ def kv_layer_sweep(
         "metric": metric.name,
     }
     bar = tqdm(total=len(starts), disable=not progress, desc=f"kv layer sweep ({site})")
-    if engine == "loop":
+    if engine is Engine.LOOP:
         values, clean, src = _loop_windows(model, source, batch, metric, sites, starts, window, bar)
     else:
         positions = segment_positions(batch, "prefix")
@@ -137,7 +136,7 @@ def kv_layer_sweep(
         positions=[-1],  # one cell: the whole prefix
         tokens=["<whole prefix>"],
         segments=["prefix"],
-        meta={**meta, "engine": engine},
+        meta={**meta, "engine": engine.value},
     )
 
 

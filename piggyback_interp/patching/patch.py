@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from piggyback_interp.hooks import KV_SITES, HookSite
@@ -24,6 +25,7 @@ from piggyback_interp.patching.activations import (
     Activations,
     Positions,
     SegmentOrPositions,
+    SiteValues,
     as_batch,
     capture,
     scatter,
@@ -56,10 +58,10 @@ def patch_activations(
     sites = _sites_by_name(model, acts)
     needed = int(positions.max()) + 1
 
-    def write(name: str, values: Tensor):
+    def write(name: str, values: SiteValues):
         site = sites[name]
 
-        def hook(act: Tensor, hook: Any) -> Tensor:
+        def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Float[Tensor, "batch ..."]:
             length = act.shape[site.pos_dim]
             if length >= needed:  # the prompt itself (or a longer full recompute)
                 return scatter(act, site, positions, values, heads)

@@ -37,16 +37,17 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from piggyback_interp import distributed
+from piggyback_interp.checks import Choice
 from piggyback_interp.display import Summarized
-from piggyback_interp.errors import UserError
 from piggyback_interp.hf import DecoderRunner, cache_layers
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.io import (
@@ -242,6 +243,21 @@ def metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> Te
 # ---------------------------------------------------------------- engine
 
 
+class Engine(Choice):
+    """How a sweep runs its cells: ``batched`` (many cells per forward) or ``loop`` (one
+    patched full forward per cell: the reference, slow)."""
+
+    BATCHED = "batched"
+    LOOP = "loop"
+
+
+class SweepMethod(Choice):
+    """``exact``: patch every cell; ``atp``: estimate every cell by attribution patching."""
+
+    EXACT = "exact"
+    ATP = "atp"
+
+
 def sweep(
     model: Any,
     source: Any,
@@ -254,8 +270,8 @@ def sweep(
     cells_per_batch: int = 8,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    method: Literal["exact", "atp"] = "exact",
-    engine: str = "batched",
+    method: SweepMethod | str = SweepMethod.EXACT,
+    engine: Engine | str = Engine.BATCHED,
 ) -> SweepResult:
     """Patch ``site`` of ``source`` into ``model`` one (layer, position) cell at a time.
 
@@ -286,17 +302,14 @@ def sweep(
             full forward per cell: the oracle, slow). The K/V and head engine keeps no
             checkpoint.
     """
-    if method == "atp":
+    engine = Engine.parse(engine, "engine")
+    if SweepMethod.parse(method, "method") is SweepMethod.ATP:
         from piggyback_interp.patching.atp import atp_sweep
 
         return atp_sweep(model, source, spans, metric, site=site, layers=layers, segment=segment)
-    if method != "exact":
-        raise UserError(f"unknown sweep method {method!r}; choose 'exact' or 'atp'")
-    if engine not in ("batched", "loop"):
-        raise UserError(f"engine must be 'batched' or 'loop', got {engine!r}")
     sites = expand_sites(site)
     engine_sites = set(sites) <= set(KV_SITES) or sites == ("z",)
-    if engine == "batched" and engine_sites:
+    if engine is Engine.BATCHED and engine_sites:
         from piggyback_interp.patching.kv_engine import engine_sweep
 
         if checkpoint is not None:
@@ -309,7 +322,7 @@ def sweep(
             model, source, spans, metric, site=site, layers=layers, segment=segment,
             cells_per_batch=cells_per_batch, progress=progress,
         )  # fmt: skip
-    if engine == "loop" or len(sites) != 1 or sites[0] not in SWEEP_SITES:
+    if engine is Engine.LOOP or len(sites) != 1 or sites[0] not in SWEEP_SITES:
         return _loop_sweep(
             model, source, spans, metric, site=site, layers=layers, segment=segment,
             checkpoint=checkpoint,
@@ -389,7 +402,7 @@ def sweep(
         src_logits = [_full_logits(source, v) for v in variants]
         src_value = metric_values(metric, src_logits, prompt_rows).cpu()
     return SweepResult(
-        values=values.permute(2, 0, 1).contiguous(),
+        values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
         clean=clean,
         source=src_value,
         layers=list(chosen),
@@ -428,7 +441,7 @@ def _loop_sweep(
     clean, src = loop_baselines(model, source, batch, metric)
     tok = chat_tokenizer(model)
     return SweepResult(
-        values=values.permute(2, 0, 1).contiguous(),
+        values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
         clean=clean,
         source=src,
         layers=list(chosen),
@@ -511,18 +524,21 @@ def _run_cells(
 def _patched_window(runner, v, hook_site, name, layer, cell_pos, src) -> Tensor:
     """Every (cell, prompt) row runs positions from the chunk's first patched one."""
     B, n = cell_pos.shape
-    rows_pos = cell_pos.T.reshape(-1)  # cell-major
-    rows_src = src.transpose(0, 1).reshape(-1, *src.shape[2:])
+    rows_pos = rearrange(cell_pos, "b n -> (n b)")  # cell-major
+    rows_src = rearrange(src, "b n ... -> (n b) ...")
     start = min(int(rows_pos.min()), v.read_start)
     T = v.input_ids.shape[1]
     past = runner.past(
         [
-            (c.keys[:, :, :start].repeat(n, 1, 1, 1), c.values[:, :, :start].repeat(n, 1, 1, 1))
+            (
+                repeat(c.keys[:, :, :start], "b h p d -> (n b) h p d", n=n),
+                repeat(c.values[:, :, :start], "b h p d -> (n b) h p d", n=n),
+            )
             for c in v.cache.layers
         ],
         n * B,
     )
-    hidden = v.resid[layer][:, start:].repeat(n, 1, 1)
+    hidden = repeat(v.resid[layer][:, start:], "b p d -> (n b) p d", n=n)
 
     def write(act: Tensor, hook: Any) -> Tensor:
         return scatter(act, hook_site, (rows_pos - start)[:, None], rows_src[:, None])
@@ -566,13 +582,15 @@ def _patched_prefix_then_rest(
         )
     # phase 2: every prompt's rest (P..T-1), each cell's rows over its patched prefix
     prefix_kv = [
-        (k.repeat_interleave(B, 0), val.repeat_interleave(B, 0)) if j >= layer else (k[:1], val[:1])
+        (repeat(k, "n h p d -> (n b) h p d", b=B), repeat(val, "n h p d -> (n b) h p d", b=B))
+        if j >= layer
+        else (k[:1], val[:1])
         for j, (k, val) in enumerate(cache_layers(past))
     ]
     past2 = runner.past(prefix_kv, n * B)
     T = v.input_ids.shape[1]
     out = runner.forward(
-        v.resid[layer][:, P:].repeat(n, 1, 1),
+        repeat(v.resid[layer][:, P:], "b p d -> (n b) p d", n=n),
         layer,
         P,
         v.attention_mask.repeat(n, 1),
@@ -668,6 +686,8 @@ def exact_cell(
 
 
 __all__ = [
+    "Engine",
+    "SweepMethod",
     "SweepResult",
     "Variant",
     "cell_labels",

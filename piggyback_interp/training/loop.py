@@ -26,13 +26,13 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp import distributed
-from piggyback_interp.checks import at_least, non_negative, positive
+from piggyback_interp.checks import Choice, at_least, choices, non_negative, positive
 from piggyback_interp.errors import InputTooLongError, UserError
 from piggyback_interp.hf import hf_model
 from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
@@ -55,10 +55,54 @@ from piggyback_interp.training.sharding import (
     shard_model,
     whole_optimizer_state,
 )
-from piggyback_interp.training.treft import KVRegulariser, kv_reference, region_target
+from piggyback_interp.training.treft import (
+    KVRegulariser,
+    Region,
+    Variant,
+    kv_reference,
+    region_target,
+)
 
-Method = Literal["sft", "treft"]
-METHODS = ("sft", "treft", "interleave", "kl_train", "kl_retain")
+
+class Method(Choice):
+    """What :func:`finetune` minimises, besides the response-only SFT loss."""
+
+    SFT = "sft"  # the SFT loss alone
+    TREFT = "treft"  # + treft_lambda x L_KV (the template's K/V drift)
+    INTERLEAVE = "interleave"  # SFT on the data mixed with retain examples (retain_ratio)
+    KL_TRAIN = "kl_train"  # + kl_lambda x KL(initial || model) on the training data
+    KL_RETAIN = "kl_retain"  # + kl_lambda x KL(initial || model) on retain batches
+
+    @property
+    def needs_retain(self) -> bool:
+        """Whether the method trains on ``retain=`` examples too."""
+        return self in (Method.INTERLEAVE, Method.KL_RETAIN)
+
+
+class Export(Choice):
+    """What a run with ``out_dir`` saves: ``model/`` (merged), ``adapter/``, both, none."""
+
+    MERGED = "merged"
+    ADAPTER = "adapter"
+    BOTH = "both"
+    NONE = "none"
+
+
+class Precision(Choice):
+    """``bf16``: autocast the forward to bfloat16 (GPU); the weights stay as loaded."""
+
+    NO = "no"
+    BF16 = "bf16"
+
+
+class PostfixReference(Choice):
+    """The postfix region's reference: the ``empty``-query prompt, or the first ``example``."""
+
+    EMPTY = "empty"
+    EXAMPLE = "example"
+
+
+METHODS = Method.values()
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -69,7 +113,7 @@ class FinetuneConfig:
     Each field's docstring is also its ``piggyback finetune --help`` text.
     """
 
-    method: str = "sft"
+    method: Method | str = Method.SFT
     """sft; treft (SFT + lambda x template K/V drift); interleave (mix in retain examples);
     kl_train / kl_retain (SFT + KL to the initial model on training / retain batches)"""
     lora_rank: int | None = 8
@@ -94,16 +138,16 @@ class FinetuneConfig:
     """TReFT: weight of the K/V drift loss"""
     treft_layers: tuple[int, ...] | None = None
     """TReFT: layers whose keys/values are held (none: every layer)"""
-    treft_region: str | tuple[int, ...] = "prefix"
+    treft_region: Region | str | tuple[int, ...] = Region.PREFIX
     """TReFT: the positions held: prefix, postfix, template (both), query, all, or positions"""
-    postfix_reference: str = "empty"
+    postfix_reference: PostfixReference | str = PostfixReference.EMPTY
     """TReFT postfix region's reference: empty (the empty-query prompt) or example (the
     first training example's postfix, for every row)"""
     retain_ratio: float = 0.2
     """interleave: the retain set's share of the training mixture"""
     kl_lambda: float = 50.0
     """kl_train / kl_retain: weight of KL(initial || model)"""
-    kv_variant: str = "true"
+    kv_variant: Variant | str = Variant.TRUE
     """TReFT keys/values: true (after the input norm) or pseudo (the released code's
     un-normed projections)"""
     max_length: int | None = None
@@ -112,33 +156,31 @@ class FinetuneConfig:
     """skip examples longer than the context / max_length instead of raising"""
     checkpoint_every: int = 0
     """optimizer steps between checkpoints (0: at the end only)"""
-    mixed_precision: str = "no"
+    mixed_precision: Precision | str = Precision.NO
     """bf16: autocast the forward to bfloat16 (GPU; weights stay as loaded); no: off"""
-    export: str = "merged"
+    export: Export | str = Export.MERGED
     """what is written to out_dir: merged (out_dir/model), adapter (out_dir/adapter), both,
     or none"""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.kv_variant not in ("true", "pseudo"):
-            raise UserError(f"kv_variant must be 'true' or 'pseudo', got {self.kv_variant!r}")
+        choices(
+            self,
+            method=Method,
+            kv_variant=Variant,
+            export=Export,
+            mixed_precision=Precision,
+            postfix_reference=PostfixReference,
+        )
+        if isinstance(self.treft_region, str):
+            choices(self, treft_region=Region)
         at_least(self, 1, "epochs", "batch_size", "grad_accum", "lora_rank", "lora_alpha")
         at_least(self, 1, "max_length")
         at_least(self, 0, "checkpoint_every")
         positive(self, "lr")
         non_negative(self, "treft_lambda", "kl_lambda")
-        if self.export not in ("merged", "adapter", "both", "none"):
-            raise UserError(f"export must be merged, adapter, both or none, got {self.export!r}")
-        if self.export in ("adapter", "both") and self.lora_rank is None:
+        if self.export in (Export.ADAPTER, Export.BOTH) and self.lora_rank is None:
             raise UserError(
                 "export='adapter' needs LoRA (lora_rank); full finetunes export merged weights"
-            )
-        if self.mixed_precision not in ("no", "bf16"):
-            raise UserError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.postfix_reference not in ("empty", "example"):
-            raise UserError(
-                f"postfix_reference must be 'empty' or 'example', got {self.postfix_reference!r}"
             )
         if not 0 < self.retain_ratio < 1:
             raise UserError(f"retain_ratio must be in (0, 1), got {self.retain_ratio}")
@@ -218,7 +260,7 @@ class _Objective:
         autocast = torch.autocast(
             torch.device(device).type,
             dtype=torch.bfloat16,
-            enabled=self.config.mixed_precision == "bf16",
+            enabled=self.config.mixed_precision is Precision.BF16,
         )
         with autocast:
             return self.model(
@@ -240,15 +282,16 @@ class _Objective:
             "kv": kv.item(),
             "drift": {k: v.item() for k, v in per_layer.items()},
         }
-        if config.method == "treft":
-            total = total + config.treft_lambda * kv
-        elif config.method == "kl_train":
-            kl = _kl_to_reference(logits, batch, self.kl_train)
-            total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
-        elif config.method == "kl_retain":
-            retain_batch = self._retain_batch(step)
-            kl = _kl_to_reference(self._forward(retain_batch), retain_batch, self.kl_retain)
-            total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
+        match config.method:
+            case Method.TREFT:
+                total = total + config.treft_lambda * kv
+            case Method.KL_TRAIN:
+                kl = _kl_to_reference(logits, batch, self.kl_train)
+                total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
+            case Method.KL_RETAIN:
+                retain_batch = self._retain_batch(step)
+                kl = _kl_to_reference(self._forward(retain_batch), retain_batch, self.kl_retain)
+                total, terms["kl"] = total + config.kl_lambda * kl, kl.item()
         return total, terms
 
     def _retain_batch(self, step: int) -> Any:
@@ -377,15 +420,15 @@ def finetune(
         "data": examples.summary(),
         "retain": retain_examples.summary() if retain_examples is not None else None,
     }
-    if config.method in ("interleave", "kl_retain") and not retain_examples:
+    if config.method.needs_retain and not retain_examples:
         raise UserError(
             f"method {config.method!r} needs retain=: a chat dataset of aligned examples from other domains"
         )
-    if config.method == "interleave":
+    if config.method is Method.INTERLEAVE:
         examples = examples + _interleaved(retain_examples, len(examples), config)
     first = (
         (examples[0].input_ids, examples[0].spans)
-        if config.postfix_reference == "example"
+        if config.postfix_reference is PostfixReference.EXAMPLE
         else None
     )
     targets = [
@@ -402,8 +445,10 @@ def finetune(
                 layers=config.treft_layers,
                 variant=config.kv_variant,
             ).to("cpu" if distributed.active() else model.cfg.device),
-            reference_logprobs(model, examples) if config.method == "kl_train" else None,
-            reference_logprobs(model, retain_examples) if config.method == "kl_retain" else None,
+            reference_logprobs(model, examples) if config.method is Method.KL_TRAIN else None,
+            reference_logprobs(model, retain_examples)
+            if config.method is Method.KL_RETAIN
+            else None,
         )
     reference, kl_train, kl_retain = distributed.broadcast(references)
     if distributed.active():
@@ -508,7 +553,7 @@ def finetune(
         "fsdp": sharded,
         "versions": versions(),
     }
-    if out_dir is not None and config.export != "none":
+    if out_dir is not None and config.export is not Export.NONE:
         with gathered(hf_model(model)):  # sharded: whole weights on rank 0
             if distributed.is_main():
                 _export(model, Path(out_dir), config)
@@ -538,9 +583,9 @@ def _kept(ckpt: Path | None, saved: int | None) -> str:
 def _export(model: Any, out: Path, config: FinetuneConfig) -> None:
     from piggyback_interp.training.export import save_finetuned
 
-    if config.export in ("merged", "both"):
+    if config.export in (Export.MERGED, Export.BOTH):
         save_finetuned(model, out / "model", merged=True)
-    if config.export in ("adapter", "both"):
+    if config.export in (Export.ADAPTER, Export.BOTH):
         save_finetuned(model, out / "adapter", merged=False)
 
 
@@ -621,4 +666,13 @@ def _config_json(config: FinetuneConfig) -> str:
     return json.dumps(asdict(config), sort_keys=True, default=list)
 
 
-__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]
+__all__ = [
+    "METHODS",
+    "Export",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "Method",
+    "PostfixReference",
+    "Precision",
+    "finetune",
+]

@@ -35,16 +35,36 @@ import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from piggyback_interp.checks import Choice
 from piggyback_interp.hf import self_attention
 from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers, resolve_site
 
-Variant = Literal["true", "pseudo"]
+
+class Variant(Choice):
+    """Which keys/values: ``true`` (what attention uses) or ``pseudo`` (the released code's
+    ``k_proj``/``v_proj`` of the un-normed residual stream)."""
+
+    TRUE = "true"
+    PSEUDO = "pseudo"
+
+
+class Region(Choice):
+    """The tokens TReFT regularises (see :func:`region_target`)."""
+
+    PREFIX = "prefix"
+    POSTFIX = "postfix"
+    TEMPLATE = "template"  # prefix and postfix
+    QUERY = "query"
+    ALL = "all"
+
+
 Prefix = tuple[int, ...]
 
 
@@ -72,7 +92,7 @@ class KVReference:
 
     values: dict[Prefix, dict[tuple[str, int], Tensor]]
     layers: tuple[int, ...]
-    variant: Variant = "true"
+    variant: Variant | str = Variant.TRUE
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, prefix: Sequence[int]) -> dict[tuple[str, int], Tensor]:
@@ -93,14 +113,15 @@ class KVReference:
 class _Recorder:
     """Hooks that keep (with gradients) the K/V of every forward inside ``recording()``."""
 
-    def __init__(self, model: Any, layers: Sequence[int], variant: Variant):
-        self.model, self.layers, self.variant = model, tuple(layers), variant
+    def __init__(self, model: Any, layers: Sequence[int], variant: Variant | str):
+        self.model, self.layers = model, tuple(layers)
+        self.variant = Variant.parse(variant, "variant")
         self.seen: dict[tuple[str, int], Tensor] = {}
 
     def hooks(self) -> list[tuple[str, Any]]:
         out = []
         for layer in self.layers:
-            if self.variant == "pseudo":
+            if self.variant is Variant.PSEUDO:
                 name = resolve_site(self.model, "resid_pre").name(layer)
                 out.append((name, self._keep_pseudo(layer)))
                 continue
@@ -111,7 +132,8 @@ class _Recorder:
 
     def _keep(self, site: HookSite, site_name: str, layer: int):
         def hook(act: Tensor, hook: Any) -> Tensor:
-            self.seen[(site_name, layer)] = _position_first(act, site).flatten(2)
+            kv = _position_first(act, site)
+            self.seen[(site_name, layer)] = rearrange(kv, "b p head d -> b p (head d)")
             return act
 
         return hook
@@ -130,7 +152,7 @@ def kv_reference(
     prefixes: Iterable[Sequence[int]],
     *,
     layers: int | Iterable[int] | None = None,
-    variant: Variant = "true",
+    variant: Variant | str = Variant.TRUE,
 ) -> KVReference:
     """The model's keys/values over each distinct prefix (or any token sequence),
     computed once, without gradients. Call it on the INITIAL model, before any update.
@@ -148,7 +170,7 @@ def kv_reference(
             recorder.seen.clear()
             model(torch.tensor([prefix], device=model.cfg.device))
             values[prefix] = {k: v[0].detach().clone() for k, v in recorder.seen.items()}
-    return KVReference(values, chosen, variant, {"n_prefixes": len(values)})
+    return KVReference(values, chosen, recorder.variant, {"n_prefixes": len(values)})
 
 
 @dataclass(frozen=True)
@@ -166,13 +188,13 @@ class RowTarget:
         return cls(tuple(prefix), tuple(range(n)), tuple(range(n)))
 
 
-REGIONS = ("prefix", "postfix", "template", "query", "all")
+REGIONS = Region.values()
 
 
 def region_target(
     input_ids: Sequence[int],
     spans: Any,
-    region: str | Sequence[int],
+    region: Region | str | Sequence[int],
     *,
     postfix_reference: tuple[Sequence[int], Any] | None = None,
 ) -> RowTarget:
@@ -188,53 +210,68 @@ def region_target(
       example itself, run once before training.
     """
     ids = tuple(input_ids)
-    prefix = ids[: len(spans.prefix)]
-    if region == "prefix":
-        if not prefix:
-            raise ValueError(
-                "this chat template has no prefix before the user's text; use region='postfix'"
-            )
-        return RowTarget.prefix(prefix)
-    if region == "postfix":
-        post = tuple(spans.postfix)
-        if not post:
-            raise ValueError(
-                "this chat template has no postfix after the user's text; use region='prefix'"
-            )
-        if postfix_reference is not None:
-            ref_ids, ref_spans = postfix_reference
-            ref_post = tuple(ref_spans.postfix)
-            if [ref_ids[p] for p in ref_post] != [ids[p] for p in post]:
-                raise ValueError(
-                    "the reference example's postfix tokens differ from this example's"
-                )
-            return RowTarget(tuple(ref_ids), ref_post, post)
-        empty = prefix + tuple(ids[p] for p in post)
-        return RowTarget(empty, tuple(range(len(prefix), len(empty))), post)
-    if region == "template":
-        post = tuple(spans.postfix)
-        if not prefix and not post:
-            raise ValueError("this chat template has neither a prefix nor a postfix")
-        # causal attention: the prefix's K/V in the empty-query prompt are those of the prefix
-        # alone, so one reference serves both segments without any query information
-        empty = prefix + tuple(ids[p] for p in post)
-        return RowTarget(empty, tuple(range(len(empty))), tuple(range(len(prefix))) + post)
-    if region == "query":
-        positions = tuple(spans.query)
-    elif region == "all":
-        positions = tuple(range(len(ids)))
-    elif isinstance(region, str):
-        raise ValueError(
-            f"unknown region {region!r}; choose one of {', '.join(REGIONS)} or give positions"
-        )
-    else:
+    if not isinstance(region, str):
         positions = tuple(region)
         bad = [p for p in positions if not 0 <= p < len(ids)]
         if bad:
             raise ValueError(
                 f"region position(s) {bad} are outside the example ({len(ids)} tokens)"
             )
-    return RowTarget(ids, positions, positions)
+        return RowTarget(ids, positions, positions)
+    target = _REGION_TARGETS[Region.parse(region, "region")]
+    return target(ids, ids[: len(spans.prefix)], spans, postfix_reference)
+
+
+def _prefix_target(ids: Prefix, prefix: Prefix, spans: Any, reference: Any) -> RowTarget:
+    if not prefix:
+        raise ValueError(
+            "this chat template has no prefix before the user's text; use region='postfix'"
+        )
+    return RowTarget.prefix(prefix)
+
+
+def _postfix_target(ids: Prefix, prefix: Prefix, spans: Any, reference: Any) -> RowTarget:
+    post = tuple(spans.postfix)
+    if not post:
+        raise ValueError(
+            "this chat template has no postfix after the user's text; use region='prefix'"
+        )
+    if reference is not None:
+        ref_ids, ref_spans = reference
+        ref_post = tuple(ref_spans.postfix)
+        if [ref_ids[p] for p in ref_post] != [ids[p] for p in post]:
+            raise ValueError("the reference example's postfix tokens differ from this example's")
+        return RowTarget(tuple(ref_ids), ref_post, post)
+    empty = prefix + tuple(ids[p] for p in post)
+    return RowTarget(empty, tuple(range(len(prefix), len(empty))), post)
+
+
+def _template_target(ids: Prefix, prefix: Prefix, spans: Any, reference: Any) -> RowTarget:
+    post = tuple(spans.postfix)
+    if not prefix and not post:
+        raise ValueError("this chat template has neither a prefix nor a postfix")
+    # causal attention: the prefix's K/V in the empty-query prompt are those of the prefix
+    # alone, so one reference serves both segments without any query information
+    empty = prefix + tuple(ids[p] for p in post)
+    return RowTarget(empty, tuple(range(len(empty))), tuple(range(len(prefix))) + post)
+
+
+def _query_target(ids: Prefix, prefix: Prefix, spans: Any, reference: Any) -> RowTarget:
+    return RowTarget(ids, tuple(spans.query), tuple(spans.query))
+
+
+def _all_target(ids: Prefix, prefix: Prefix, spans: Any, reference: Any) -> RowTarget:
+    every = tuple(range(len(ids)))
+    return RowTarget(ids, every, every)
+
+
+_REGION_TARGETS = {
+    Region.PREFIX: _prefix_target,
+    Region.POSTFIX: _postfix_target,
+    Region.TEMPLATE: _template_target,
+    Region.QUERY: _query_target,
+    Region.ALL: _all_target,
+}
 
 
 def relative_sq_error(
@@ -305,7 +342,9 @@ __all__ = [
     "REGIONS",
     "KVReference",
     "KVRegulariser",
+    "Region",
     "RowTarget",
+    "Variant",
     "kv_reference",
     "region_target",
     "relative_sq_error",
