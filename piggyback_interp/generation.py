@@ -55,8 +55,10 @@ from piggyback_interp.spans import (
     ChatBatch,
     ChatSpans,
     batch_spans,
+    prefix_only,
     render_prompts,
     require_segment,
+    unpadded,
 )
 
 PATCH_SEGMENTS = ("prefix", "query", "postfix")
@@ -292,7 +294,7 @@ def _as_spans(
     items = prompts.spans if isinstance(prompts, ChatBatch) else prompts
     if len(items) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
-    rows = [_unpad(p) for p in render_prompts(tokenizer, items, system_prompt=system_prompt)]
+    rows = [unpadded(p) for p in render_prompts(tokenizer, items, system_prompt=system_prompt)]
     for i, spans in enumerate(rows):
         if spans.response is not None:
             raise ValueError(
@@ -315,29 +317,6 @@ def _check_context(model: Any, rows: list[ChatSpans], max_new_tokens: int) -> No
                 f"{limit} tokens (max_position_embeddings); lower max_new_tokens to at most "
                 f"{max(limit - len(spans), 0)} or shorten the prompt"
             )
-
-
-def _unpad(spans: ChatSpans) -> ChatSpans:
-    """The spans of a padded batch row without its padding."""
-    pad = spans.padding
-    if not pad:
-        return spans
-
-    def move(span: range | None) -> range | None:
-        if span is None or span.start < pad.stop:
-            return span
-        return range(span.start - len(pad), span.stop - len(pad))
-
-    ids = spans.input_ids
-    return ChatSpans(
-        input_ids=ids[: pad.start] + ids[pad.stop :],
-        prefix=move(spans.prefix),
-        query=move(spans.query),
-        postfix=move(spans.postfix),
-        response=move(spans.response),
-        text=spans.text,
-        query_chars=spans.query_chars,
-    )
 
 
 def _prefix_groups(rows: list[ChatSpans]) -> list[list[int]]:
@@ -404,19 +383,6 @@ def _expand(cache: Any, rows: int) -> Any:
     if rows > 1:
         copied.batch_repeat_interleave(rows)
     return copied
-
-
-def _prefix_only(spans: ChatSpans) -> ChatSpans:
-    p = spans.prefix.stop
-    return ChatSpans(
-        input_ids=spans.input_ids[:p],
-        prefix=range(p),
-        query=range(p, p),
-        postfix=range(p, p),
-        response=None,
-        text="",
-        query_chars=(0, 0),
-    )
 
 
 def _select_rows(acts: Activations, rows: Sequence[int], n_prompts: int) -> Activations:
@@ -498,7 +464,7 @@ class _PrefixGroup:
         """The prefix's KV cache (one row), computed once, under the prefix patches."""
         if self.n_prefix == 0:
             return None
-        spans = _prefix_only(self.rows[self.members[0]])
+        spans = prefix_only(self.rows[self.members[0]])
         batch = batch_spans(chat_tokenizer(self.model), [spans])
         # every model source runs unpatched, before any patch is installed
         sources = [self._prefix_source(spec, batch) for spec in self.prefix_specs]

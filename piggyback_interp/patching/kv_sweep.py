@@ -40,7 +40,7 @@ from piggyback_interp.patching.sweep import (
     _save_checkpoint,
     _tokens_sha256,
 )
-from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, unpadded
 
 
 def kv_layer_sweep(
@@ -147,10 +147,8 @@ def kv_layer_sweep(
 
 def _loop_windows(model, source, batch, metric, sites, starts, window, bar):
     """The reference: one isolated :func:`patch_prefix` forward per window, per prompt."""
-    from piggyback_interp.generation import _unpad
-
     values = torch.empty(len(batch), len(starts))
-    rows = [as_batch(model, _unpad(spans)) for spans in batch.spans]
+    rows = [as_batch(model, unpadded(spans)) for spans in batch.spans]
     for j, s in enumerate(starts):
         for i, one in enumerate(rows):
             with patch_prefix(model, source, one, site=sites, layers=range(s, s + window)):

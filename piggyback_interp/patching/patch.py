@@ -30,7 +30,7 @@ from piggyback_interp.patching.activations import (
     segment_positions,
     site_layers,
 )
-from piggyback_interp.spans import ChatBatch, ChatSpans, require_segment
+from piggyback_interp.spans import ChatBatch, ChatSpans, require_segment, with_empty_query
 
 
 def _sites_by_name(model: Any, acts: Activations) -> dict[str, HookSite]:
@@ -104,22 +104,11 @@ def empty_query_batch(batch: ChatBatch) -> ChatSpans:
     """The paper's postfix reference prompt: row 0's prefix followed by its postfix.
 
     This is what the chat template renders for an EMPTY user message, token for
-    token the same template tokens the target holds, with no query information.
+    token the same template tokens the target holds, with no query information
+    (:func:`~piggyback_interp.spans.with_empty_query` of row 0).
     """
-    spans = batch.spans[0]
-    ids = list(batch.input_ids[0].tolist())
-    prefix = [ids[i] for i in spans.prefix]
-    postfix = [ids[i] for i in require_segment(spans, "postfix")]
-    p = len(prefix)
-    return ChatSpans(
-        input_ids=tuple(prefix + postfix),
-        prefix=range(p),
-        query=range(p, p),
-        postfix=range(p, p + len(postfix)),
-        response=None,
-        text="",
-        query_chars=(0, 0),
-    )
+    require_segment(batch.spans[0], "postfix")
+    return with_empty_query(batch.spans[0])
 
 
 def source_activations(
