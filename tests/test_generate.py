@@ -89,8 +89,11 @@ def test_postfix_patch_equals_patched_oracle(pair):
         {"segment": "query", "layers": [0, 2]},  # isolated: the other layers' clean K/V kept
         {"segment": "postfix", "site": "resid_pre", "layers": [1]},
         {"segment": [1, 2, 3], "site": "v"},  # explicit positions inside the prefix (baked)
+        # keys alone: the values stay pinned too, as in patch_prefix (one isolate)
+        {"segment": "query", "site": "k", "layers": [0]},
+        {"segment": "postfix", "site": "kv", "layers": [1], "heads": [0]},  # one K/V head
     ],
-    ids=["query-isolated", "postfix-resid", "explicit-prefix"],
+    ids=["query-isolated", "postfix-resid", "explicit-prefix", "query-keys", "postfix-head"],
 )
 def test_other_patches_equal_patched_oracle(llama_pair, kwargs):
     base, ft = llama_pair

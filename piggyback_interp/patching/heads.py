@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,17 +34,13 @@ from piggyback_interp.hooks import KV_SITES, expand_sites, n_heads_at, resolve_l
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import model_info
 from piggyback_interp.patching.activations import (
-    Activations,
     SegmentOrPositions,
     as_batch,
     capture,
     segment_positions,
 )
-from piggyback_interp.patching.patch import (
-    check_tokens,
-    patch_activations,
-    source_activations,
-)
+from piggyback_interp.patching.patch import check_tokens, isolated, patch_activations
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
 ENGINES = ("batched", "loop")
@@ -181,7 +176,7 @@ def _head_result(
         meta={
             "kind": meta["kind"],
             "target": model_info(model).name,
-            "source": "activations" if isinstance(source, Activations) else model_info(source).name,
+            "source": as_source(source).label,
             **{k: v for k, v in meta.items() if k != "kind"},
             "layers": list(chosen),
             "heads": heads,
@@ -218,12 +213,11 @@ def _run(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     positions = segment_positions(batch, segment)
-    acts = None  # the source's values, where patch_prefix takes them (see source_activations)
-    if engine == "loop" or isinstance(source, Activations) or segment == "postfix":
-        acts = (
-            source.select(model, sites, layers)
-            if isinstance(source, Activations)
-            else source_activations(source, batch, segment, site=sites, layers=layers)
+    src = as_source(source)
+    acts = None  # the source's values, where patch_prefix takes them (the postfix reference)
+    if engine == "loop" or src.model is None or segment == "postfix":
+        acts = src.activations(
+            model, batch, segment, site=sites, layers=layers, postfix_reference=True
         )
         check_tokens(acts, batch, positions)
     if engine == "loop":
@@ -254,10 +248,10 @@ def _loop(model, source, batch, metric, acts, sites, layers, heads, segment, bar
     for li, layer in enumerate(layers):
         one = acts.select(model, sites, [layer])
         for hi, head in enumerate(heads):
-            with contextlib.ExitStack() as stack:
-                if pin is not None:  # pinned first, the head written over it
-                    stack.enter_context(patch_activations(model, pin, positions))
-                stack.enter_context(patch_activations(model, one, positions, heads=[head]))
+            write, only = one, [head]
+            if pin is not None:  # the head written over the pinned keys/values
+                write, only = isolated(model, one, batch, segment, heads=[head], clean=pin), None
+            with patch_activations(model, write, positions, heads=only):
                 values[:, li, hi] = metric_on_model(model, batch, metric).cpu()
             bar.update()
     clean, src = loop_baselines(model, source, batch, metric)
