@@ -481,14 +481,7 @@ class _PrefixGroup:
             acts = source.activations(self.model, batch, spec.segment)
             _check_width(acts, segment_positions(batch, spec.segment), spec.segment)
             return _select_rows(acts, self.members[:1], self.n_prompts)
-        return source.activations(
-            self.model,
-            batch,
-            spec.segment,
-            site=spec.site,
-            layers=spec.layers,
-            postfix_reference=True,
-        )
+        return _model_values(self.model, spec, batch)
 
     # ---- batches
 
@@ -554,15 +547,7 @@ class _PrefixGroup:
         if source.model is None:  # fixed values, row by row
             acts = source.activations(self.model, batch, spec.segment)
             return _select_rows(acts, rows, self.n_prompts)
-        take = functools.partial(
-            source.activations,
-            self.model,
-            batch,
-            spec.segment,
-            site=spec.site,
-            layers=spec.layers,
-            postfix_reference=True,
-        )
+        take = functools.partial(_model_values, self.model, spec, batch)
         if spec.segment != "postfix":
             return take()
         # the postfix reference (empty-query prompt) is the same for every batch
@@ -582,6 +567,13 @@ class _PrefixGroup:
         rows = torch.arange(len(batch))[:, None]
         layers = tuple(range(self.model.cfg.n_layers))
         return Activations(values, batch.input_ids[rows, positions], KV_SITES, layers)
+
+
+def _model_values(model: Any, spec: PatchSpec, batch: ChatBatch) -> Activations:
+    """A model source's values for ``spec`` on ``batch`` (the postfix: the reference)."""
+    return as_source(spec).activations(
+        model, batch, spec.segment, site=spec.site, layers=spec.layers, postfix_reference=True
+    )
 
 
 @contextlib.contextmanager
