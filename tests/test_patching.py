@@ -185,6 +185,9 @@ def test_as_source():
     fixed = as_source(acts)
     assert fixed == FixedSource(acts) and fixed.model is None and fixed.label == "activations"
     assert as_source(fixed) is fixed
+    some = acts.take([0, 2])  # some of its positions
+    assert torch.equal(some.token_ids, acts.token_ids[:, [0, 2]])
+    assert all(torch.equal(some.values[k], v[:, [0, 2]]) for k, v in acts.values.items())
     assert doctest.testmod(sources, optionflags=doctest.ELLIPSIS).failed == 0
     for bad in ("base", None, 3):
         with pytest.raises(TypeError, match="load it first"):

@@ -67,28 +67,10 @@ def head_sweep(
     ``engine="loop"`` is the reference (one :func:`patch_prefix` forward per cell) and
     needs a left-padded batch (``batch_spans(..., align="left")``).
     """
-    batch = as_batch(model, spans)
-    chosen = resolve_layers(model, layers)
-    heads = _heads(heads, model.cfg.n_heads, "head")
-    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="head sweep")
-    values, clean, src = _run(
-        engine,
-        model,
-        source,
-        batch,
-        metric,
-        ("z",),
-        chosen,
-        heads,
-        segment,
-        cells_per_batch,
-        bar,
-        isolate=False,
-    )
-    bar.close()
-    return _head_result(
-        (values, clean, src), model, source, chosen, heads, segment, "H",
-        {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine},
+    meta = {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine}
+    return _sweep(
+        model, source, spans, metric, ("z",), layers, heads, segment, cells_per_batch,
+        progress, engine, isolate=False, meta=meta,
     )  # fmt: skip
 
 
@@ -131,30 +113,32 @@ def kv_head_sweep(
     sites = expand_sites(site)
     if not set(sites) <= set(KV_SITES):
         raise ValueError(f"kv_head_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}")
+    meta = {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
+            "engine": engine}  # fmt: skip
+    return _sweep(
+        model, source, spans, metric, sites, layers, heads, segment, cells_per_batch,
+        progress, engine, isolate=isolate, meta=meta,
+    )  # fmt: skip
+
+
+def _sweep(
+    model: Any, source: Any, spans: ChatSpans | ChatBatch, metric: LogitMetric,
+    sites: Sequence[str], layers: Any, heads: Iterable[int] | None, segment: SegmentOrPositions,
+    cells_per_batch: int, progress: bool, engine: str, *, isolate: bool, meta: dict[str, Any],
+) -> Any:  # fmt: skip
+    """A head sweep of ``sites`` (``("z",)``: query heads; keys/values: K/V heads)."""
+    kv = sites[0] in KV_SITES
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
-    heads = _heads(heads, n_heads_at(model, resolve_site(model, "k")), "key/value head")
-    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="kv head sweep")
-    values, clean, src = _run(
-        engine,
-        model,
-        source,
-        batch,
-        metric,
-        sites,
-        chosen,
-        heads,
-        segment,
-        cells_per_batch,
-        bar,
-        isolate=isolate,
-    )
-    bar.close()
-    return _head_result(
-        (values, clean, src), model, source, chosen, heads, segment, "KV",
-        {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
-         "engine": engine},
+    what = "key/value head" if kv else "head"
+    heads = _heads(heads, n_heads_at(model, resolve_site(model, sites[0])), what)
+    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc=f"{what} sweep")
+    run = _run(
+        engine, model, source, batch, metric, sites, chosen, heads, segment, cells_per_batch,
+        bar, isolate=isolate,
     )  # fmt: skip
+    bar.close()
+    return _head_result(run, model, source, chosen, heads, segment, "KV" if kv else "H", meta)
 
 
 def _head_result(

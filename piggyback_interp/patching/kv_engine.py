@@ -56,9 +56,9 @@ from piggyback_interp.patching.patch import check_tokens
 from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import (
     SweepResult,
-    _cell_labels,
     _clean_variant,
     _metric_values,
+    _result,
     _Runner,
     _sweep_meta,
 )
@@ -450,14 +450,8 @@ def engine_sweep(
         **_sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "batched",
     }
-    return SweepResult(
-        values=values.reshape(len(chosen), n_pos, B).permute(2, 0, 1).contiguous(),
-        clean=engine.clean_values(),
-        source=src_value,
-        layers=list(chosen),
-        **_cell_labels(batch, positions, chat_tokenizer(model)),
-        meta=meta,
-    )
+    values = values.reshape(len(chosen), n_pos, B)
+    return _result(model, batch, positions, chosen, values, engine.clean_values(), src_value, meta)
 
 
 def one_hot(index: int, size: int) -> Tensor:

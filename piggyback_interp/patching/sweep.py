@@ -415,14 +415,7 @@ def sweep(
     if (source_model := as_source(source).model) is not None:
         src_logits = [_full_logits(source_model, v) for v in variants]
         src_value = _metric_values(metric, src_logits, prompt_rows).cpu()
-    return SweepResult(
-        values=values.permute(2, 0, 1).contiguous(),
-        clean=clean,
-        source=src_value,
-        layers=list(chosen),
-        **_cell_labels(batch, positions, tok),
-        meta=meta,
-    )
+    return _result(model, batch, positions, chosen, values, clean, src_value, meta)
 
 
 def _loop_sweep(
@@ -453,13 +446,26 @@ def _loop_sweep(
             if distributed.is_main():
                 _save_checkpoint(checkpoint, meta, values, done)
     clean, src = loop_baselines(model, source, batch, metric)
-    tok = chat_tokenizer(model)
+    return _result(model, batch, positions, chosen, values, clean, src, meta)
+
+
+def _result(
+    model: Any,
+    batch: ChatBatch,
+    positions: Tensor,
+    layers: Sequence[int],
+    values: Float[Tensor, "layers cells prompts"],
+    clean: Tensor,
+    source: Tensor,
+    meta: dict[str, Any],
+) -> SweepResult:
+    """A layer x position sweep's result from values in the engines' layout."""
     return SweepResult(
         values=values.permute(2, 0, 1).contiguous(),
         clean=clean,
-        source=src,
-        layers=list(chosen),
-        **_cell_labels(batch, positions, tok),
+        source=source,
+        layers=list(layers),
+        **_cell_labels(batch, positions, chat_tokenizer(model)),
         meta=meta,
     )
 
