@@ -49,7 +49,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from piggyback_interp.figures.export import plotlyjs_path
-from piggyback_interp.provenance import atomic_write_text
+from piggyback_interp.io import atomic_write_text
 
 # keys of ``provenance`` shown in the header (the first one present wins)
 _WHEN_KEYS = ("created", "finished", "started", "date", "timestamp", "when")

@@ -39,13 +39,9 @@ from piggyback_interp.evaluation import (
     markdown_table,
     summarize,
 )
-from piggyback_interp.provenance import (
-    atomic_write_parquet,
-    atomic_write_text,
-    machine,
-    versions,
-)
-from piggyback_interp.runs import read_json, write_json
+from piggyback_interp.io import atomic_write_parquet, atomic_write_text, write_json
+from piggyback_interp.provenance import machine, versions
+from piggyback_interp.runs import read_json
 from piggyback_interp.settings import (
     SettingData,
     get_setting,
