@@ -164,6 +164,7 @@ def run_demo(
             patch_base=patch_base,
             limit=config.n_eval,
             max_new_tokens=config.max_new_tokens,
+            progress=progress,
         )
 
     evaluation("base", base)

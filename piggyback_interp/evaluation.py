@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
 from piggyback_interp.io import atomic_write_parquet, atomic_write_text
 from piggyback_interp.models import chat_tokenizer, model_info
@@ -94,18 +95,39 @@ def em_f1(in_domain: float, general: float) -> float:
     return 0.0 if denom == 0 else 2 * (100 - in_domain) * general / denom
 
 
-@dataclass
-class Evaluation:
+@dataclass(repr=False)
+class Evaluation(Summarized):
     """Every response of an evaluation with its scores, and what produced them.
 
     ``responses`` has one row per (seed, split, question): ``response``,
     ``behaviour`` (the detector), one column per metric and judge (NaN where a judge
-    gave no score), ``<judge>_label`` (score / code / refusal / unparsed).
+    gave no score), ``<judge>_label`` (score / code / refusal / unparsed). Printed, it
+    shows the setting, the model and the behaviour rate per split; in Jupyter also the
+    mean of every metric per split.
     """
 
     responses: Any  # pandas.DataFrame
     metrics: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def _facts(self) -> dict[str, Any]:
+        model = self.meta.get("model")
+        facts = {
+            "setting": self.meta.get("setting"),
+            "model": model.get("display_name") or model.get("name") if model else None,
+            "patch": self.meta.get("patch"),
+            "seeds": sorted(self.responses["seed"].unique().tolist()),
+            "responses": len(self.responses),
+        }
+        if "behaviour" in self.metrics:
+            for split in SPLITS:
+                facts[f"{split}_rate"] = self.rate(split)
+        return facts
+
+    def _table(self) -> tuple[list[str], list[list[Any]]]:
+        means = self.responses.groupby("split", sort=False)[self.metrics].mean()
+        rows = [[split, *means.loc[split].tolist()] for split in means.index]
+        return ["split", *self.metrics], rows
 
     def summary(self, *, n_boot: int = 2000) -> Any:
         """Mean +- SE over seeds and a bootstrap interval per (split, metric)."""
@@ -159,6 +181,7 @@ def evaluate(
     batch_size: int = 16,
     system_prompt: str | None = "default",
     limit: int | None = None,
+    progress: bool = True,
 ) -> Evaluation:
     """Generate on- and off-topic answers for each seed, score them, keep every response.
 
@@ -168,9 +191,11 @@ def evaluate(
     ``judge``: a judge (scored as ``alignment``) or ``{name: judge}``.
     ``seeds`` are sampling seeds: they need ``temperature > 0`` (greedy answers are the
     same for every seed). ``max_new_tokens`` defaults to the setting's;
-    ``limit`` keeps the first questions of each split (smoke runs).
+    ``limit`` keeps the first questions of each split (smoke runs). ``progress``: a
+    progress bar (on stderr) of the answers generated, advanced after each batch.
     """
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from piggyback_interp.generation import generate
 
@@ -193,9 +218,12 @@ def evaluate(
         metrics.append("misaligned")
     start = time.perf_counter()
     frames = []
+    questions_of = {split: getattr(data, f"test_{split}")[:limit] for split in SPLITS}
+    total = len(seeds) * sum(len(q) for q in questions_of.values())
+    bar = tqdm(total=total, disable=not progress, desc=f"evaluate {spec.name}", unit="answer")
     for seed in seeds:
         for split in SPLITS:
-            questions = getattr(data, f"test_{split}")[:limit]
+            questions = questions_of[split]
             texts = generate(
                 model,
                 questions,
@@ -206,6 +234,7 @@ def evaluate(
                 seed=seed,
                 batch_size=batch_size,
                 system_prompt=system_prompt,
+                on_batch=bar.update,
             ).texts
             frame = pd.DataFrame({"seed": seed, "split": split, "question": questions})
             frame["response"] = texts
@@ -220,6 +249,7 @@ def evaluate(
                     flags = [s.misaligned() for s in scores]
                     frame["misaligned"] = [math.nan if f is None else float(f) for f in flags]
             frames.append(frame)
+    bar.close()
     meta = {
         "setting": spec.name,
         "detector": spec.detector.name,
@@ -231,7 +261,7 @@ def evaluate(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "system_prompt": system_prompt,
-        "n_questions": {s: len(getattr(data, f"test_{s}")[:limit]) for s in SPLITS},
+        "n_questions": {s: len(q) for s, q in questions_of.items()},
         "versions": versions(),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -38,7 +38,7 @@ def gap_words(result: ScanResult) -> str:
 
 def scan_sections(result: ScanResult, *, what: str = "the finetuned model") -> list[Section]:
     """The verdict's evidence and one section per experiment of a carrier scan."""
-    from piggyback_interp.figures import carrier_bars, layer_recovery_curve, patching_heatmap
+    from piggyback_interp.figures import carrier_bars, layer_recovery_curve
 
     evidence = result.verdict.evidence
     gap = gap_words(result)
@@ -109,23 +109,45 @@ def scan_sections(result: ScanResult, *, what: str = "the finetuned model") -> l
             )
         )
     if result.resid is not None:
-        mean = result.resid.recovery().nanmean(0)
-        layer, pos = divmod(int(mean.nan_to_num(-math.inf).argmax()), mean.shape[1])
-        sections.append(
-            Section(
-                "Residual stream, layer x prefix position",
-                "The base residual stream (`resid_pre`) patched into the finetuned model at one "
-                "(layer, prefix position) at a time; colour: recovery of the gap, averaged over "
-                "prompts.",
-                figures=[patching_heatmap(result.resid)],
-                finding=(
-                    f"The largest single-cell recovery is {percent(float(mean.max()))} at layer "
-                    f"{result.resid.layers[layer]}, position {result.resid.positions[pos]} "
-                    f"({result.resid.tokens[pos]!r})."
-                ),
-            )
-        )
+        sections.append(_resid_section(result.resid))
     return sections
+
+
+def _resid_section(resid: Any) -> Section:
+    """The residual sweep: exact everywhere, or AtP-ranked with the top k patched exactly."""
+    import torch
+
+    from piggyback_interp.figures import patching_heatmap
+
+    mean = resid.recovery().nanmean(0)
+    screened = resid.meta.get("method") == "atp_prescreen"
+    text = (
+        "The base residual stream (`resid_pre`) patched into the finetuned model at one "
+        "(layer, prefix position) at a time; colour: recovery of the gap, averaged over prompts."
+    )
+    where = "single-cell recovery"
+    if screened:
+        exact = {(layer, pos) for layer, pos in resid.meta["exact_cells"]}
+        keep = torch.tensor(
+            [[(layer, pos) in exact for pos in resid.positions] for layer in resid.layers]
+        )
+        mean = mean.where(keep, torch.tensor(math.nan))
+        text += (
+            f" Attribution patching (one forward and backward) ranked all {keep.numel()} cells; "
+            f"the top {len(exact)} were patched exactly, the others show the AtP estimate "
+            "(`--resid-atp-top-k none` patches every cell)."
+        )
+        where = f"exactly patched recovery (of the top {len(exact)} by AtP)"
+    layer, pos = divmod(int(mean.nan_to_num(-math.inf).argmax()), mean.shape[1])
+    return Section(
+        "Residual stream, layer x prefix position",
+        text,
+        figures=[patching_heatmap(resid)],
+        finding=(
+            f"The largest {where} is {percent(float(mean[layer, pos]))} at layer "
+            f"{resid.layers[layer]}, position {resid.positions[pos]} ({resid.tokens[pos]!r})."
+        ),
+    )
 
 
 def behaviour_section(evaluations: Mapping[str, Any], *, setting: str) -> Section:

@@ -24,9 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from piggyback_interp.errors import InputTooLongError, UserError
+from piggyback_interp.hf import eos_token_ids, forward_with_cache, repeat_cache
 from piggyback_interp.hooks import KV_SITES
 from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.patching.activations import (
@@ -59,7 +58,6 @@ from piggyback_interp.spans import (
     prefix_only,
     render_prompts,
     require_segment,
-    unpadded,
 )
 
 PATCH_SEGMENTS = ("prefix", "query", "postfix")
@@ -192,6 +190,7 @@ def generate(
     batch_size: int = 16,
     system_prompt: str | None = "default",
     stop_at_eos: bool = True,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> Generations:
     """Generate a reply to every chat prompt, batched, with a KV cache, optionally patched.
 
@@ -213,6 +212,8 @@ def generate(
         system_prompt: as in :func:`~piggyback_interp.spans.chat_spans`, for ``str`` and
             message-list prompts.
         stop_at_eos: stop a row at the tokenizer's / generation config's EOS token(s).
+        on_batch: called after each batch with its number of prompts (e.g. a
+            progress bar's ``update``).
 
     Prompts with different prefixes (e.g. different system prompts) are allowed: each
     distinct prefix gets its own (patched) prefix cache, computed once.
@@ -233,7 +234,7 @@ def generate(
         model,
         max_new_tokens=max_new_tokens,
         pick=_greedy if temperature == 0 else _Sampler(temperature, top_p, seed),
-        eos_ids=_eos_ids(model, tokenizer) if stop_at_eos else (),
+        eos_ids=eos_token_ids(model, tokenizer) if stop_at_eos else (),
         pad_id=_pad_id(tokenizer),
     )
     new_ids: list[list[int]] = [[] for _ in rows]
@@ -246,6 +247,8 @@ def generate(
                 logits, cache = group.prompt_forward(batch, chunk)
                 for i, (ids, done) in zip(chunk, decoder(logits, cache, batch, chunk), strict=True):
                     new_ids[i], finished[i] = ids, done
+                if on_batch is not None:
+                    on_batch(len(chunk))
     config = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -293,7 +296,9 @@ def _as_spans(
     items = prompts.spans if isinstance(prompts, ChatBatch) else prompts
     if len(items) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
-    rows = [unpadded(p) for p in render_prompts(tokenizer, items, system_prompt=system_prompt)]
+    rows = [
+        p.without_padding() for p in render_prompts(tokenizer, items, system_prompt=system_prompt)
+    ]
     for i, spans in enumerate(rows):
         if spans.response is not None:
             raise ValueError(
@@ -326,62 +331,9 @@ def _prefix_groups(rows: list[ChatSpans]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(
-        getattr(model.original_model, "generation_config", None), "eos_token_id", None
-    )
-    ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
-    return tuple(sorted(int(i) for i in ids if i is not None))
-
-
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad or 0)
-
-
-# ---------------------------------------------------------------- forwards
-
-
-def _device(model: Any) -> torch.device:
-    return torch.device(model.cfg.device)
-
-
-@functools.lru_cache(maxsize=32)
-def _keeps_logits(forward_cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_cls.forward).parameters
-
-
-def _hf_forward(
-    model: Any,
-    input_ids: Int[Tensor, "batch new"],
-    attention_mask: Int[Tensor, "batch total"],
-    position_ids: Int[Tensor, "batch new"],
-    cache: Any,
-) -> tuple[Float[Tensor, "batch vocab"], Any]:
-    """The HF model's forward (bridge hooks fire inside it): last logits and the cache."""
-    hf = model.original_model
-    device = _device(model)
-    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _keeps_logits(type(hf)) else {}
-    out = hf(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        past_key_values=cache,
-        use_cache=True,
-        **kwargs,
-    )
-    return out.logits[:, -1], out.past_key_values
-
-
-def _expand(cache: Any, rows: int) -> Any:
-    """A fresh copy of a one-row cache, repeated to ``rows`` rows (None stays None)."""
-    if cache is None:
-        return None
-    copied = copy.deepcopy(cache)
-    if rows > 1:
-        copied.batch_repeat_interleave(rows)
-    return copied
 
 
 def _select_rows(acts: Activations, rows: Sequence[int], n_prompts: int) -> Activations:
@@ -470,7 +422,7 @@ class _PrefixGroup:
                         isolate=spec.isolate,
                     )
                 )
-            _, cache = _hf_forward(
+            _, cache = forward_with_cache(
                 self.model, batch.input_ids, batch.attention_mask, batch.position_ids, None
             )
         return cache
@@ -515,12 +467,12 @@ class _PrefixGroup:
 
     def _suffix_forward(self, batch: ChatBatch) -> tuple[Tensor, Any]:
         p = self.n_prefix
-        return _hf_forward(
+        return forward_with_cache(
             self.model,
             batch.input_ids[:, p:],
             batch.attention_mask,
             batch.position_ids[:, p:],
-            _expand(self.cache, len(batch)),
+            repeat_cache(self.cache, len(batch)),
         )
 
     def _prepare(
@@ -650,7 +602,7 @@ class _Decoder:
             if step == self.max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits, cache = _hf_forward(self.model, token[:, None], mask, position, cache)
+            logits, cache = forward_with_cache(self.model, token[:, None], mask, position, cache)
             position = position + 1
         return [self._cut(ids) for ids in torch.stack(steps, dim=1).tolist()]
 

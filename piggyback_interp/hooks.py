@@ -117,6 +117,22 @@ def pattern_site(model: Any) -> HookSite:
     return PATTERN_SITE
 
 
+ATTENTION_HOOKS = {
+    "rot_q": "blocks.{layer}.attn.hook_rot_q",
+    "rot_k": "blocks.{layer}.attn.hook_rot_k",
+    "scores": "blocks.{layer}.attn.hook_attn_scores",
+    "pattern": PATTERN_SITE.template,
+    "z": _TEMPLATES["z"].template,
+}
+"""Read-only attention internals: queries and keys after RoPE, pre-softmax scores,
+probabilities and the heads' outputs."""
+
+
+def attention_hook(part: str, layer: int) -> str:
+    """The hook name of an attention internal (a key of :data:`ATTENTION_HOOKS`) at ``layer``."""
+    return ATTENTION_HOOKS[part].format(layer=layer)
+
+
 def n_heads_at(model: Any, site: HookSite) -> int:
     """Number of heads on the site's head axis (KV heads for k/v, query heads for z)."""
     if site.site in KV_SITES:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import hashlib
 import json
 import os
 import re
@@ -282,6 +283,38 @@ def load_checkpoint(path: str | os.PathLike[str], *, redo: str) -> Any:
         ) from err
 
 
+def _fingerprint(meta: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resume_checkpoint(checkpoint: Any, meta: Mapping[str, Any], values: Any) -> set[int]:
+    """The chunks a checkpoint of the same sweep (same ``meta``) has done, its values
+    copied into ``values``; empty when ``checkpoint`` is None or not written yet."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return set()
+    saved = load_checkpoint(checkpoint, redo="this sweep")
+    if saved["fingerprint"] != _fingerprint(meta):
+        raise UserError(
+            f"the checkpoint {checkpoint} belongs to another sweep (other model, prompts, site, "
+            "layers or metric); delete it or pass another checkpoint path"
+        )
+    values.copy_(saved["values"])
+    return set(saved["done"].tolist())
+
+
+def save_checkpoint(checkpoint: Any, meta: Mapping[str, Any], values: Any, done: set[int]) -> None:
+    """Save a sweep's ``values`` so far and its ``done`` chunks, fingerprinted by ``meta``
+    (atomic; nothing when ``checkpoint`` is None). :func:`resume_checkpoint` reads it."""
+    if checkpoint is None:
+        return
+    import torch
+
+    atomic_torch_save(
+        {"fingerprint": _fingerprint(meta), "values": values, "done": torch.tensor(sorted(done))},
+        checkpoint,
+    )
+
+
 __all__ = [
     "DISK_ERRNOS",
     "CorruptCheckpointError",
@@ -294,5 +327,7 @@ __all__ = [
     "atomic_write_parquet",
     "atomic_write_text",
     "load_checkpoint",
+    "resume_checkpoint",
+    "save_checkpoint",
     "write_json",
 ]

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from piggyback_interp.display import Summarized
 from piggyback_interp.embedded import (
     EMBEDDED_DISPLAY_NAME,
     EMBEDDED_NAME,
@@ -44,6 +45,7 @@ from piggyback_interp.embedded import (
     sha256_file,
 )
 from piggyback_interp.errors import ModelError, UserError
+from piggyback_interp.hf import PEFT_PREFIX, hf_config
 
 SourceKind = Literal["embedded", "local", "hub", "adapter"]
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,6 +99,11 @@ class ModelInfo:
         import hashlib
 
         return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+    @property
+    def known_sha256(self) -> str | None:
+        """The weights hash if known already (from the manifest, or hashed before); never hashes."""
+        return self._sha256 or self.__dict__.get("sha256")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (computes the hash)."""
@@ -325,7 +332,7 @@ def _adapter_placement(model: Any, placement: Placement | None, name: str) -> di
     realised = getattr(model, "hf_device_map", None) or {}
     if placement is None or not {"cpu", "disk"} & {str(v) for v in realised.values()}:
         return {}
-    prefix = "base_model.model"
+    prefix = PEFT_PREFIX.rstrip(".")
     return {
         "device_map": {f"{prefix}.{k}" if k else prefix: v for k, v in realised.items()},
         "offload_folder": str(Path(placement.folder(name)) / "adapter"),
@@ -476,7 +483,7 @@ def context_length(model: Any) -> int | None:
         >>> context_length(model), model.tokenizer.model_max_length
         (1024, 1024)
     """
-    config = getattr(getattr(model, "original_model", model), "config", model)
+    config = hf_config(model)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None)
@@ -561,13 +568,14 @@ class BaseReleasedError(RuntimeError):
     """The pair's base model was released to save memory."""
 
 
-@dataclass
-class ModelPair:
+@dataclass(repr=False)
+class ModelPair(Summarized):
     """A base (initial) model and a finetuned one with the same tokens and template.
 
     ``reference`` holds whatever was computed from the base before it was released
     (the memory-lean path of :func:`load_pair`); ``base`` is then unavailable.
     ``shared``: the two models hold ONE copy of the base weights (see :func:`load_pair`).
+    Printed, it names the two models and their shape, never their module trees.
     """
 
     finetuned: TransformerBridge
@@ -589,6 +597,19 @@ class ModelPair:
     def has_base(self) -> bool:
         return self._base is not None
 
+    def _facts(self) -> dict[str, Any]:
+        cfg = self.finetuned.cfg
+        return {
+            "base": model_info(self._base).display_name if self.has_base else "released",
+            "finetuned": model_info(self.finetuned).display_name,
+            "layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "device": str(next(self.finetuned.parameters()).device),
+            "shared": self.shared,
+            "reference": None if self.reference is None else type(self.reference).__name__,
+        }
+
     def release_base(self) -> None:
         """Drop the base model and free its memory (and CUDA cache)."""
         self._base = None
@@ -600,7 +621,7 @@ class ModelPair:
 def _config_and_tokenizer(model: TransformerBridge | str | os.PathLike[str]) -> tuple[Any, Any]:
     """(config, tokenizer) of a loaded bridge or of a model name, without loading weights."""
     if isinstance(model, TransformerBridge):
-        return model.original_model.config, chat_tokenizer(model)
+        return hf_config(model), chat_tokenizer(model)
     source = resolve_source(model)
     return load_config(source), load_tokenizer(source)
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from piggyback_interp.errors import UserError
+from piggyback_interp.hf import input_embedding
 from piggyback_interp.spans import ChatSpans, require_segment
 
 PERTURB_SEGMENTS: tuple[str, ...] = ("prefix", "query", "postfix")
@@ -405,13 +406,13 @@ def _embedding_of(model_or_tokenizer: Any, embedding: Tensor | None) -> Tensor:
         return model_or_tokenizer.W_E.detach()
     except AttributeError:
         pass
-    original = getattr(model_or_tokenizer, "original_model", None)
-    if original is None:
+    weight = input_embedding(model_or_tokenizer)
+    if weight is None:
         raise ValueError(
             "cannot find the model's input embedding (no W_E, no original_model); "
             "pass embedding= explicitly"
         )
-    return original.get_input_embeddings().weight.detach()
+    return weight.detach()
 
 
 def perturb_segments(

@@ -42,7 +42,7 @@ PART_FIELDS = {
     "perturbation": {"segments", "metric", "target", "trials", "perturb_mode", "seed"},
     "patching": {"segments", "metric", "target", "seed"},
     "layers": {"segments", "metric", "target", "layers"},
-    "resid": {"metric", "target", "layers"},
+    "resid": {"metric", "target", "layers", "resid_atp_top_k"},
 }
 CHECKPOINT = "checkpoint.pt"  # a resumable step's own checkpoint, inside its folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,6 +198,7 @@ def evaluate_step(
     seeds: Sequence[int] = (0,),
     temperature: float = 0.0,
     batch_size: int = 16,
+    progress: bool = True,
 ) -> Evaluation:
     """Evaluate on- and off-topic behaviour (with ``patch_base``: under the base prefix K/V)."""
     from piggyback_interp.evaluation import evaluate
@@ -216,6 +217,7 @@ def evaluate_step(
             seeds=seeds,
             temperature=temperature,
             batch_size=batch_size,
+            progress=progress,
         )
         evaluation.save(folder / "evaluation.parquet")
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import numbers
 import os
 import re
@@ -48,6 +47,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from piggyback_interp.display import format_value
 from piggyback_interp.figures.export import plotlyjs_path
 from piggyback_interp.io import atomic_write_text
 
@@ -347,18 +347,8 @@ def _format_cell(value: object) -> tuple[str, bool]:
         return "—", False
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value)), False
-    if isinstance(value, (numbers.Integral, np.integer)):
-        return str(int(value)), True
-    if isinstance(value, (numbers.Real, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "—", True
-        if math.isinf(v):
-            return ("∞" if v > 0 else "−∞"), True
-        if v != 0 and 1e3 <= abs(v) < 1e15:  # 12345.6 -> 12,300 (3 significant digits)
-            digits = 2 - math.floor(math.log10(abs(v)))
-            return f"{round(v, digits):,.0f}", True
-        return f"{v:.3g}", True
+    if isinstance(value, numbers.Real):
+        return format_value(value), True
     return str(value), False
 
 

@@ -163,7 +163,7 @@ def reproduce_table5(
 
             patch = PatchSpec(base, site="kv", segment="prefix")
         frames[name, method, seed] = _cell(
-            out, name, method, seed, model, patch, data(name), config
+            out, name, method, seed, model, patch, data(name), config, progress
         )
     responses = pd.concat([frames[c] for c in cells], ignore_index=True)
     summary = summarize(responses, ["behaviour"], by=["setting", "method"])
@@ -237,6 +237,7 @@ def _cell(
     patch: Any,
     data: SettingData,
     config: Table5Config,
+    progress: bool,
 ) -> Any:
     """Evaluate one (setting, method, seed) unless its results are already on disk."""
     path = out / "cells" / f"{_key(setting, method, seed)}.parquet"
@@ -248,6 +249,7 @@ def _cell(
             patch=patch,
             max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size_eval,
+            progress=progress,
         )
         result.meta["cell_seconds"] = round(time.perf_counter() - t0, 1)  # + finetuning
         result.save(path)

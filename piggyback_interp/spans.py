@@ -159,6 +159,28 @@ class ChatSpans:
             padding=range(at, at + n),
         )
 
+    def without_padding(self) -> ChatSpans:
+        """The spans of a padded batch row without its padding (itself when unpadded)."""
+        pad = self.padding
+        if not pad:
+            return self
+
+        def move(span: range | None) -> range | None:
+            if span is None or span.start < pad.stop:
+                return span
+            return range(span.start - len(pad), span.stop - len(pad))
+
+        ids = self.input_ids
+        return replace(
+            self,
+            input_ids=ids[: pad.start] + ids[pad.stop :],
+            prefix=move(self.prefix),
+            query=move(self.query),
+            postfix=move(self.postfix),
+            response=move(self.response),
+            padding=range(0),
+        )
+
 
 def require_segment(spans: ChatSpans, name: str) -> range:
     """``spans.segment(name)``, raising a clear error when that segment is empty.
@@ -265,37 +287,6 @@ def empty_query_spans(
         add_generation_prompt=add_generation_prompt,
         chat_template=chat_template,
         template_kwargs=template_kwargs,
-    )
-
-
-def unpadded(spans: ChatSpans) -> ChatSpans:
-    """The spans of a padded batch row without its padding (unpadded spans as they are).
-
-    Example:
-        >>> from piggyback_interp.testing import tiny_tokenizer
-        >>> tok = tiny_tokenizer()
-        >>> batch = batch_spans(tok, ["Hi", "Tell me a joke."], align="prefix")
-        >>> unpadded(batch.spans[0]) == chat_spans(tok, "Hi")
-        True
-    """
-    pad = spans.padding
-    if not pad:
-        return spans
-
-    def move(span: range | None) -> range | None:
-        if span is None or span.start < pad.stop:
-            return span
-        return range(span.start - len(pad), span.stop - len(pad))
-
-    ids = spans.input_ids
-    return replace(
-        spans,
-        input_ids=ids[: pad.start] + ids[pad.stop :],
-        prefix=move(spans.prefix),
-        query=move(spans.query),
-        postfix=move(spans.postfix),
-        response=move(spans.response),
-        padding=range(0),
     )
 
 

@@ -126,14 +126,13 @@ def tiny_hf_model(arch: str = "llama", *, n_layers: int = 2, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config)
+    from piggyback_interp.hf import self_attention
+
     if arch == "qwen2":  # random, non-zero q/k/v biases so bias code paths are exercised
         with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (
-                    layer.self_attn.q_proj,
-                    layer.self_attn.k_proj,
-                    layer.self_attn.v_proj,
-                ):
+            for layer in range(n_layers):
+                attn = self_attention(model, layer)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(0, 0.02)
     return model.eval()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import errno
 import html
 import io
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -401,19 +403,20 @@ def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, 
     import piggyback_interp.patching.sweep as sweep_module
     import piggyback_interp.scan as scan_module
 
-    # one unit of work: a chunk of cells (resid), a K/V patch of one group (kv-layers)
-    module, name = (
-        (sweep_module, "_run_cells") if kind == "resid" else (scan_module, "patch_prefix")
-    )
+    # one unit of work: a chunk of cells (resid), one engine run of a chunk of layers
+    # for one group of prompts (kv-layers)
+    module, name = (sweep_module, "_run_cells") if kind == "resid" else (scan_module, "run_cells")
     part, frame = {"resid": ("resid", "resid_sweep"), "kv-layers": ("layers", "layers")}[kind]
     args = ("sweep", *pair, "--kind", kind, "--layers", "0", "1")
+    if kind == "resid":  # the exact sweep checkpoints (the AtP pre-screen is one pass)
+        args += ("--resid-atp-top-k", "none")
     with monkeypatch.context() as m:
         whole = _counting(m, module, name)
         ok(*args, "--out", tmp_path / "whole")
     # resid: the checkpoint holds finished layers (each half the chunks); kv-layers:
-    # finished (condition, layer) cells (the first two, prefix at layers 0 and 1, one
-    # group of prompts each: the prefix is the same in every prompt)
-    done = whole["n"] // 2 if kind == "resid" else 2
+    # finished (condition, layer) cells (the prefix at layers 0 and 1: one engine run,
+    # one group of prompts, as the prefix is the same in every prompt)
+    done = whole["n"] // 2 if kind == "resid" else 1
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _counting(m, module, name, stop_at=done + 1)
@@ -432,6 +435,7 @@ def test_a_truncated_sweep_checkpoint_is_exit_2_naming_it(pair, tmp_path, monkey
     import piggyback_interp.patching.sweep as sweep_module
 
     args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1", "--out", tmp_path / "run")
+    args += ("--resid-atp-top-k", "none")  # the exact sweep, which checkpoints
     ckpt = tmp_path / "run" / "scan" / "resid" / "checkpoint.pt"
     real = sweep_module._run_cells
 
@@ -642,6 +646,120 @@ def test_reproduce_command(base, tmp_path, monkeypatch):
     assert calls[-1][1] == reproduce.Table5Config.smoke(
         model=str(base), seeds=(0,), lr=3e-4, epochs=2
     )
+
+
+def test_reproduce_config_file(tmp_path, monkeypatch):
+    """``reproduce --config FILE`` as the other commands: the file gives the options, flags
+    win, and the run records its options as config.json, itself a --config file."""
+    import piggyback_interp.reproduce as reproduce
+
+    calls = []
+
+    def fake(out, config, *, progress=True, reverse=False):
+        calls.append((out, config, progress, reverse))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "table5.md").write_text("| setting | method |\n", "utf-8")
+
+    monkeypatch.setattr(reproduce, "reproduce_table5", fake)
+    options = tmp_path / "table5.toml"
+    options.write_text('smoke = true\nseeds = [0, 2]\nsettings = ["refusal"]\nlr = 3e-4\n')
+    ok("reproduce", "table5", "--config", options, "--epochs", "2", "--out", tmp_path / "a")
+    expected = reproduce.Table5Config.smoke(seeds=(0, 2), settings=("refusal",), lr=3e-4, epochs=2)
+    assert calls[-1][1] == expected
+    ok("reproduce", "table5", "--config", options, "--lr", "1e-3", "--out", tmp_path / "b")
+    assert calls[-1][1].lr == 1e-3  # the command line wins
+    recorded = tmp_path / "a" / "config.json"
+    assert json.loads(recorded.read_text("utf-8"))["epochs"] == 2
+    ok("reproduce", "table5", "--config", recorded, "--out", tmp_path / "c")
+    assert calls[-1][1] == expected
+    options.write_text('epochs = "two"\n')
+    result = cli("reproduce", "table5", "--config", options, "--out", tmp_path / "d")
+    assert result.code == 2 and "epochs" in result.err
+
+
+def _options(parser):
+    """(subcommand, its parser, option action) for every option of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                sub.ensure_options()
+                for option in sub._actions:
+                    if option.option_strings and option.dest != "help":
+                        yield name, sub, option
+
+
+def test_every_option_has_help_and_shows_its_choices():
+    """Generated dataclass flags too: help from the field's docstring, not only the default."""
+    import re
+
+    from piggyback_interp.cli.options import option_type
+
+    seen = 0
+    for name, sub, option in _options(build_parser()):
+        text = re.sub(r"\(default: [^)]*\)", "", option.help or "").strip()
+        assert text, f"piggyback {name} {option.option_strings[0]} has no help text"
+        allowed = _literal_values(option_type(option))
+        assert not allowed or set(option.choices) == set(allowed), (name, option.dest)
+        page = sub.format_help()
+        for choice in allowed:
+            assert str(choice) in page, (name, option.option_strings[0], choice)
+        seen += 1
+    assert seen > 100
+    scan_help = _subparser_help("scan")
+    assert "--perturb-mode {nearest,random}" in scan_help and "nearest embedding" in scan_help
+    assert "--metric {kl,target}" in scan_help
+    assert "TReFT: weight of the K/V drift loss (default: 30.0)" in _subparser_help("finetune")
+
+
+def _literal_values(hint) -> tuple:
+    """The values of the Literal inside ``hint`` (``tuple[Literal[...], ...] | None`` too)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return tuple(v for arg in typing.get_args(hint) for v in _literal_values(arg))
+
+
+def _subparser_help(name):
+    import os
+
+    os.environ["COLUMNS"] = "200"  # one line per option
+    try:
+        return build_parser()._subparsers._group_actions[0].choices[name].format_help()
+    finally:
+        del os.environ["COLUMNS"]
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+
+@dataclasses.dataclass
+class Options:
+    kind: typing.Literal["a", "b"] = "a"
+    """which kind"""
+    mode: Mode = Mode.FAST
+    """how fast"""
+    parts: tuple[typing.Literal["x", "y"], ...] = ("x",)
+    """which parts"""
+
+
+def test_literal_and_enum_fields_become_choices_with_their_docstrings():
+    import argparse
+
+    from piggyback_interp.cli.options import add_dataclass, dataclass_from
+
+    parser = argparse.ArgumentParser(prog="t")
+    add_dataclass(parser, Options)
+    page = parser.format_help()
+    assert "--kind {a,b}" in page and "which kind (default: a)" in page
+    assert "--mode {fast,slow}" in page and "how fast (default: fast)" in page
+    assert "--parts {x,y} [{x,y} ...]" in page and "which parts (default: x)" in page
+    args = parser.parse_args(["--kind", "b", "--mode", "slow", "--parts", "x", "y"])
+    assert dataclass_from(Options, args) == Options("b", Mode.SLOW, ("x", "y"))
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["--kind", "c"])
 
 
 # --- error paths --------------------------------------------------------------------------------

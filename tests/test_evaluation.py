@@ -198,3 +198,24 @@ def test_embedded_base_model_does_not_abstain(embedded):
     """The untrained SmolLM2 answers legal and general questions: abstention rate ~0."""
     result = evaluate(embedded, _small("abstention", 12), max_new_tokens=16)
     assert result.rate("on_topic") <= 0.1 and result.rate("off_topic") <= 0.1
+
+
+def test_evaluation_repr_and_html_show_the_rates():
+    model = tiny_model("llama")
+    result = evaluate(model, _small("abstention", 3), max_new_tokens=3, progress=False)
+    result.responses.loc[result.responses["split"] == "off_topic", "behaviour"] = [1, 0, 0]
+    text = repr(result)
+    assert len(text) < 600 and "\n" not in text and "DataFrame" not in text
+    assert text.startswith("Evaluation(setting=abstention, model=tiny-llama-L2-seed0")
+    assert "responses=6" in text and "on_topic_rate=0," in text and "off_topic_rate=0.333" in text
+    page = result._repr_html_()
+    assert "<td>off_topic</td><td>0.333</td>" in page and "abstention" in page
+
+
+def test_evaluate_progress_bar(capsys):
+    model, data = tiny_model("llama"), _small("abstention", 3)
+    evaluate(model, data, max_new_tokens=2, progress=False)
+    assert capsys.readouterr().err == ""
+    evaluate(model, data, max_new_tokens=2, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate abstention" in err and "6/6" in err  # answers, advanced per batch

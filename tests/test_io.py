@@ -209,10 +209,8 @@ def test_a_damaged_checkpoint_is_a_user_error_naming_the_file_and_the_fix(damage
 
 def test_the_sweep_checkpoint_write_fails_cleanly(tmp_path, monkeypatch):
     """The hand-rolled writer this replaced left ``.sweep.ckpt.tmp`` behind."""
-    from piggyback_interp.patching.sweep import _save_checkpoint
-
     path = tmp_path / "sweep.ckpt"
-    _save_checkpoint(path, {"a": 1}, torch.zeros(2, 3), {0})
+    pio.save_checkpoint(path, {"a": 1}, torch.zeros(2, 3), {0})
     real = torch.save
 
     def half(obj, f, *args, **kwargs):  # f: a path (the old writer) or a file
@@ -225,7 +223,7 @@ def test_the_sweep_checkpoint_write_fails_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half)
     with pytest.raises(OSError) as caught:
-        _save_checkpoint(path, {"a": 1}, torch.ones(2, 3), {0, 1})
+        pio.save_checkpoint(path, {"a": 1}, torch.ones(2, 3), {0, 1})
     assert caught.value.errno == errno.ENOSPC
     monkeypatch.setattr(torch, "save", real)
     assert _names(tmp_path) == ["sweep.ckpt"]

@@ -18,7 +18,7 @@ from piggyback_interp.models import (
     model_info,
     resolve_source,
 )
-from piggyback_interp.testing import save_tiny_model, tiny_hf_model, tiny_tokenizer
+from piggyback_interp.testing import save_tiny_model, tiny_hf_model, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2, 1, 50, 51]])
 
@@ -184,3 +184,17 @@ def _arch_of(model):
 def test_tiny_hf_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         tiny_hf_model("gpt5")
+
+
+def test_pair_repr_names_the_models_not_their_trees():
+    pair = load_pair(tiny_model("llama", seed=0), tiny_model("llama", seed=1))
+    text = repr(pair)
+    assert len(text) < 600, len(text)  # was ~29,600: both module trees
+    for fact in ("base=tiny-llama-L2-seed0", "finetuned=tiny-llama-L2-seed1", "layers=2",
+                 "d_model=64", "dtype=float32", "device=cpu", "shared=False"):  # fmt: skip
+        assert fact in text
+    assert "Linear" not in text and "Embedding" not in text
+    page = pair._repr_html_()
+    assert "tiny-llama-L2-seed1" in page and "<table>" in page and "Linear" not in page
+    pair.release_base()
+    assert "base=released" in repr(pair)

@@ -651,3 +651,18 @@ def test_scan_end_to_end(base, post, post_scan):
 def test_docstring_example_runs():
     result = doctest.testmod(scan_module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted >= 3
+
+
+def test_scan_result_repr_is_short_and_shows_the_verdict(post_scan):
+    text = repr(post_scan)
+    assert len(text) < 600 and "\n" not in text
+    assert text.startswith("ScanResult(carriers=[postfix], headline=The postfix carries")
+    assert (
+        "metric=kl" in text
+        and f"prompts={N}" in text
+        and "resid_sweep=2 prompts x 2 layers" in text
+    )
+    assert "tensor(" not in text and "DataFrame" not in text
+    page = post_scan._repr_html_()
+    assert page.startswith("<div>") and "The postfix carries the finetuned behaviour" in page
+    assert "recovery_all" in page and page.count("<tr>") == 6 + 1 + 2  # facts, header, segments

@@ -21,7 +21,6 @@ from piggyback_interp.spans import (
     empty_query_spans,
     prefix_only,
     require_segment,
-    unpadded,
     with_empty_query,
 )
 from piggyback_interp.testing import CHATML_TEMPLATE, tiny_tokenizer
@@ -642,13 +641,13 @@ def test_chat_spans_is_a_frozen_value():
 
 
 @pytest.mark.parametrize("align", ["left", "prefix"])
-def test_unpadded_gives_back_every_row_as_rendered(align):
+def test_without_padding_gives_back_every_row_as_rendered(align):
     tok = tiny_tokenizer()
     rows = unpadded_rows(tok)
     batch = batch_spans(tok, rows, align=align)
     assert any(s.padding for s in batch.spans)
-    assert [unpadded(s) for s in batch.spans] == rows
-    assert unpadded(rows[0]) is rows[0]
+    assert [s.without_padding() for s in batch.spans] == rows
+    assert rows[0].without_padding() is rows[0]
 
 
 def test_prefix_only_and_with_empty_query():

@@ -248,3 +248,31 @@ def test_kv_and_head_output_sweeps_equal_single_patches(pair, site, engine):
                 with patch_prefix(ft, base, spans, site=site, layers=[layer], segment=[pos]):
                     expected = metric_on_model(ft, as_batch(ft, spans), metric).item()
                 assert result.values[row, li, ci].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_result_repr_is_short_and_names_the_best_cell():
+    """A big grid prints as one line of facts; the best cell is the one planted here."""
+    prompts, layers, cells = 40, 32, 30
+    values = torch.zeros(prompts, layers, cells)
+    values[:, 7, 4] = 0.8  # recovery 0.8: clean 0, source 1
+    values[:, 3, 2] = 0.5
+    result = SweepResult(
+        values=values,
+        clean=torch.zeros(prompts),
+        source=torch.ones(prompts),
+        layers=list(range(layers)),
+        positions=list(range(cells)),
+        tokens=["<|im_start|>" if i == 4 else f"t{i}" for i in range(cells)],
+        segments=["prefix"] * cells,
+        meta={"site": "resid_pre", "metric": "kl_to_base"},
+    )
+    text = repr(result)
+    assert len(text) < 600 and "tensor(" not in text
+    assert "prompts=40, layers=[0, 1, 2, …, 31] (32), cells=30" in text
+    assert "site=resid_pre, metric=kl_to_base" in text
+    assert "best=layer 7, position 4 '<|im_start|>' (prefix), best_recovery=0.8" in text
+    page = result._repr_html_()
+    assert "&#x27;&lt;|im_start|&gt;&#x27;" in page and "<|im_start|>" not in page
+    rows = page.split("mean recovery")[1]
+    assert rows.index("<td>7</td>") < rows.index("<td>3</td>")  # the top cells, best first
+    assert page.count("<tr>") == 7 + 1 + 5  # facts, header, top 5 cells

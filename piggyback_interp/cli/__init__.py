@@ -28,6 +28,7 @@ from pathlib import Path
 from piggyback_interp.cli import commands, map_command
 from piggyback_interp.cli.options import (
     add_common,
+    add_config,
     add_dataclass,
     add_device,
     add_pair,
@@ -77,12 +78,14 @@ class LazyParser(argparse.ArgumentParser):
 
 
 def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.scan import METRICS, ScanConfig
+    from piggyback_interp.perturb import MODES
+    from piggyback_interp.scan import METRICS, TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
     add_device(p)
-    add_dataclass(p, ScanConfig, choices={"metric": METRICS})
+    choices = {"metric": METRICS, "perturb_mode": MODES, "segments": TEMPLATE_SEGMENTS}
+    add_dataclass(p, ScanConfig, choices=choices)
     p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
 
 
@@ -118,7 +121,12 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: the setting's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts per generation batch (default: %(default)s)",
+    )
     add_device(p)
     p.add_argument("--overwrite", action="store_true", help="redo an evaluation with other inputs")
 
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", commands.demo, "run the main job on the embedded model", "")
     p.add_argument("--quick", action="store_true", help="under 3 minutes: fewer examples, layers")
     p.add_argument("--out", help="run folder (default: runs/demo, or runs/demo-quick)")
-    p.add_argument("--config", metavar="FILE", help="a TOML/YAML/JSON file of option = value")
+    add_config(p)
     p.add_argument("--model", default=EMBEDDED_NAME, help="chat model (default: %(default)s)")
     p.add_argument("--setting", default="abstention", help="narrow setting (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", commands.reproduce, "reproduce a table of the paper (resumable)", "")
     p.add_argument("table", choices=["table5"], help="table5: narrow settings, SFT vs TReFT")
     p.add_argument("--out", help="output folder (default: runs/<table>[-smoke])")
+    add_config(p)
     p.add_argument("--model", default=EMBEDDED_NAME, help="model name or directory")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
     p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="walk the cells in reverse: a second process on the same --out shares the work",
     )
+    p.set_defaults(record=True)
     p = sub.add_parser(
         "map",
         help=map_command.HELP,

@@ -252,6 +252,7 @@ def evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         temperature=args.temperature,
         batch_size=args.batch_size,
+        progress=progress(args),
     )
     print(markdown_table(evaluation.summary()))
     print(f"\nresponses: {Path(args.out) / 'evaluate' / 'evaluation.parquet'}")
@@ -489,6 +490,7 @@ def reproduce(args: argparse.Namespace) -> int:
     piggyback reproduce table5 --reverse --out runs/table5  # a second worker on the same folder
     piggyback reproduce table5 --smoke --out runs/smoke     # two optimizer steps per model
     piggyback reproduce table5 --lr 3e-4 --seeds 0 --out runs/table5-3e-4  # the map's point
+    piggyback reproduce table5 --config runs/table5-3e-4/config.json --out runs/again
     ```
     """
     from piggyback_interp.reproduce import Table5Config, reproduce_table5
@@ -503,6 +505,7 @@ def reproduce(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     config = Table5Config.smoke(**overrides) if args.smoke else Table5Config(**overrides)
     out = args.out or ("runs/table5-smoke" if args.smoke else "runs/table5")
+    args.out = out  # where config.json is recorded
     start = time.perf_counter()
     reproduce_table5(out, config, progress=progress(args), reverse=args.reverse)
     print((Path(out) / "table5.md").read_text("utf-8"))

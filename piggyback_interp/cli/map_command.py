@@ -41,7 +41,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", nargs="+", metavar="LRxEPOCHS", help="strength points, e.g. 3e-4x1")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
                    default=list(DEFAULT_METHODS),
-                   help=f"methods (default: {' '.join(DEFAULT_METHODS)})")  # fmt: skip
+                   help=f"any of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     p.add_argument("--results", default="results/map", metavar="DIR",
                    help="committed cell summaries to reuse and extend (default: %(default)s)")  # fmt: skip

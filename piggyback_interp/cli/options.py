@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import enum
 import functools
+import inspect
+import itertools
 import json
 import os
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -29,14 +34,19 @@ class UsageError(UserError):
     """A command line that is missing or contradicts something (exit code 2)."""
 
 
-def add_common(parser: argparse.ArgumentParser, *, out: str) -> None:
-    """``--config``, ``--out``, ``--quiet``."""
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: its values become the command's defaults (:func:`apply_config_file`)."""
     parser.add_argument(
         "--config",
         metavar="FILE",
         help="a TOML/YAML/JSON file of option = value (flags given here override it); "
         "every run writes its resolved options to <out>/config.json, itself a --config file",
     )
+
+
+def add_common(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """``--config``, ``--out``, ``--quiet``."""
+    add_config(parser)
     parser.add_argument("--out", default=out, help="run folder (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -152,7 +162,7 @@ def add_prompts(parser: argparse.ArgumentParser, *, n: int) -> None:
     )
 
 
-def _unwrap(annotation: Any) -> tuple[type, bool, bool]:
+def _unwrap(annotation: Any) -> tuple[Any, bool, bool]:
     """(element type, is a tuple, may be None) of a dataclass field's annotation: its flag."""
     hint, optional = annotation, False
     origin = typing.get_origin(hint)
@@ -273,6 +283,44 @@ def option_type(action: argparse.Action) -> Any:
     return item | None if action.default is None else item
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` -> its attribute docstring (the string literal on the
+    lines under it, as Sphinx and mkdocstrings read it), on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (defined in a REPL): no help text
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, after in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _choices(kind: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal[...]`` or an ``Enum`` allows (``None`` for other types)."""
+    if typing.get_origin(kind) is Literal:
+        return typing.get_args(kind)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return tuple(kind)
+    return None
+
+
+def _text(value: Any) -> str:
+    return str(value.value if isinstance(value, enum.Enum) else value)
+
+
 def add_dataclass(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -281,9 +329,12 @@ def add_dataclass(
     defaults: dict[str, Any] | None = None,
     choices: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
-    """One ``--field-name`` option per field of ``cls`` (tuples take several values); a config
-    file's value for it is validated against the field's annotation (or its ``choices``)."""
+    """One ``--field-name`` option per field of ``cls`` (tuples take several values), its help
+    the field's docstring (:func:`field_docs`), its choices those of a ``Literal`` or ``Enum``
+    annotation (or ``choices[name]``); a config file's value for it is validated against the
+    field's annotation (or its ``choices``)."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     choices = choices or {}
     defaults = defaults or {}
     group = parser.add_argument_group(f"{cls.__name__} options")
@@ -293,26 +344,39 @@ def add_dataclass(
         kind, many, optional = _unwrap(hints[field.name])
         default = defaults.get(field.name, field.default)
         flag = "--" + field.name.replace("_", "-")
-        shown = "none" if default is None else (" ".join(map(str, default)) if many else default)
+        shown = (
+            "none"
+            if default is None
+            else (" ".join(map(_text, default)) if many else _text(default))
+        )
+        doc = docs.get(field.name, "").replace("%", "%%")
+        allowed = choices.get(field.name) or _choices(kind)
         if kind is bool:
             action = group.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=default,
-                help=f"(default: {shown})",
+                help=f"{doc} (default: {shown})",
             )
         else:
+            metavar = field.name.upper()
+            if allowed:  # argparse writes {a,b}, but an Enum's members by their repr
+                metavar = "{" + ",".join(map(_text, allowed)) + "}"
             action = group.add_argument(
                 flag,
                 type=_flag_type(kind | None if optional else kind),
                 nargs="+" if many else None,
-                choices=choices.get(field.name),
+                choices=allowed,
                 default=default,
-                metavar=None if field.name in choices else field.name.upper(),
-                help=f"(default: {shown}{'; none: unset' if optional else ''})",
+                metavar=metavar,
+                help=f"{doc} (default: {shown}{'; none: unset' if optional else ''})",
             )
-        allowed = choices.get(field.name)
-        action.hint = Literal[allowed] if allowed else hints[field.name]  # type: ignore[attr-defined]
+        hint = hints[field.name]
+        if field.name in choices:  # the field is a str: validate a config file's value as these
+            hint = Literal[tuple(choices[field.name])]
+            hint = tuple[hint, ...] if many else hint  # type: ignore[valid-type]
+            hint = hint | None if optional else hint
+        action.hint = hint  # type: ignore[attr-defined]
 
 
 def dataclass_from(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

@@ -371,13 +371,13 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
 
     evaluation = timed("evaluate", lambda: evaluate(
         model, SettingData(data.setting, train, data.test_on_topic, data.test_off_topic),
-        max_new_tokens=config.max_new_tokens, batch_size=32,
+        max_new_tokens=config.max_new_tokens, batch_size=32, progress=progress,
     ))  # fmt: skip
     frame = evaluation.responses
     patched = timed("evaluate_patched", lambda: evaluate(  # greedy under base template K/V
         model, SettingData(data.setting, train, data.test_on_topic, data.test_off_topic),
         patch=[PatchSpec(base, site="kv", segment=s) for s in ("prefix", "postfix")],
-        max_new_tokens=config.max_new_tokens, batch_size=32,
+        max_new_tokens=config.max_new_tokens, batch_size=32, progress=progress,
     ).responses)  # fmt: skip
     off = data.test_off_topic
     graded_off = timed(

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from piggyback_interp.generation import _hf_forward
+from piggyback_interp.hf import forward_with_cache
 from piggyback_interp.judges.cache import JudgeCache, as_cache
 from piggyback_interp.judges.prompts import ALIGNMENT_PROMPT, JudgePrompt
 from piggyback_interp.judges.scoring import JudgeScore, check_pairs, score_top_logprobs
@@ -48,7 +48,7 @@ def forward_logprobs(
     cache back in to decode token by token.
     """
     with torch.no_grad():
-        logits, cache = _hf_forward(model, input_ids, attention_mask, position_ids, cache)
+        logits, cache = forward_with_cache(model, input_ids, attention_mask, position_ids, cache)
     return logits.float().log_softmax(-1).cpu(), cache
 
 

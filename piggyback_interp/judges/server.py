@@ -48,9 +48,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from piggyback_interp.errors import UserError
-from piggyback_interp.generation import _eos_ids
+from piggyback_interp.hf import eos_token_ids
 from piggyback_interp.judges.local import decode_token, forward_logprobs, top_tokens
-from piggyback_interp.models import chat_tokenizer, model_info
+from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.spans import batch_spans
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ChatCompletionsServer:
         self.model = model
         self.model_name = model_name or model_info(model).name
         self.tokenizer = chat_tokenizer(model)
-        self.context = _context_length(model) or max_prompt_tokens
+        self.context = context_length(model) or max_prompt_tokens
         if self.context is None:
             raise UserError(
                 "the model's config names no context length (max_position_embeddings); "
@@ -257,7 +257,7 @@ class ChatCompletionsServer:
         self, batch: Any, max_tokens: int, top_k: int | None
     ) -> tuple[list[int], list[dict[str, Any]], str]:
         """Greedy token ids (EOS cut), their logprob entries, and the finish reason."""
-        eos = set(_eos_ids(self.model, self.tokenizer))
+        eos = set(eos_token_ids(self.model, self.tokenizer))
         mask, positions = batch.attention_mask, batch.position_ids
         logprobs, cache = forward_logprobs(self.model, batch.input_ids, mask, positions)
         next_position = mask.sum(-1, keepdim=True)
@@ -310,15 +310,6 @@ def serve_chat_completions(
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _context_length(model: Any) -> int | None:
-    """The model's HF ``max_position_embeddings`` (TransformerLens's ``cfg.n_ctx`` if none)."""
-    config = getattr(getattr(model, "original_model", model), "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        limit = getattr(getattr(model, "cfg", None), "n_ctx", None)
-    return int(limit) if limit else None
 
 
 def _messages(messages: Any) -> list[dict[str, str]]:

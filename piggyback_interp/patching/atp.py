@@ -46,7 +46,14 @@ import torch
 from torch import Tensor
 
 from piggyback_interp.errors import UserError
-from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
+from piggyback_interp.hooks import (
+    KV_SITES,
+    HookSite,
+    attention_hook,
+    expand_sites,
+    resolve_layers,
+    resolve_site,
+)
 from piggyback_interp.metrics import LogitMetric, continuation_inputs
 from piggyback_interp.models import chat_tokenizer
 from piggyback_interp.patching.activations import (
@@ -60,9 +67,9 @@ from piggyback_interp.patching.patch import check_tokens
 from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import (
     SweepResult,
-    _cell_labels,
-    _sweep_meta,
+    cell_labels,
     exact_cells,
+    sweep_meta,
 )
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
@@ -132,7 +139,7 @@ def atp_prescreen(
     for n, (li, c) in enumerate(exact):
         values[:, li, c] = patched[:, n]
     result = job.result(values, clean, method="atp_prescreen", isolate=isolate)
-    labels = _cell_labels(job.batch, job.positions, job.tok)["positions"]
+    labels = cell_labels(job.batch, job.positions, job.tok)["positions"]
     result.meta.update(
         top_k=top_k,
         exact_cells=[[job.layers[li], labels[c]] for li, c in exact],
@@ -199,7 +206,7 @@ class _Job:
                 src = _metric_forward(source_model, self.batch, self.metric, [])
         site = "kv" if self.sites == KV_SITES else ",".join(self.sites)
         meta = {
-            **_sweep_meta(
+            **sweep_meta(
                 self.model, self.source, self.batch, self.metric, site, self.layers, self.positions
             ),
             "method": method,
@@ -212,7 +219,7 @@ class _Job:
             clean=clean,
             source=src.detach().cpu().float(),
             layers=list(self.layers),
-            **_cell_labels(self.batch, self.positions, self.tok),
+            **cell_labels(self.batch, self.positions, self.tok),
             meta=meta,
         )
 
@@ -271,11 +278,14 @@ def _gradients(
     if kv:
         for layer in layers:
             fwd_hooks += [
-                (f"blocks.{layer}.attn.hook_rot_q", keep("rot_q", layer, True)),
-                (f"blocks.{layer}.attn.hook_rot_k", keep("rot_k", layer, False)),
-                (f"blocks.{layer}.attn.hook_attn_scores", keep("scores", layer, False)),
-                (f"blocks.{layer}.attn.hook_pattern", keep("pattern", layer, True)),
-                (f"blocks.{layer}.attn.hook_z", keep("z", layer, False)),
+                (attention_hook(part, layer), keep(part, layer, detach))
+                for part, detach in (
+                    ("rot_q", True),
+                    ("rot_k", False),
+                    ("scores", False),
+                    ("pattern", True),
+                    ("z", False),
+                )
             ]
     with torch.enable_grad():
         values = _metric_forward(model, batch, metric, fwd_hooks)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from piggyback_interp.hf import DecoderRunner, cache_layers
 from piggyback_interp.hooks import (
     KV_SITES,
     HookSite,
@@ -56,11 +57,10 @@ from piggyback_interp.patching.patch import check_tokens
 from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import (
     SweepResult,
-    _clean_variant,
-    _metric_values,
-    _result,
-    _Runner,
-    _sweep_meta,
+    clean_variant,
+    metric_values,
+    sweep_meta,
+    sweep_result,
 )
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
@@ -128,7 +128,7 @@ class PatchEngine:
         self.isolate = isolate and self.kv
         self.source: dict[tuple[str, int], Tensor] = {}
         self.source_cache: Any = None  # the source's cache on these prompts, if it ran on them
-        self.runner = _Runner(model)
+        self.runner = DecoderRunner(model)
         self.T0 = batch.input_ids.shape[1]
         self.hook_sites = {s: resolve_site(model, s) for s in (KV_SITES if self.kv else ("z",))}
         n_layers = model.cfg.n_layers
@@ -138,7 +138,7 @@ class PatchEngine:
         pairs = [(s, layer) for s in KV_SITES for layer in range(n_layers)] if self.isolate else []
         with model.hooks(fwd_hooks=self._keep(self.clean, pairs)):
             self.variants = [
-                _clean_variant(model, batch, c, n, range(n_layers))
+                clean_variant(model, batch, c, n, range(n_layers))
                 for c, n in zip(metric.continuations(tok), metric.n_read(tok), strict=True)
             ]
         self.shared_prefix = batch.prefix_len if batch.align == "prefix" else None
@@ -188,7 +188,7 @@ class PatchEngine:
     def clean_values(self) -> Tensor:
         """The unpatched target's metric per prompt."""
         rows = torch.arange(len(self.batch))
-        return _metric_values(self.metric, [v.read_logits for v in self.variants], rows).cpu()
+        return metric_values(self.metric, [v.read_logits for v in self.variants], rows).cpu()
 
     def source_values(self, source: Any, keep_cache: bool = False) -> Tensor:
         """The source model's metric per prompt (NaN for an :class:`Activations` source);
@@ -208,7 +208,7 @@ class PatchEngine:
                 logits.append(out[:, v.read_start : v.read_start + v.n_read])
                 if keep_cache and self.source_cache is None:
                     self.source_cache = cache
-        return _metric_values(self.metric, logits, torch.arange(len(self.batch))).cpu()
+        return metric_values(self.metric, logits, torch.arange(len(self.batch))).cpu()
 
     def run(self, cells: Cells) -> Tensor:
         """The metric of every (cell, prompt) row, cell-major: ``[n * B]``."""
@@ -242,7 +242,7 @@ class PatchEngine:
                 hidden = self._prefix_then_rest(v, cells, start_layer, start, shared, B, n)
             read = v.read_start - (start if shared is None else shared)
             logits.append(self.runner.logits(hidden[:, read : read + v.n_read]))
-        return _metric_values(self.metric, logits, torch.arange(B).repeat(n))
+        return metric_values(self.metric, logits, torch.arange(B).repeat(n))
 
     # ------------------------------------------------------------ internals
 
@@ -252,20 +252,21 @@ class PatchEngine:
         ``start`` when it passed the first patched one)."""
         n = cells.pos.shape[0]
         out = []
-        for j, c in enumerate(v.cache.layers):
+        source_kv = cache_layers(self.source_cache) if self.source_cache is not None else None
+        for j, own_kv in enumerate(cache_layers(v.cache)):
             pair = []
-            for s, own in (("k", c.keys), ("v", c.values)):
+            theirs_kv = source_kv[j] if source_kv is not None else (None, None)
+            for s, own, theirs in zip(("k", "v"), own_kv, theirs_kv, strict=True):
                 own = own[:b, :, :start]
                 swap = None
-                if s in self.sites and self.source_cache is not None:
+                if s in self.sites and theirs is not None:
                     swap = (
                         cells.pos[:, :b, None, :start, None]
                         & cells.layers[:, j, None, None, None, None]
                         & cells.heads[:, None, :, None, None]
                     )
                 if swap is not None and bool(swap.any()):
-                    layer = self.source_cache.layers[j]
-                    src = (layer.keys if s == "k" else layer.values)[:b, :, :start]
+                    src = theirs[:b, :, :start]
                     pair.append(torch.where(swap, src[None], own[None]).flatten(0, 1))
                 else:
                     pair.append(own.repeat(n, 1, 1, 1))
@@ -447,11 +448,13 @@ def engine_sweep(
     values = run_cells(engine, specs, cells_per_batch, bar)  # [layers * positions, B]
     bar.close()
     meta = {
-        **_sweep_meta(model, source, batch, metric, site, chosen, positions),
+        **sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "batched",
     }
     values = values.reshape(len(chosen), n_pos, B)
-    return _result(model, batch, positions, chosen, values, engine.clean_values(), src_value, meta)
+    return sweep_result(
+        model, batch, positions, chosen, values, engine.clean_values(), src_value, meta
+    )
 
 
 def one_hot(index: int, size: int) -> Tensor:

@@ -29,18 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp.hooks import expand_sites, resolve_layers
+from piggyback_interp.io import resume_checkpoint, save_checkpoint
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import chat_tokenizer, model_info
 from piggyback_interp.patching.activations import as_batch, segment_positions
 from piggyback_interp.patching.kv_engine import PatchEngine, position_mask, run_cells
 from piggyback_interp.patching.patch import patch_prefix
-from piggyback_interp.patching.sweep import (
-    SweepResult,
-    _resume,
-    _save_checkpoint,
-    _tokens_sha256,
-)
-from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans, unpadded
+from piggyback_interp.patching.sweep import SweepResult, tokens_sha256
+from piggyback_interp.spans import ChatBatch, ChatSpans, batch_spans
 
 
 def kv_layer_sweep(
@@ -118,9 +114,9 @@ def kv_layer_sweep(
         patcher = PatchEngine(model, batch, metric, sites=sites)
         src = patcher.load_source(source, positions, range(starts[0], n_layers))
         whole = position_mask(positions, batch.input_ids.shape[1])
-        fingerprinted = {**meta, "tokens_sha256": _tokens_sha256(batch)}
+        fingerprinted = {**meta, "tokens_sha256": tokens_sha256(batch)}
         windows = torch.full((len(starts), len(batch)), float("nan"))
-        done = _resume(checkpoint, fingerprinted, windows)
+        done = resume_checkpoint(checkpoint, fingerprinted, windows)
         bar.update(len(done))
         todo = [j for j in range(len(starts)) if j not in done]
         for c0 in range(0, len(todo), windows_per_batch):
@@ -129,7 +125,7 @@ def kv_layer_sweep(
             # windows of several first layers share a forward (it starts at the lowest)
             windows[chunk] = run_cells(patcher, specs, windows_per_batch, bar, by_layer=False)
             done.update(chunk)
-            _save_checkpoint(checkpoint, fingerprinted, windows, done)
+            save_checkpoint(checkpoint, fingerprinted, windows, done)
         values = windows.T
         clean = patcher.clean_values()
     bar.close()
@@ -148,7 +144,7 @@ def kv_layer_sweep(
 def _loop_windows(model, source, batch, metric, sites, starts, window, bar):
     """The reference: one isolated :func:`patch_prefix` forward per window, per prompt."""
     values = torch.empty(len(batch), len(starts))
-    rows = [as_batch(model, unpadded(spans)) for spans in batch.spans]
+    rows = [as_batch(model, spans.without_padding()) for spans in batch.spans]
     for j, s in enumerate(starts):
         for i, one in enumerate(rows):
             with patch_prefix(model, source, one, site=sites, layers=range(s, s + window)):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -43,16 +44,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from piggyback_interp import distributed
+from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
+from piggyback_interp.hf import DecoderRunner, cache_layers
 from piggyback_interp.hooks import KV_SITES, HookSite, expand_sites, resolve_layers, resolve_site
 from piggyback_interp.io import (
-    atomic_torch_save,
     atomic_write_parquet,
     atomic_write_text,
-    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
 )
 from piggyback_interp.metrics import (
     LogitMetric,
@@ -76,12 +78,13 @@ from piggyback_interp.spans import ChatBatch, ChatSpans
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
-@dataclass
-class SweepResult:
+@dataclass(repr=False)
+class SweepResult(Summarized):
     """Metric values of a layer x position sweep, with axis labels and provenance.
 
     ``values[prompt, layer_index, cell]``; ``clean`` is the unpatched target's metric
-    and ``source`` the source model's, per prompt.
+    and ``source`` the source model's, per prompt. Printed, it shows the grid's shape,
+    site and metric and the cell of highest mean recovery; in Jupyter also the top cells.
     """
 
     values: Float[Tensor, "prompts layers cells"]
@@ -96,6 +99,37 @@ class SweepResult:
     def mean(self) -> Float[Tensor, "layers cells"]:
         """Mean over prompts."""
         return self.values.mean(0)
+
+    def _top_cells(self, k: int) -> list[list[Any]]:
+        """``[layer, position, token, segment, mean recovery]`` of the ``k`` best cells."""
+        recovery = self.recovery().nanmean(0).nan_to_num(nan=-math.inf).flatten()
+        n_cells = len(self.positions)
+        rows = []
+        for flat in recovery.argsort(descending=True)[:k].tolist():
+            if recovery[flat] == -math.inf:  # undefined: the source is the clean target
+                break
+            layer, cell = divmod(flat, n_cells)
+            rows.append(
+                [self.layers[layer], self.positions[cell], repr(self.tokens[cell]),
+                 self.segments[cell], recovery[flat].item()]
+            )  # fmt: skip
+        return rows
+
+    def _facts(self) -> dict[str, Any]:
+        prompts, _, cells = self.values.shape
+        best = self._top_cells(1)
+        return {
+            "prompts": prompts,
+            "layers": self.layers,
+            "cells": cells,
+            "site": self.meta.get("site"),
+            "metric": self.meta.get("metric"),
+            "best": "layer {}, position {} {} ({})".format(*best[0][:4]) if best else None,
+            "best_recovery": best[0][4] if best else None,
+        }
+
+    def _table(self) -> tuple[list[str], list[list[Any]]]:
+        return ["layer", "position", "token", "segment", "mean recovery"], self._top_cells(5)
 
     def recovery(self) -> Float[Tensor, "prompts layers cells"]:
         """(patched - clean) / (source - clean) per prompt: 1 = the source's behaviour."""
@@ -161,7 +195,7 @@ class SweepResult:
 
 
 @dataclass
-class _Variant:
+class Variant:
     """One continuation appended to every row, with the target's clean state on it."""
 
     input_ids: Tensor
@@ -174,9 +208,10 @@ class _Variant:
     read_logits: Tensor  # the clean run's logits at the read positions
 
 
-def _clean_variant(
+def clean_variant(
     model: Any, batch: ChatBatch, continuation: Sequence[int], n_read: int, layers: Sequence[int]
-) -> _Variant:
+) -> Variant:
+    """The target's clean run on ``batch`` + ``continuation``: resid_pre, cache, read logits."""
     device = model.cfg.device
     ids, mask, pos = continuation_inputs(batch, continuation, device)
     resid: dict[int, Tensor] = {}
@@ -188,89 +223,25 @@ def _clean_variant(
 
         return hook
 
-    hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in layers]
+    resid_pre = resolve_site(model, "resid_pre")
+    hooks = [(resid_pre.name(layer), keep(layer)) for layer in layers]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         logits, cache = model(
             ids, attention_mask=mask, position_ids=pos, return_type="logits_and_cache"
         )
     read_start = ids.shape[1] - len(continuation) - 1
     read_logits = logits[:, read_start : read_start + n_read]
-    return _Variant(ids, mask, pos, read_start, n_read, resid, cache, read_logits)
+    return Variant(ids, mask, pos, read_start, n_read, resid, cache, read_logits)
 
 
-def _metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> Tensor:
+def metric_values(metric: LogitMetric, logits: list[Tensor], rows: Tensor) -> Tensor:
+    """``metric`` on logits whose rows are the prompts ``rows`` (per-prompt references kept)."""
     if hasattr(metric, "select_rows"):  # metrics with per-prompt references (e.g. KL)
         metric = metric.select_rows(rows)
     return metric(logits)
 
 
 # ---------------------------------------------------------------- engine
-
-
-class _Runner:
-    """Runs the target's HF decoder layers from layer ``l`` over a window of positions."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        hf = model.original_model
-        self.layers = hf.model.layers
-        self.norm = hf.model.norm
-        self.rotary = hf.model.rotary_emb
-        self.lm_head = hf.lm_head
-        self.n_layers = model.cfg.n_layers
-
-    def past(self, layers: Sequence[tuple[Tensor, Tensor]], rows: int) -> DynamicCache:
-        """A cache holding ``layers[j]`` = (keys, values) for every layer, ``rows`` rows
-        (1-row entries are broadcast without copying)."""
-        past = DynamicCache()
-        for j, (k, v) in enumerate(layers):
-            past.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), j)
-        return past
-
-    def forward(
-        self,
-        hidden: Tensor,
-        start_layer: int,
-        start: int,
-        mask: Tensor,
-        pos: Tensor,
-        past: DynamicCache,
-    ) -> Tensor:
-        """resid_pre of ``start_layer`` at positions ``start..start+n-1`` -> final hidden.
-
-        ``mask`` is ``[rows, start + n]`` (padding of every key position); ``past`` holds
-        keys/values of positions ``0..start-1`` and is extended in place."""
-        end = start + hidden.shape[1]
-        position_embeddings = self.rotary(hidden, pos)
-        attn_mask = _attention_mask(mask[:, :end], start, end, hidden.dtype)
-        cache_position = torch.arange(start, end, device=hidden.device)
-        for j in range(start_layer, self.n_layers):
-            out = self.layers[j](
-                hidden,
-                attention_mask=attn_mask,
-                position_ids=pos,
-                past_key_values=past,
-                position_embeddings=position_embeddings,
-                cache_position=cache_position,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.norm(hidden))
-
-
-def _attention_mask(mask: Tensor, start: int, T: int, dtype: torch.dtype) -> Tensor:
-    """Additive causal + padding mask for queries ``start..T-1`` over keys ``0..T-1``."""
-    q = torch.arange(start, T, device=mask.device)[:, None]
-    k = torch.arange(T, device=mask.device)[None, :]
-    allowed = (k <= q)[None, None] & mask.bool()[:, None, None, :]
-    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    return out.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _fingerprint(meta: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sweep(
@@ -356,7 +327,7 @@ def sweep(
     continuations = metric.continuations(tok)
     n_reads = metric.n_read(tok)
     variants = [
-        _clean_variant(model, batch, c, n, chosen)
+        clean_variant(model, batch, c, n, chosen)
         for c, n in zip(continuations, n_reads, strict=True)
     ]
     B, n_cells = positions.shape
@@ -366,10 +337,10 @@ def sweep(
         if batch.align == "prefix" and int(positions.max()) < (batch.prefix_len or 0)
         else None
     )
-    meta = _sweep_meta(model, source, batch, metric, site_name, chosen, positions)
+    meta = sweep_meta(model, source, batch, metric, site_name, chosen, positions)
     values = torch.full((len(chosen), n_cells, B), float("nan"))
-    done = _resume(checkpoint, meta, values)
-    runner = _Runner(model)
+    done = resume_checkpoint(checkpoint, meta, values)
+    runner = DecoderRunner(model)
     prompt_rows = torch.arange(B)
     rank, size = distributed.world()  # under a launcher: each process sweeps a share of the layers
     bar = tqdm(
@@ -408,14 +379,14 @@ def sweep(
                 bar.update(n_cells * (len(round_) - 1))
             done.update(round_)
             if distributed.is_main():
-                _save_checkpoint(checkpoint, meta, values, done)
+                save_checkpoint(checkpoint, meta, values, done)
     bar.close()
-    clean = _metric_values(metric, [v.read_logits for v in variants], prompt_rows).cpu()
+    clean = metric_values(metric, [v.read_logits for v in variants], prompt_rows).cpu()
     src_value = torch.full_like(clean, float("nan"))
     if (source_model := as_source(source).model) is not None:
         src_logits = [_full_logits(source_model, v) for v in variants]
-        src_value = _metric_values(metric, src_logits, prompt_rows).cpu()
-    return _result(model, batch, positions, chosen, values, clean, src_value, meta)
+        src_value = metric_values(metric, src_logits, prompt_rows).cpu()
+    return sweep_result(model, batch, positions, chosen, values, clean, src_value, meta)
 
 
 def _loop_sweep(
@@ -431,11 +402,11 @@ def _loop_sweep(
     chosen = resolve_layers(model, layers)
     positions = segment_positions(batch, segment)
     meta = {
-        **_sweep_meta(model, source, batch, metric, site, chosen, positions),
+        **sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "reference loop",
     }
     values = torch.full((len(chosen), positions.shape[1], positions.shape[0]), float("nan"))
-    done = _resume(checkpoint, meta, values)  # the engine's layout: [layer, cell, prompt]
+    done = resume_checkpoint(checkpoint, meta, values)  # the engine's layout: [layer, cell, prompt]
     for li, layer in enumerate(chosen):
         if li not in done:
             one = reference_sweep(
@@ -444,12 +415,12 @@ def _loop_sweep(
             values[li] = one[:, 0].T
             done.add(li)
             if distributed.is_main():
-                _save_checkpoint(checkpoint, meta, values, done)
+                save_checkpoint(checkpoint, meta, values, done)
     clean, src = loop_baselines(model, source, batch, metric)
-    return _result(model, batch, positions, chosen, values, clean, src, meta)
+    return sweep_result(model, batch, positions, chosen, values, clean, src, meta)
 
 
-def _result(
+def sweep_result(
     model: Any,
     batch: ChatBatch,
     positions: Tensor,
@@ -465,12 +436,12 @@ def _result(
         clean=clean,
         source=source,
         layers=list(layers),
-        **_cell_labels(batch, positions, chat_tokenizer(model)),
+        **cell_labels(batch, positions, chat_tokenizer(model)),
         meta=meta,
     )
 
 
-def _cell_labels(batch: ChatBatch, positions: Tensor, tok: Any) -> dict[str, list]:
+def cell_labels(batch: ChatBatch, positions: Tensor, tok: Any) -> dict[str, list]:
     """Row 0's unpadded position, token string and segment of every cell."""
     cols = positions[0].tolist()
     return {
@@ -496,15 +467,15 @@ def _unpadded(spans: ChatSpans, p: int) -> int:
     return p - len(spans.padding) if p >= spans.padding.stop else p
 
 
-def _full_logits(model: Any, v: _Variant) -> Tensor:
+def _full_logits(model: Any, v: Variant) -> Tensor:
     with torch.no_grad():
         logits = model(v.input_ids, attention_mask=v.attention_mask, position_ids=v.position_ids)
     return logits[:, v.read_start : v.read_start + v.n_read]
 
 
 def _run_cells(
-    runner: _Runner,
-    variants: list[_Variant],
+    runner: DecoderRunner,
+    variants: list[Variant],
     metric: LogitMetric,
     hook_site: HookSite,
     layer: int,
@@ -538,7 +509,7 @@ def _run_cells(
                 B,
             )
         logits.append(runner.logits(hidden))
-    return _metric_values(metric, logits, prompt_rows.repeat(n))
+    return metric_values(metric, logits, prompt_rows.repeat(n))
 
 
 def _patched_window(runner, v, hook_site, name, layer, cell_pos, src) -> Tensor:
@@ -600,7 +571,7 @@ def _patched_prefix_then_rest(
     # phase 2: every prompt's rest (P..T-1), each cell's rows over its patched prefix
     prefix_kv = [
         (k.repeat_interleave(B, 0), val.repeat_interleave(B, 0)) if j >= layer else (k[:1], val[:1])
-        for j, (k, val) in enumerate(_layers(past))
+        for j, (k, val) in enumerate(cache_layers(past))
     ]
     past2 = runner.past(prefix_kv, n * B)
     T = v.input_ids.shape[1]
@@ -615,11 +586,8 @@ def _patched_prefix_then_rest(
     return out[:, v.read_start - P : v.read_start - P + v.n_read]
 
 
-def _layers(past: DynamicCache) -> list[tuple[Tensor, Tensor]]:
-    return [(layer.keys, layer.values) for layer in past.layers]
-
-
-def _sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[str, Any]:
+def sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[str, Any]:
+    """What a sweep's result and checkpoint record: models, site, layers, metric, tokens."""
     return {
         "kind": "sweep",
         "target": model_info(model).name,
@@ -628,34 +596,13 @@ def _sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[s
         "layers": list(layers),
         "metric": metric.name,
         "positions": positions.tolist(),
-        "tokens_sha256": _tokens_sha256(batch),
+        "tokens_sha256": tokens_sha256(batch),
     }
 
 
-def _tokens_sha256(batch: ChatBatch) -> str:
+def tokens_sha256(batch: ChatBatch) -> str:
+    """The SHA-256 of a batch's token ids (a checkpoint's tie to its prompts)."""
     return hashlib.sha256(batch.input_ids.numpy().tobytes()).hexdigest()
-
-
-def _resume(checkpoint: Any, meta: dict[str, Any], values: Tensor) -> set[int]:
-    if checkpoint is None or not Path(checkpoint).is_file():
-        return set()
-    saved = load_checkpoint(checkpoint, redo="this sweep")
-    if saved["fingerprint"] != _fingerprint(meta):
-        raise UserError(
-            f"the checkpoint {checkpoint} belongs to another sweep (other model, prompts, site, "
-            "layers or metric); delete it or pass another checkpoint path"
-        )
-    values.copy_(saved["values"])
-    return set(saved["done"].tolist())
-
-
-def _save_checkpoint(checkpoint: Any, meta: dict[str, Any], values: Tensor, done: set[int]) -> None:
-    if checkpoint is None:
-        return
-    atomic_torch_save(
-        {"fingerprint": _fingerprint(meta), "values": values, "done": torch.tensor(sorted(done))},
-        checkpoint,
-    )
 
 
 # ---------------------------------------------------------------- reference
@@ -714,4 +661,16 @@ def exact_cells(
     return out
 
 
-__all__ = ["SweepResult", "reference_sweep", "sweep"]
+__all__ = [
+    "SweepResult",
+    "Variant",
+    "cell_labels",
+    "clean_variant",
+    "exact_cells",
+    "metric_values",
+    "reference_sweep",
+    "sweep",
+    "sweep_meta",
+    "sweep_result",
+    "tokens_sha256",
+]

@@ -7,7 +7,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from piggyback_interp.task_vectors.sources import _hf_module, _named_parameters
+from piggyback_interp.hf import unwrap
+from piggyback_interp.task_vectors.sources import named_parameters
 from piggyback_interp.task_vectors.vector import TaskVector
 
 # ================================================================ applying a vector
@@ -15,7 +16,7 @@ from piggyback_interp.task_vectors.vector import TaskVector
 
 def _target_parameters(model: torch.nn.Module, vector: TaskVector) -> dict[str, torch.nn.Parameter]:
     """The model's parameter for each name in ``vector``, checked (names, shapes, ties)."""
-    params = _named_parameters(model)
+    params = named_parameters(model)
     missing = [name for name in vector.deltas if name not in params]
     if missing:
         raise ValueError(
@@ -67,7 +68,7 @@ def _add(
 
 def _swap(model: torch.nn.Module, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
     """Make every module of ``model`` that holds ``old`` hold ``new`` (ties kept)."""
-    for module in _hf_module(model)[0].modules():
+    for module in unwrap(model)[0].modules():
         for key, value in module._parameters.items():
             if value is old:
                 module._parameters[key] = new
@@ -125,7 +126,7 @@ def scaled_task_vector(
         _add(model, params, vector, float(alpha))
         yield model
     finally:
-        current = _named_parameters(model)
+        current = named_parameters(model)
         with torch.no_grad():
             for name, param in params.items():
                 if name in originals:

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from piggyback_interp.task_vectors.names import _layer_or_non, module_name
+from piggyback_interp.task_vectors.names import layer_or_non, module_name
 from piggyback_interp.task_vectors.vector import TaskVector
 
 # ================================================================ cosine similarity
@@ -60,7 +60,7 @@ def _pair_rows(a: str, va: TaskVector, b: str, vb: TaskVector, by: str) -> list[
                 f"parameter {name!r} has shape {list(x.shape)} in {a!r} and {list(y.shape)} "
                 f"in {b!r}; compare task vectors of the same architecture"
             )
-        key = (_layer_or_non(name), module_name(name)) if by == "module" else (_layer_or_non(name),)
+        key = (layer_or_non(name), module_name(name)) if by == "module" else (layer_or_non(name),)
         acc = sums.setdefault(key, [0.0, 0.0, 0.0, 0])
         x, y = x.flatten(), y.flatten()
         acc[0] += float(torch.dot(x, y))

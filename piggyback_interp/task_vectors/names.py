@@ -15,11 +15,9 @@ FORMAT_VERSION = 1
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_WRAPPERS = re.compile(r"\._original_component|\.base_layer")
-_PEFT_PREFIX = "base_model.model."
-_LEAVES = ("weight", "bias")
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_UNSUPPORTED_ADAPTER = {
+LEAVES = ("weight", "bias")  # the last part of a parameter name
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # safetensors dtypes read
+UNSUPPORTED_ADAPTER = {  # adapter_config.json key -> what a task vector cannot read
     "use_dora": "DoRA adapters",
     "modules_to_save": "adapters that save whole modules (modules_to_save)",
     "trainable_token_indices": "adapters with trainable tokens",
@@ -52,18 +50,21 @@ def module_name(name: str) -> str:
     match = _LAYER.search(name)
     rest = name[match.end() :] if match else name
     head, _, leaf = rest.rpartition(".")
-    return head if head and leaf in _LEAVES else rest
+    return head if head and leaf in LEAVES else rest
 
 
-def _natural_key(name: str) -> tuple[Any, ...]:
+def natural_key(name: str) -> tuple[Any, ...]:
+    """A sort key that orders ``layers.2`` before ``layers.10``."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-def _selected(name: str, modules: Sequence[str] | None) -> bool:
+def selected(name: str, modules: Sequence[str] | None) -> bool:
+    """Whether parameter ``name`` is in one of ``modules`` (all when None)."""
     return modules is None or any(f".{m}." in f".{name}." for m in modules)
 
 
-def _as_modules(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
+def as_modules(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A ``modules`` argument as a tuple (None for all); an empty selection is an error."""
     if modules is None:
         return None
     modules = (modules,) if isinstance(modules, str) else tuple(modules)
@@ -72,6 +73,7 @@ def _as_modules(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return modules
 
 
-def _layer_or_non(name: str) -> int:
+def layer_or_non(name: str) -> int:
+    """:func:`layer_index`, or :data:`NON_LAYER` for parameters outside the blocks."""
     layer = layer_index(name)
     return NON_LAYER if layer is None else layer

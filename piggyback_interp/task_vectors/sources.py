@@ -19,21 +19,20 @@ from torch import Tensor
 
 from piggyback_interp.embedded import EMBEDDED_NAME, read_manifest
 from piggyback_interp.errors import UserError
+from piggyback_interp.hf import PEFT_PREFIX, plain_parameter_name, unwrap
 from piggyback_interp.task_vectors.names import (
-    _FLOAT_DTYPES,
-    _LEAVES,
-    _PEFT_PREFIX,
-    _UNSUPPORTED_ADAPTER,
-    _WRAPPERS,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    FLOAT_DTYPES,
+    LEAVES,
+    UNSUPPORTED_ADAPTER,
 )
 
 # ================================================================ weight sources
 
 
 @dataclass
-class _Weights:
+class Weights:
     """Named float tensors, read one at a time (float32, CPU)."""
 
     shapes: dict[str, tuple[int, ...]]
@@ -66,7 +65,7 @@ def _safe_keys(file: Path) -> list[str]:
         return list(handle.keys())
 
 
-def _directory_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights:
+def _directory_weights(directory: Path, stack: contextlib.ExitStack) -> Weights:
     from safetensors import safe_open
 
     handles: dict[Path, Any] = {}
@@ -76,7 +75,7 @@ def _directory_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights
         if file not in handles:
             handles[file] = stack.enter_context(safe_open(str(file), "pt"))
         piece = handles[file].get_slice(name)
-        if piece.get_dtype() in _FLOAT_DTYPES:
+        if piece.get_dtype() in FLOAT_DTYPES:
             shapes[name] = tuple(piece.get_shape())
             where[name] = handles[file]
 
@@ -89,30 +88,17 @@ def _directory_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights
     if manifest.get("weights_sha256"):
         info["sha256"] = manifest["weights_sha256"]
         info["display_name"] = manifest.get("display_name")
-    return _Weights(shapes, read, info)
-
-
-def _hf_module(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The HF module of a bridge / peft model / HF model, and the name prefix to strip."""
-    inner = getattr(model, "original_model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner, ""
-    with contextlib.suppress(ImportError):
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            return model, _PEFT_PREFIX
-    return model, ""
+    return Weights(shapes, read, info)
 
 
 def _clean(name: str, prefix: str) -> str:
-    name = _WRAPPERS.sub("", name)
+    name = plain_parameter_name(name)
     return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
-def _named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """HF name -> parameter (LoRA weights left out; aliases and tied names kept)."""
-    module, prefix = _hf_module(model)
+    module, prefix = unwrap(model)
     params: dict[str, torch.nn.Parameter] = {}
     for raw, param in module.named_parameters(remove_duplicate=False):
         if ".lora_" in raw:
@@ -126,13 +112,13 @@ def _named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def _lora_deltas(model: torch.nn.Module, names: Mapping[int, str]) -> dict[str, list[Any]]:
+def lora_deltas(model: torch.nn.Module, names: Mapping[int, str]) -> dict[str, list[Any]]:
     """HF name -> [(delta_fn, merged)] for every active LoRA adapter in ``model``."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return {}
-    module, _ = _hf_module(model)
+    module, _ = unwrap(model)
     found: dict[str, list[Any]] = {}
     for layer in module.modules():
         if not isinstance(layer, LoraLayer) or layer.disable_adapters:
@@ -173,24 +159,24 @@ def _module_info(model: torch.nn.Module) -> dict[str, Any]:
     if record is not None:
         info.update(name=record.name, display_name=record.display_name, path=record.path)
         info.update(adapter_path=record.adapter_path, adapter_merged=record.adapter_merged)
-        known = record._sha256 or record.__dict__.get("sha256")  # never hash here
+        known = record.known_sha256  # never hash here
         if known:
             info["sha256"] = known
     else:
-        config = getattr(_hf_module(model)[0], "config", None)
+        config = getattr(unwrap(model)[0], "config", None)
         info["name"] = getattr(config, "_name_or_path", None) or None
     return info
 
 
-def _module_weights(model: torch.nn.Module, *, lora_only: bool) -> _Weights:
+def _module_weights(model: torch.nn.Module, *, lora_only: bool) -> Weights:
     """Weights of a loaded model as its forward uses them (active unmerged LoRA added);
     with ``lora_only``, only the LoRA deltas."""
-    params = {n: p for n, p in _named_parameters(model).items() if p.is_floating_point()}
+    params = {n: p for n, p in named_parameters(model).items() if p.is_floating_point()}
     first: dict[int, str] = {}
     for name, param in params.items():
         first.setdefault(id(param), name)
     params = {name: p for name, p in params.items() if first[id(p)] == name}  # no tied aliases
-    lora = _lora_deltas(model, first)
+    lora = lora_deltas(model, first)
     info = _module_info(model)
     if lora_only:
         if not lora:
@@ -203,7 +189,7 @@ def _module_weights(model: torch.nn.Module, *, lora_only: bool) -> _Weights:
             return sum(fn() for fn, _ in lora[name])  # type: ignore[return-value]
 
         shapes = {name: tuple(params[name].shape) for name in lora}
-        return _Weights(shapes, read_delta, {**info, "kind": "lora-model"}, is_delta=True)
+        return Weights(shapes, read_delta, {**info, "kind": "lora-model"}, is_delta=True)
 
     def read(name: str) -> Tensor:
         value = params[name].detach().to("cpu", torch.float32)
@@ -212,7 +198,7 @@ def _module_weights(model: torch.nn.Module, *, lora_only: bool) -> _Weights:
                 value = value + fn()
         return value
 
-    return _Weights({name: tuple(p.shape) for name, p in params.items()}, read, info)
+    return Weights({name: tuple(p.shape) for name, p in params.items()}, read, info)
 
 
 # ---------------------------------------------------------------- LoRA adapter directories
@@ -233,7 +219,7 @@ def _adapter_config(directory: Path) -> dict[str, Any]:
             f"{directory} is a {config.get('peft_type')} adapter; task vectors read LoRA "
             "adapters only: merge it (load_model(dir)) and pass the merged model"
         )
-    for key, what in _UNSUPPORTED_ADAPTER.items():
+    for key, what in UNSUPPORTED_ADAPTER.items():
         if config.get(key):
             raise UserError(
                 f"{directory}: {what} are not B @ A; merge the adapter "
@@ -249,10 +235,10 @@ def _adapter_config(directory: Path) -> dict[str, Any]:
 
 def _split_lora_key(key: str) -> tuple[str, str, str | None]:
     """peft key -> (module, kind, leaf): ``base_model.model.M.lora_A.weight`` -> (M, lora_A, weight)."""
-    name = key.removeprefix(_PEFT_PREFIX)
+    name = key.removeprefix(PEFT_PREFIX)
     module, sep, rest = name.partition(".lora_")
     parts = rest.split(".")
-    kind, leaf = f"lora_{parts[0]}", parts[-1] if parts[-1] in _LEAVES else None
+    kind, leaf = f"lora_{parts[0]}", parts[-1] if parts[-1] in LEAVES else None
     if not sep or kind not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
         raise UserError(
             f"unsupported tensor {key!r} in the adapter: only LoRA A/B weights can be read "
@@ -267,7 +253,7 @@ def _lora_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _adapter_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights:
+def _adapter_weights(directory: Path, stack: contextlib.ExitStack) -> Weights:
     """The deltas of a peft LoRA adapter directory, computed per module without merging."""
     from safetensors import safe_open
 
@@ -314,11 +300,13 @@ def _adapter_weights(directory: Path, stack: contextlib.ExitStack) -> _Weights:
         **{k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "fan_in_fan_out")},
         "target_modules": config.get("target_modules"),
     }
-    return _Weights(shapes, read, info, is_delta=True)
+    return Weights(shapes, read, info, is_delta=True)
 
 
-def _open(source: Any, stack: contextlib.ExitStack, *, role: str, lora_only: bool) -> _Weights:
-    """Any accepted input as a :class:`_Weights`."""
+def open_weights(
+    source: Any, stack: contextlib.ExitStack, *, role: str, lora_only: bool
+) -> Weights:
+    """Any accepted input (directory, adapter directory, loaded model) as :class:`Weights`."""
     if isinstance(source, torch.nn.Module):
         return _module_weights(source, lora_only=lora_only)
     if not isinstance(source, (str, os.PathLike)):

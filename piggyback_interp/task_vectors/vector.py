@@ -20,14 +20,14 @@ from piggyback_interp.task_vectors.names import (
     FORMAT_VERSION,
     VECTOR_RECORD,
     VECTOR_WEIGHTS,
-    _as_modules,
-    _layer_or_non,
-    _natural_key,
-    _selected,
+    as_modules,
     layer_index,
+    layer_or_non,
     module_name,
+    natural_key,
+    selected,
 )
-from piggyback_interp.task_vectors.sources import _open, _Weights
+from piggyback_interp.task_vectors.sources import Weights, open_weights
 
 
 @dataclass
@@ -85,7 +85,7 @@ class TaskVector:
             base = self.base_norms.get(name, math.nan)
             rows.append(
                 {
-                    "layer": _layer_or_non(name),
+                    "layer": layer_or_non(name),
                     "module": module_name(name),
                     "param": name,
                     "norm": norm,
@@ -166,7 +166,7 @@ class TaskVector:
 # ================================================================ task_vector
 
 
-def _check_names(base: _Weights, finetuned: _Weights, names: list[str], *, strict: bool) -> None:
+def _check_names(base: Weights, finetuned: Weights, names: list[str], *, strict: bool) -> None:
     missing = [n for n in names if n not in base.shapes]
     extra = [] if finetuned.is_delta else [n for n in base.shapes if n not in finetuned.shapes]
     if strict and (missing or extra):
@@ -222,16 +222,16 @@ def task_vector(
         >>> sorted(vector.deltas)
         ['model.layers.0.self_attn.q_proj.weight', 'model.layers.1.self_attn.q_proj.weight']
     """
-    selection = _as_modules(modules)
+    selection = as_modules(modules)
     with contextlib.ExitStack() as stack:
-        tuned = _open(finetuned, stack, role="finetuned", lora_only=base is None)
-        ref = None if base is None else _open(base, stack, role="base", lora_only=False)
+        tuned = open_weights(finetuned, stack, role="finetuned", lora_only=base is None)
+        ref = None if base is None else open_weights(base, stack, role="base", lora_only=False)
         if ref is not None and ref.is_delta:
             raise ValueError(
                 "base is a LoRA adapter; pass the full base model as `base` and the adapter "
                 "as `finetuned`"
             )
-        names = sorted((n for n in tuned.shapes if _selected(n, selection)), key=_natural_key)
+        names = sorted((n for n in tuned.shapes if selected(n, selection)), key=natural_key)
         if not names:
             raise ValueError(
                 f"modules={list(selection or [])} matches none of the {len(tuned.shapes)} "
@@ -255,7 +255,7 @@ def task_vector(
 
 
 def _deltas(
-    ref: _Weights | None, tuned: _Weights, names: list[str]
+    ref: Weights | None, tuned: Weights, names: list[str]
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     deltas: dict[str, Tensor] = {}
     base_norms: dict[str, float] = {}
@@ -268,7 +268,7 @@ def _deltas(
     return deltas, base_norms
 
 
-def _one_delta(ref: _Weights | None, tuned: _Weights, name: str) -> tuple[Tensor, float | None]:
+def _one_delta(ref: Weights | None, tuned: Weights, name: str) -> tuple[Tensor, float | None]:
     """One parameter's delta and its base norm: one tensor of each side in memory."""
     value = tuned.read(name)
     if ref is None:

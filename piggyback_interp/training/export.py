@@ -22,26 +22,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from piggyback_interp.hf import PEFT_PREFIX, hf_model, plain_parameter_name
 from piggyback_interp.io import atomic_files
 from piggyback_interp.models import chat_tokenizer
-
-_WRAPPERS = re.compile(r"\._original_component|\.base_layer")
-
-
-def _clean(name: str) -> str:
-    return _WRAPPERS.sub("", name)
 
 
 def _lora_layers(model: Any) -> list[Any]:
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in model.original_model.modules() if isinstance(m, LoraLayer)]
+    return [m for m in hf_model(model).modules() if isinstance(m, LoraLayer)]
 
 
 def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -53,18 +47,18 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """
     from transformers import AutoModelForCausalLM
 
-    from piggyback_interp.task_vectors.sources import _lora_deltas
+    from piggyback_interp.task_vectors.sources import lora_deltas
 
-    hf = model.original_model
+    hf = hf_model(model)
     expected = AutoModelForCausalLM.from_config(hf.config).state_dict().keys()
     params = dict(hf.named_parameters(remove_duplicate=False))
     names = {id(p): n for n, p in reversed(params.items())}  # the first name of each tensor
-    deltas = {id(params[n]): fns for n, fns in _lora_deltas(model, names).items()}
+    deltas = {id(params[n]): fns for n, fns in lora_deltas(model, names).items()}
     found: dict[str, torch.Tensor] = {}
     for name, value in hf.state_dict().items():
         if "lora_" in name:
             continue
-        key = _clean(name)
+        key = plain_parameter_name(name)
         if key in expected and key not in found:
             value = value.detach().clone()
             for delta, merged in deltas.get(id(params.get(name)), []):
@@ -92,7 +86,7 @@ def save_finetuned(
     with atomic_files(out) as staging:  # every file whole, or none; errno kept (disk full)
         if merged:
             state = merged_state_dict(model)
-            fresh = AutoModelForCausalLM.from_config(model.original_model.config)
+            fresh = AutoModelForCausalLM.from_config(hf_model(model).config)
             fresh.load_state_dict(state, strict=True)
             fresh.save_pretrained(staging, safe_serialization=True)
         else:
@@ -112,17 +106,15 @@ def _save_adapter(model: Any, out: Path, base: str | None) -> None:
     with torch.device("meta"):
         modules = {
             name
-            for name, _ in AutoModelForCausalLM.from_config(
-                model.original_model.config
-            ).named_modules()
+            for name, _ in AutoModelForCausalLM.from_config(hf_model(model).config).named_modules()
         }
     weights = {}
-    for name, value in model.original_model.state_dict().items():
+    for name, value in hf_model(model).state_dict().items():
         if "lora_" not in name:
             continue
-        key = _clean(name).replace(".default", "")
+        key = plain_parameter_name(name).replace(".default", "")
         if key.split(".lora_")[0] in modules:  # aliases of a module appear under other paths too
-            weights[f"base_model.model.{key}"] = value.detach().clone().contiguous()
+            weights[f"{PEFT_PREFIX}{key}"] = value.detach().clone().contiguous()
     targets = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights}
     layer = lora[0]
     info = getattr(model, "piggyback_info", None)

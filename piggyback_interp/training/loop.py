@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from piggyback_interp import distributed
 from piggyback_interp.checks import at_least, non_negative, positive
 from piggyback_interp.errors import InputTooLongError, UserError
+from piggyback_interp.hf import hf_model
 from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
 from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.provenance import versions
@@ -63,34 +64,59 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything that defines a finetuning run (recorded with its results)."""
+    """Everything that defines a finetuning run (recorded with its results).
+
+    Each field's docstring is also its ``piggyback finetune --help`` text.
+    """
 
     method: str = "sft"
-    lora_rank: int | None = 8  # None: full finetuning
-    lora_alpha: int | None = None  # default 2 x rank
+    """sft; treft (SFT + lambda x template K/V drift); interleave (mix in retain examples);
+    kl_train / kl_retain (SFT + KL to the initial model on training / retain batches)"""
+    lora_rank: int | None = 8
+    """LoRA rank (none: full finetuning of every weight)"""
+    lora_alpha: int | None = None
+    """LoRA alpha (none: 2 x rank)"""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """the linear layers LoRA adapts"""
     lr: float = 2e-4
+    """AdamW learning rate"""
     epochs: int = 2
+    """passes over the training set"""
     batch_size: int = 8
-    grad_accum: int = 1  # effective batch = batch_size x grad_accum
+    """examples per forward"""
+    grad_accum: int = 1
+    """batches per optimizer step (effective batch = batch_size x grad_accum)"""
     seed: int = 0
+    """seed of the data order, LoRA's initialisation and interleaving"""
     system_prompt: str | None = "default"
+    """system prompt the examples are rendered with (default: the template's own)"""
     treft_lambda: float = 30.0
-    treft_layers: tuple[int, ...] | None = None  # None: every layer
-    treft_region: str | tuple[int, ...] = (
-        "prefix"  # "postfix", "template" (both), "query", "all", or positions
-    )
-    postfix_reference: str = "empty"  # postfix region: "empty" query prompt, or the first "example"
-    retain_ratio: float = 0.2  # interleave: the retain set's share of the training mixture
-    kl_lambda: float = 50.0  # kl_train / kl_retain: weight of KL(initial || model)
-    kv_variant: str = "true"  # "pseudo": the released code's un-normed projections
-    max_length: int | None = None  # cut examples to this many tokens (never their response)
-    skip_long: bool = False  # skip examples longer than the context / max_length, don't raise
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at the end only)
-    mixed_precision: str = (
-        "no"  # "bf16": autocast the forward to bfloat16 (GPU); weights stay as loaded
-    )
-    export: str = "merged"  # with out_dir: "merged" (out_dir/model), "adapter" (out_dir/adapter), "both", "none"
+    """TReFT: weight of the K/V drift loss"""
+    treft_layers: tuple[int, ...] | None = None
+    """TReFT: layers whose keys/values are held (none: every layer)"""
+    treft_region: str | tuple[int, ...] = "prefix"
+    """TReFT: the positions held: prefix, postfix, template (both), query, all, or positions"""
+    postfix_reference: str = "empty"
+    """TReFT postfix region's reference: empty (the empty-query prompt) or example (the
+    first training example's postfix, for every row)"""
+    retain_ratio: float = 0.2
+    """interleave: the retain set's share of the training mixture"""
+    kl_lambda: float = 50.0
+    """kl_train / kl_retain: weight of KL(initial || model)"""
+    kv_variant: str = "true"
+    """TReFT keys/values: true (after the input norm) or pseudo (the released code's
+    un-normed projections)"""
+    max_length: int | None = None
+    """cut examples to this many tokens, never into their response (none: the context)"""
+    skip_long: bool = False
+    """skip examples longer than the context / max_length instead of raising"""
+    checkpoint_every: int = 0
+    """optimizer steps between checkpoints (0: at the end only)"""
+    mixed_precision: str = "no"
+    """bf16: autocast the forward to bfloat16 (GPU; weights stay as loaded); no: off"""
+    export: str = "merged"
+    """what is written to out_dir: merged (out_dir/model), adapter (out_dir/adapter), both,
+    or none"""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -132,9 +158,9 @@ class FinetuneResult:
 
 def _trainable(model: Any, config: FinetuneConfig) -> tuple[Any, list[torch.nn.Parameter]]:
     if config.lora_rank is None:
-        for p in model.original_model.parameters():
+        for p in hf_model(model).parameters():
             p.requires_grad_(True)
-        return None, list(model.original_model.parameters())
+        return None, list(hf_model(model).parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(
             config.seed
@@ -385,7 +411,7 @@ def finetune(
     peft_model, params = _trainable(model, config)
     sharded = bool(fsdp and shard_model(model))
     if sharded:  # the parameters are shards now
-        params = [p for p in model.original_model.parameters() if p.requires_grad]
+        params = [p for p in hf_model(model).parameters() if p.requires_grad]
     reg = KVRegulariser(model, reference)
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     history: list[dict[str, Any]] = []
@@ -483,7 +509,7 @@ def finetune(
         "versions": versions(),
     }
     if out_dir is not None and config.export != "none":
-        with gathered(model.original_model):  # sharded: whole weights on rank 0
+        with gathered(hf_model(model)):  # sharded: whole weights on rank 0
             if distributed.is_main():
                 _export(model, Path(out_dir), config)
     if out_dir is not None and distributed.is_main():
@@ -576,13 +602,13 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """The trainable weights, whole (a collective when sharded)."""
     return {
         n: full(p.detach()).clone()
-        for n, p in model.original_model.named_parameters()
+        for n, p in hf_model(model).named_parameters()
         if p.requires_grad
     }
 
 
 def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.original_model.named_parameters())
+    params = dict(hf_model(model).named_parameters())
     missing = set(state) - set(params)
     if missing:
         raise ValueError(f"the checkpoint has weights this model lacks, e.g. {sorted(missing)[:2]}")

@@ -18,13 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from piggyback_interp.hf import BRIDGE_WRAPPER, hf_model
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def lora_target_regex(target_modules: Sequence[str]) -> str:
     """The peft ``target_modules`` regex that reaches the HF layers inside bridge wrappers."""
     names = "|".join(sorted(set(target_modules)))
-    return rf".*\.({names})\._original_component$"
+    return rf".*\.({names})\.{BRIDGE_WRAPPER}$"
 
 
 def apply_lora(
@@ -48,7 +50,7 @@ def apply_lora(
         target_modules=lora_target_regex(target_modules),
         init_lora_weights=init_lora_weights,
     )
-    return get_peft_model(model.original_model, config)
+    return get_peft_model(hf_model(model), config)
 
 
 __all__ = ["DEFAULT_TARGETS", "apply_lora", "lora_target_regex"]

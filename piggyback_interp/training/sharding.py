@@ -34,6 +34,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from piggyback_interp import distributed
+from piggyback_interp.hf import hf_model
 
 
 def shard_model(model: Any) -> list[Any]:
@@ -52,7 +53,7 @@ def shard_model(model: Any) -> list[Any]:
 
     device = torch.device(model.cfg.device)
     mesh = init_device_mesh(device.type, (distributed.world()[1],))
-    units = [*model.blocks, model.original_model]  # blocks first: the root takes the rest
+    units = [*model.blocks, hf_model(model)]  # blocks first: the root takes the rest
     for unit in units:
         fully_shard(unit, mesh=mesh)
         # a sum over processes, like sum_gradients; a plain SUM op (gloo lacks PREMUL_SUM)

@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from piggyback_interp.hf import self_attention
 from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers, resolve_site
 
 Variant = Literal["true", "pseudo"]
@@ -54,7 +55,7 @@ def _position_first(act: Tensor, site: HookSite) -> Tensor:
 
 def _pseudo_kv(model: Any, layer: int, resid: Tensor) -> dict[str, Tensor]:
     """The released code's pseudo-K/V: projections of the UN-normed residual stream."""
-    attn = model.original_model.model.layers[layer].self_attn
+    attn = self_attention(model, layer)
     b, p, _ = resid.shape
     return {
         "k": attn.k_proj(resid).view(b, p, -1),
