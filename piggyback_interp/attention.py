@@ -43,9 +43,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from piggyback_interp.hooks import pattern_site, resolve_layers
+from piggyback_interp.io import atomic_write_text
 from piggyback_interp.models import ModelPair, chat_tokenizer, model_info
 from piggyback_interp.patching.activations import forward
-from piggyback_interp.provenance import atomic_write_text
 from piggyback_interp.spans import ChatBatch, ChatSpans, Messages, batch_spans, chat_spans
 
 FROM_SEGMENTS: tuple[str, ...] = ("query", "postfix", "response")

@@ -38,8 +38,7 @@ from piggyback_interp.pipeline import (
     scan_step,
     task_vector_step,
 )
-from piggyback_interp.provenance import machine, versions
-from piggyback_interp.runs import RunDir, write_json
+from piggyback_interp.runs import RunDir
 from piggyback_interp.scan import ScanConfig
 
 METHODS = ("sft", "treft", "interleave")
@@ -199,21 +198,7 @@ def run_demo(
     )
     task_vector_step(run, "task_vectors", config.model, tuned)
 
-    write_json(
-        run.path / "run.json",
-        {
-            "command": "demo",
-            "config": dataclasses.asdict(config),
-            "base": model_id(base),
-            "steps": run.timings,
-            "wall_seconds": round(time.perf_counter() - start, 1),
-            "compute_seconds": round(sum(t["seconds"] or 0 for t in run.timings.values()), 1),
-            "started": started,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "versions": versions(),
-            "machine": machine(),
-        },
-    )
+    run.write_record("demo", start, started, config=dataclasses.asdict(config), base=model_id(base))
     return build_report(run.path)
 
 

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 
 from piggyback_interp.errors import ModelError
-from piggyback_interp.provenance import atomic_write_text
+from piggyback_interp.io import atomic_write_text
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (Q4_1, dequantized)"

@@ -36,8 +36,9 @@ import torch
 
 from piggyback_interp.display import Summarized
 from piggyback_interp.errors import UserError
+from piggyback_interp.io import atomic_write_parquet, atomic_write_text
 from piggyback_interp.models import chat_tokenizer, model_info
-from piggyback_interp.provenance import atomic_write_parquet, atomic_write_text, versions
+from piggyback_interp.provenance import versions
 from piggyback_interp.settings import NarrowSetting, SettingData, get_setting, setting_data
 
 SPLITS = ("on_topic", "off_topic")

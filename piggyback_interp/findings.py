@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from piggyback_interp.errors import UserError
-from piggyback_interp.report import Section
+from piggyback_interp.report import Section, duration
 from piggyback_interp.scan import GapMetric, ScanResult, percent
 
 GAP_WORDS = {
@@ -335,20 +335,13 @@ def task_vector_section(frames: Mapping[str, Any]) -> Section:
 # --- whole reports -------------------------------------------------------------------------
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-
-
 def _timing_note(record: Mapping[str, Any]) -> str:
     steps = record.get("steps", {})
     cached = sum(1 for t in steps.values() if t.get("cached"))
     return (
-        f"This run took {_duration(record.get('wall_seconds'))} of wall time "
+        f"This run took {duration(record.get('wall_seconds'))} of wall time "
         f"({cached} of {len(steps)} steps were cached from an earlier run); computing every "
-        f"step from scratch took {_duration(record.get('compute_seconds'))}."
+        f"step from scratch took {duration(record.get('compute_seconds'))}."
     )
 
 

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,26 +36,27 @@ from torch import Tensor
 
 from piggyback_interp.errors import InputTooLongError, UserError
 from piggyback_interp.hf import eos_token_ids, forward_with_cache, repeat_cache
-from piggyback_interp.hooks import KV_SITES, resolve_layers
+from piggyback_interp.hooks import KV_SITES
 from piggyback_interp.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.patching.activations import (
     Activations,
     Positions,
-    SiteValues,
-    gather,
+    keep_hooks,
     segment_positions,
     site_layers,
 )
 from piggyback_interp.patching.patch import (
     check_tokens,
+    isolated,
     patch_activations,
     patch_prefix,
-    source_activations,
 )
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.spans import (
     ChatBatch,
     ChatSpans,
     batch_spans,
+    prefix_only,
     render_prompts,
     require_segment,
 )
@@ -89,13 +91,10 @@ class PatchSpec:
     isolate: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, str) or not (
-            isinstance(self.source, Activations) or hasattr(self.source, "hooks")
-        ):
-            raise TypeError(
-                f"PatchSpec.source must be a loaded model or Activations, got "
-                f"{type(self.source).__name__}; load it first (load_model(...))"
-            )
+        try:
+            as_source(self.source)
+        except TypeError as err:
+            raise TypeError(f"PatchSpec.source: {err}") from None
         if isinstance(self.segment, str):
             if self.segment not in PATCH_SEGMENTS:
                 raise ValueError(
@@ -109,16 +108,17 @@ class PatchSpec:
 
     def describe(self) -> dict[str, Any]:
         """The patch as plain data (for ``Generations.config`` and result tables)."""
-        if isinstance(self.source, Activations):
-            source = f"Activations({self.source.source})"
+        source = as_source(self.source)
+        if source.model is None:  # fixed Activations: their own sites and layers
+            label = f"Activations({self.source.source})"
             site: Any = list(self.source.sites)
             layers: Any = list(self.source.layers)
         else:
-            source = model_info(self.source).name
+            label = source.label
             site = self.site if isinstance(self.site, str) else list(self.site)
             layers = self.layers if isinstance(self.layers, int | None) else list(self.layers)
         return {
-            "source": source,
+            "source": label,
             "site": site,
             "layers": [layers] if isinstance(layers, int) else layers,
             "segment": self.segment if isinstance(self.segment, str) else list(self.segment),
@@ -337,19 +337,6 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad or 0)
 
 
-def _prefix_only(spans: ChatSpans) -> ChatSpans:
-    p = spans.prefix.stop
-    return ChatSpans(
-        input_ids=spans.input_ids[:p],
-        prefix=range(p),
-        query=range(p, p),
-        postfix=range(p, p),
-        response=None,
-        text="",
-        query_chars=(0, 0),
-    )
-
-
 def _select_rows(acts: Activations, rows: Sequence[int], n_prompts: int) -> Activations:
     """Activations with one row per prompt (``n_prompts`` rows) cut to ``rows``; shared ones as is."""
     n = acts.token_ids.shape[0]
@@ -373,15 +360,6 @@ def _check_width(acts: Activations, positions: Positions, segment: str | Sequenc
             f"{what} has {positions.shape[-1]}; take them from prompts with the same template "
             "tokens there (e.g. the same system prompt)"
         )
-
-
-def _with_rows(acts: Activations, rows: int) -> Activations:
-    """Shared (one-row) activations repeated to ``rows`` rows; others as they are."""
-    if acts.token_ids.shape[0] == rows:
-        return acts
-    values = {name: v.expand(rows, *v.shape[1:]) for name, v in acts.values.items()}
-    token_ids = acts.token_ids.expand(rows, -1)
-    return Activations(values, token_ids, acts.sites, acts.layers, acts.source, acts.meta)
 
 
 def _in_prefix(spec: PatchSpec, n_prefix: int) -> bool:
@@ -429,7 +407,7 @@ class _PrefixGroup:
         """The prefix's KV cache (one row), computed once, under the prefix patches."""
         if self.n_prefix == 0:
             return None
-        spans = _prefix_only(self.rows[self.members[0]])
+        spans = prefix_only(self.rows[self.members[0]])
         batch = batch_spans(chat_tokenizer(self.model), [spans])
         # every model source runs unpatched, before any patch is installed
         sources = [self._prefix_source(spec, batch) for spec in self.prefix_specs]
@@ -451,12 +429,12 @@ class _PrefixGroup:
         return cache
 
     def _prefix_source(self, spec: PatchSpec, batch: ChatBatch) -> Activations:
-        if isinstance(spec.source, Activations):
-            _check_width(spec.source, segment_positions(batch, spec.segment), spec.segment)
-            return _select_rows(spec.source, self.members[:1], self.n_prompts)
-        return source_activations(
-            spec.source, batch, spec.segment, site=spec.site, layers=spec.layers
-        )
+        source = as_source(spec)
+        if source.model is None:  # fixed values: their own sites and layers, row by row
+            acts = source.activations(self.model, batch, spec.segment)
+            _check_width(acts, segment_positions(batch, spec.segment), spec.segment)
+            return _select_rows(acts, self.members[:1], self.n_prompts)
+        return _model_values(self.model, spec, batch)
 
     # ---- batches
 
@@ -507,62 +485,50 @@ class _PrefixGroup:
         acts = self._later_source(spec, batch, rows)
         _check_width(acts, positions, spec.segment)
         check_tokens(acts, batch, positions)
-        positions = positions - self.n_prefix
-        kv = [s for s in acts.sites if s in KV_SITES]
-        others = sorted(set(resolve_layers(self.model, None)) - set(acts.layers))
-        if spec.isolate and kv and others:
-            if spec.heads is not None:
-                raise ValueError(
-                    "isolate=True with heads is not supported; pass isolate=False for "
-                    "per-head K/V patches"
-                )
-            with _patched(self.model, earlier):
-                clean = self._capture_suffix(batch, positions, kv, others)
-            acts = _with_rows(acts, len(batch))  # shared values -> one row per prompt
-            acts = Activations(
-                {**clean, **acts.values},
-                acts.token_ids,
-                acts.sites,
-                tuple(sorted({*acts.layers, *others})),
-                acts.source,
-                acts.meta,
-            )
-        return _Prepared(acts, positions, spec.heads)
+        heads = spec.heads
+        if spec.isolate and any(s in KV_SITES for s in acts.sites):
+            # the target's own keys/values there, under the earlier patches, read
+            # over the prefix cache (as nested patch_prefix blocks would take them)
+            def clean() -> Activations:
+                with _patched(self.model, earlier):
+                    return self._capture_suffix(batch, positions)
+
+            acts = isolated(self.model, acts, batch, spec.segment, heads=heads, clean=clean)
+            heads = None
+        return _Prepared(acts, positions - self.n_prefix, heads)
 
     def _later_source(self, spec: PatchSpec, batch: ChatBatch, rows: list[int]) -> Activations:
-        if isinstance(spec.source, Activations):
-            return _select_rows(spec.source, rows, self.n_prompts)
+        source = as_source(spec)
+        if source.model is None:  # fixed values, row by row
+            acts = source.activations(self.model, batch, spec.segment)
+            return _select_rows(acts, rows, self.n_prompts)
+        take = functools.partial(_model_values, self.model, spec, batch)
         if spec.segment != "postfix":
-            return source_activations(
-                spec.source, batch, spec.segment, site=spec.site, layers=spec.layers
-            )
+            return take()
         # the postfix reference (empty-query prompt) is the same for every batch
         reference = batch.input_ids[0, list(batch.spans[0].postfix)].tolist()
         key = (id(spec), tuple(reference))
         if key not in self._postfix_memo:
-            self._postfix_memo[key] = source_activations(
-                spec.source, batch, "postfix", site=spec.site, layers=spec.layers
-            )
+            self._postfix_memo[key] = take()
         return self._postfix_memo[key]
 
-    def _capture_suffix(
-        self, batch: ChatBatch, positions: Positions, sites: list[str], layers: list[int]
-    ) -> dict[str, SiteValues]:
-        """The model's own ``sites`` at ``positions`` (suffix-relative) in ``layers``."""
-        values: dict[str, SiteValues] = {}
-
-        def keep(hook_site: Any, name: str) -> Callable[..., Tensor]:
-            def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Float[Tensor, "batch ..."]:
-                values[name] = gather(act, hook_site, positions).detach()
-                return act
-
-            return hook
-
-        pairs = site_layers(self.model, sites, layers)
-        fwd_hooks = [(hs.name(layer), keep(hs, hs.name(layer))) for hs, layer in pairs]
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+    def _capture_suffix(self, batch: ChatBatch, positions: Tensor) -> Activations:
+        """The model's own keys and values at ``positions`` (after the prefix) in every
+        layer, read over the prefix cache."""
+        values: dict[str, Tensor] = {}
+        pairs = site_layers(self.model, KV_SITES, None)
+        with self.model.hooks(fwd_hooks=keep_hooks(pairs, positions - self.n_prefix, values)):
             self._suffix_forward(batch)
-        return values
+        rows = torch.arange(len(batch))[:, None]
+        layers = tuple(range(self.model.cfg.n_layers))
+        return Activations(values, batch.input_ids[rows, positions], KV_SITES, layers)
+
+
+def _model_values(model: Any, spec: PatchSpec, batch: ChatBatch) -> Activations:
+    """A model source's values for ``spec`` on ``batch`` (the postfix: the reference)."""
+    return as_source(spec).activations(
+        model, batch, spec.segment, site=spec.site, layers=spec.layers, postfix_reference=True
+    )
 
 
 @contextlib.contextmanager

@@ -320,7 +320,7 @@ def task_vector_step(
     """
     import pandas as pd
 
-    from piggyback_interp.provenance import atomic_write_parquet
+    from piggyback_interp.io import atomic_write_parquet
     from piggyback_interp.task_vectors import cosine_similarity, task_vector
 
     def compute(folder: Path) -> None:
@@ -356,7 +356,7 @@ def graded_step(
     on ``prompts`` (:mod:`piggyback_interp.experiments.carriers`), cached."""
 
     from piggyback_interp.experiments.carriers import carrier_values, graded_measures
-    from piggyback_interp.provenance import atomic_write_parquet
+    from piggyback_interp.io import atomic_write_parquet
 
     def compute(folder: Path) -> None:
         atomic_write_parquet(

@@ -49,7 +49,7 @@ import plotly.graph_objects as go
 
 from piggyback_interp.display import format_value
 from piggyback_interp.figures.export import plotlyjs_path
-from piggyback_interp.provenance import atomic_write_text
+from piggyback_interp.io import atomic_write_text
 
 # keys of ``provenance`` shown in the header (the first one present wins)
 _WHEN_KEYS = ("created", "finished", "started", "date", "timestamp", "when")
@@ -182,7 +182,16 @@ def markdown_html(text: str) -> str:
     return "\n".join(f"<p>{_inline(p)}</p>" for p in paragraphs)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float | int | None) -> str:
+    """A wall time for a reader: ``"4.2 s"``, ``"37 s"``, ``"12 min 3 s"``, ``"2 h 5 min"``
+    (``"unknown"`` for None).
+
+    Example:
+        >>> duration(4.23), duration(723), duration(7500), duration(None)
+        ('4.2 s', '12 min 3 s', '2 h 5 min', 'unknown')
+    """
+    if seconds is None:
+        return "unknown"
     if seconds < 60:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     total = round(seconds)
@@ -245,7 +254,7 @@ def _header(report: Report) -> str:
     machine = _machine_name(prov.get("machine"))
     if report.wall_seconds is not None:
         where = f" on {_esc(machine)}" if machine else ""
-        meta.append(f"Produced in <strong>{_duration(float(report.wall_seconds))}</strong>{where}")
+        meta.append(f"Produced in <strong>{duration(float(report.wall_seconds))}</strong>{where}")
     elif machine:
         meta.append(f"Run on {_esc(machine)}")
     when = next((prov[k] for k in _WHEN_KEYS if prov.get(k)), None)
@@ -534,4 +543,4 @@ footer { color: var(--muted); font-size: 13px; border-top: 1px solid var(--line)
 @media print { html { background: #fff; } .page { border: 0; margin: 0; max-width: none; } }
 """
 
-__all__ = ["Report", "Section", "figure_has_data", "markdown_html"]
+__all__ = ["Report", "Section", "duration", "figure_has_data", "markdown_html"]

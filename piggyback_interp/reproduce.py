@@ -39,12 +39,9 @@ from piggyback_interp.evaluation import (
     markdown_table,
     summarize,
 )
-from piggyback_interp.provenance import (
-    atomic_write_parquet,
-    atomic_write_text,
-    machine,
-    versions,
-)
+from piggyback_interp.io import atomic_write_parquet, atomic_write_text, write_json
+from piggyback_interp.provenance import machine, versions
+from piggyback_interp.runs import read_json
 from piggyback_interp.settings import (
     SettingData,
     get_setting,
@@ -195,11 +192,11 @@ def _key(setting: str, method: str, seed: int | None) -> str:
 def _timings(out: Path, cells: list[tuple[str, str, int | None]]) -> dict[str, float]:
     """Seconds per cell, from each cell's metadata: its evaluation plus the finetuning
     of its model when it was the first cell to need that model."""
-    legacy = _read_json(out / "timings.json", {})  # written by earlier versions
+    legacy = read_json(out / "timings.json", {})  # written by earlier versions
     timings = {}
     for cell in cells:
         key = _key(*cell)
-        meta = _read_json(out / "cells" / f"{key}.parquet.json", {}).get("meta", {})
+        meta = read_json(out / "cells" / f"{key}.parquet.json", {}).get("meta", {})
         timings[key] = meta.get("cell_seconds", legacy.get(key, math.nan))
     return timings
 
@@ -219,20 +216,16 @@ def _data(data: SettingData, config: Table5Config) -> SettingData:
     )
 
 
-def _read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text("utf-8")) if path.is_file() else default
-
-
 def _check_config(out: Path, config: Table5Config) -> None:
     path = out / "config.json"
     current = dataclasses.asdict(config)
-    saved = _read_json(path, None)
+    saved = read_json(path)
     if saved is not None and json.loads(json.dumps(current)) != saved:
         raise StaleRunError(
             f"{out} holds a run with another config ({path}); resume with the same "
             "settings or pick a new output folder"
         )
-    atomic_write_text(path, json.dumps(current, indent=2))
+    write_json(path, current)
 
 
 def _cell(
@@ -375,7 +368,7 @@ def _write_outputs(
         "machine": machine(),
         "seconds": timings,
     }
-    atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    write_json(out / "run.json", run)
     lines = [
         "# Table 5 reproduction",
         "",

@@ -38,7 +38,7 @@ from typing import Any
 
 from piggyback_interp.errors import DiskError, StaleRunError, UserError, disk_error
 from piggyback_interp.io import write_json  # importable from here as before
-from piggyback_interp.provenance import versions
+from piggyback_interp.provenance import machine, versions
 
 STEP_FILE = "step.json"
 STARTED_FILE = "step.started.json"
@@ -100,6 +100,26 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    def write_record(self, command: str, start: float, started: str, **fields: Any) -> Path:
+        """Write the run's record, ``run.json``: the command, ``fields``, every step's
+        timing, the wall seconds since ``start`` (``time.perf_counter()``) and the steps'
+        compute seconds, when it started and finished, versions and machine."""
+        seconds = sum(t["seconds"] or 0 for t in self.timings.values())
+        return write_json(
+            self.path / "run.json",
+            {
+                "command": command,
+                **fields,
+                "steps": self.timings,
+                "wall_seconds": round(time.perf_counter() - start, 1),
+                "compute_seconds": round(seconds, 1),
+                "started": started,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "versions": versions(),
+                "machine": machine(),
+            },
+        )
 
     def folder(self, name: str) -> Path:
         """The folder of step ``name`` (``/`` in a name makes sub-folders)."""

@@ -290,6 +290,52 @@ def empty_query_spans(
     )
 
 
+def prefix_only(spans: ChatSpans) -> ChatSpans:
+    """The prompt cut after its prefix: the prefix alone, with empty query and postfix.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_tokenizer
+        >>> spans = chat_spans(tiny_tokenizer(), "Hi")
+        >>> cut = prefix_only(spans)
+        >>> cut.input_ids == spans.input_ids[: spans.prefix.stop], len(cut.postfix)
+        (True, 0)
+    """
+    p = spans.prefix.stop
+    return _template_only(spans.input_ids[:p], p, p)
+
+
+def with_empty_query(spans: ChatSpans) -> ChatSpans:
+    """The prompt's prefix followed by its postfix: its template with the query taken out.
+
+    For templates that render the user's text verbatim this is token for token what
+    the template renders for an EMPTY user message (:func:`empty_query_spans`): the
+    paper's postfix reference, with no query information. Padding is dropped.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> with_empty_query(chat_spans(tok, "Hi")).input_ids == empty_query_spans(tok).input_ids
+        True
+    """
+    ids = spans.input_ids
+    prefix = ids[spans.prefix.start : spans.prefix.stop]
+    postfix = ids[spans.postfix.start : spans.postfix.stop]
+    return _template_only(prefix + postfix, len(prefix), len(prefix) + len(postfix))
+
+
+def _template_only(ids: tuple[int, ...], p: int, end: int) -> ChatSpans:
+    """Spans of template tokens alone: prefix ``0..p-1``, empty query, postfix ``p..end-1``."""
+    return ChatSpans(
+        input_ids=ids,
+        prefix=range(p),
+        query=range(p, p),
+        postfix=range(p, end),
+        response=None,
+        text="",
+        query_chars=(0, 0),
+    )
+
+
 @dataclass
 class ChatBatch:
     """Padded chat prompts with the segment positions of every row.

@@ -89,11 +89,24 @@ def test_postfix_patch_equals_patched_oracle(pair):
         {"segment": "query", "layers": [0, 2]},  # isolated: the other layers' clean K/V kept
         {"segment": "postfix", "site": "resid_pre", "layers": [1]},
         {"segment": [1, 2, 3], "site": "v"},  # explicit positions inside the prefix (baked)
+        {"segment": "postfix", "site": "kv", "layers": [1], "heads": [0]},  # one K/V head
     ],
-    ids=["query-isolated", "postfix-resid", "explicit-prefix"],
+    ids=["query-isolated", "postfix-resid", "explicit-prefix", "postfix-head"],
 )
 def test_other_patches_equal_patched_oracle(llama_pair, kwargs):
     base, ft = llama_pair
+    gens = generate(ft, PROMPTS, patch=PatchSpec(base, **kwargs), max_new_tokens=N_NEW)
+    assert gens.token_ids == [patched_oracle(ft, base, p, **kwargs) for p in PROMPTS]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"segment": "query", "site": "k"}, {"segment": "postfix", "site": "v"}],
+    ids=["query-keys", "postfix-values"],
+)
+def test_keys_or_values_alone_equal_patched_oracle(pair, kwargs):
+    """Keys alone (or values alone) pin the other half too, as patch_prefix does."""
+    base, ft = pair
     gens = generate(ft, PROMPTS, patch=PatchSpec(base, **kwargs), max_new_tokens=N_NEW)
     assert gens.token_ids == [patched_oracle(ft, base, p, **kwargs) for p in PROMPTS]
 

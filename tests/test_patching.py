@@ -1,10 +1,15 @@
 """patch_prefix against independent oracles: the HF prefix cache, and hand-built patches."""
 
+import doctest
+
 import pytest
 import torch
 
+from piggyback_interp.hooks import KV_SITES
 from piggyback_interp.models import chat_tokenizer
-from piggyback_interp.patching import capture, empty_query_batch, patch_prefix
+from piggyback_interp.patching import capture, empty_query_batch, patch_prefix, sources
+from piggyback_interp.patching.patch import isolated
+from piggyback_interp.patching.sources import FixedSource, ModelSource, as_source
 from piggyback_interp.spans import batch_spans, chat_spans
 from piggyback_interp.testing import tiny_model
 
@@ -126,6 +131,67 @@ def test_postfix_patch_uses_empty_query_reference(pair):
     with patch_prefix(ft, base, spans, segment="postfix"):
         patched = ft(ids)
     assert torch.equal(patched, oracle)
+
+
+@torch.no_grad()
+def test_isolated_head_patch_equals_swapping_that_head_in_the_prefix_cache(pair):
+    base, ft = pair
+    spans = chat_spans(chat_tokenizer(ft), QUESTIONS[0])
+    ids, p = spans.ids[None], len(spans.prefix)
+    _, cache = ft(ids[:, :p], return_type="logits_and_cache")
+    _, base_cache = base(ids[:, :p], return_type="logits_and_cache")
+    layer = cache.layers[1]
+    layer.keys[:, 0] = base_cache.layers[1].keys[:, 0]  # [batch, kv head, pos, d]
+    layer.values[:, 0] = base_cache.layers[1].values[:, 0]
+    oracle = ft(ids[:, p:], past_key_values=cache)
+    with patch_prefix(ft, base, spans, site="kv", layers=[1], heads=[0]):
+        patched = ft(ids)
+    assert (patched[:, p:] - oracle).abs().max().item() <= 1e-4
+    assert (patched[:, p:] - ft(ids)[:, p:]).abs().max().item() > 1e-4  # it did something
+
+
+@torch.no_grad()
+def test_isolated_pins_every_other_key_and_value_to_the_targets_own(pair):
+    base, ft = pair
+    batch = batch_spans(chat_tokenizer(ft), [QUESTIONS[1], QUESTIONS[1]])
+    acts = capture(base, batch, "query", site="k", layers=[0])
+    own = capture(ft, batch, "query", site=KV_SITES)
+    out = isolated(ft, acts, batch, "query")
+    assert out.sites == ("k", "v") and out.layers == tuple(range(ft.cfg.n_layers))
+    assert set(out.values) == set(own.values)
+    for name, value in out.values.items():
+        expected = acts.values[name] if name in acts.values else own.values[name]
+        assert torch.equal(value, expected), name
+    # with heads: the chosen heads over the target's own, every head in the result
+    one = isolated(ft, acts, batch, "query", heads=[1], clean=lambda: own)
+    (k0,) = acts.values
+    assert torch.equal(one.values[k0][:, :, 1], acts.values[k0][:, :, 1])
+    assert torch.equal(one.values[k0][:, :, 0], own.values[k0][:, :, 0])
+    # nothing to pin: no key/value, or every key and value of every layer
+    resid = capture(base, batch, "query", site="resid_pre", layers=[1])
+    whole = capture(base, batch, "query", site="kv")
+    assert isolated(ft, resid, batch, "query") is resid
+    assert isolated(ft, whole, batch, "query") is whole
+
+
+def test_as_source():
+    base = tiny_model("llama", seed=0)
+    spans = chat_spans(chat_tokenizer(base), QUESTIONS[0])
+    acts = capture(base, spans, "prefix", site="kv")
+    assert (
+        as_source(base) == ModelSource(base)
+        and repr(as_source(base)) == "ModelSource('tiny-llama-L2-seed0')"
+    )
+    fixed = as_source(acts)
+    assert fixed == FixedSource(acts) and fixed.model is None and fixed.label == "activations"
+    assert as_source(fixed) is fixed
+    some = acts.take([0, 2])  # some of its positions
+    assert torch.equal(some.token_ids, acts.token_ids[:, [0, 2]])
+    assert all(torch.equal(some.values[k], v[:, [0, 2]]) for k, v in acts.values.items())
+    assert doctest.testmod(sources, optionflags=doctest.ELLIPSIS).failed == 0
+    for bad in ("base", None, 3):
+        with pytest.raises(TypeError, match="load it first"):
+            as_source(bad)
 
 
 @torch.no_grad()

@@ -245,3 +245,25 @@ def test_load_config_missing_file(tmp_path):
 def test_docstring_example_runs():
     result = doctest.testmod(runs_module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted >= 5
+
+
+def test_write_record_is_the_one_run_json(tmp_path):
+    import time
+
+    from piggyback_interp.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.timings["a"] = {"seconds": 1.5, "cached": False}
+    path = run.write_record("demo", time.perf_counter(), "then", config={"x": 1})
+    record = json.loads(path.read_text())
+    assert path.name == "run.json" and record["command"] == "demo" and record["config"] == {"x": 1}
+    assert record["compute_seconds"] == 1.5 and record["started"] == "then"
+    assert {"wall_seconds", "finished", "versions", "machine", "steps"} <= set(record)
+
+
+def test_one_duration_formatter():
+    from piggyback_interp.report import duration
+
+    assert [duration(s) for s in (4.23, 37, 723, 7500, None)] == [
+        "4.2 s", "37 s", "12 min 3 s", "2 h 5 min", "unknown",
+    ]  # fmt: skip

@@ -19,7 +19,9 @@ from piggyback_interp.spans import (
     batch_spans,
     chat_spans,
     empty_query_spans,
+    prefix_only,
     require_segment,
+    with_empty_query,
 )
 from piggyback_interp.testing import CHATML_TEMPLATE, tiny_tokenizer
 
@@ -636,6 +638,33 @@ def test_chat_spans_is_a_frozen_value():
     assert isinstance(spans, ChatSpans) and spans == chat_spans(tiny_tokenizer(), Q)
     with pytest.raises(AttributeError):
         spans.query = range(0)
+
+
+@pytest.mark.parametrize("align", ["left", "prefix"])
+def test_without_padding_gives_back_every_row_as_rendered(align):
+    tok = tiny_tokenizer()
+    rows = unpadded_rows(tok)
+    batch = batch_spans(tok, rows, align=align)
+    assert any(s.padding for s in batch.spans)
+    assert [s.without_padding() for s in batch.spans] == rows
+    assert rows[0].without_padding() is rows[0]
+
+
+def test_prefix_only_and_with_empty_query():
+    tok = tiny_tokenizer()
+    spans = chat_spans(tok, Q)
+    cut = prefix_only(spans)
+    assert cut.input_ids == spans.input_ids[: len(spans.prefix)]
+    assert (cut.prefix, cut.query, cut.postfix) == (spans.prefix, range(15, 15), range(15, 15))
+    # the query taken out: the same tokens as the template with an empty user message,
+    # also from a padded batch row
+    empty = empty_query_spans(tok)
+    padded = batch_spans(tok, ["Hi", Q], align="left").spans[0]
+    for row in (spans, padded):
+        ref = with_empty_query(row)
+        assert ref.input_ids == empty.input_ids
+        assert (ref.prefix, ref.query, ref.postfix) == (empty.prefix, empty.query, empty.postfix)
+        assert ref.response is None and not ref.padding
 
 
 def test_docstring_examples_run():

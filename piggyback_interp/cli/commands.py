@@ -409,8 +409,6 @@ def scan(args: argparse.Namespace) -> int:
     """
     from piggyback_interp.findings import build_report
     from piggyback_interp.pipeline import model_id, scan_step
-    from piggyback_interp.provenance import machine, versions
-    from piggyback_interp.runs import write_json
 
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     config = _scan_config(args)  # checked before anything is written
@@ -419,23 +417,16 @@ def scan(args: argparse.Namespace) -> int:
     _record_skipped(args, run, len(prompts), skipped)
     base, model = _pair(args)
     result = scan_step(run, "scan", base, model, prompts, config, progress=progress(args))
-    write_json(
-        run.path / "run.json",
-        {
-            "command": "scan",
-            "config": dataclasses.asdict(config),
-            "models": {
-                "base": {**model_id(base), "source": args.base},
-                "finetuned": {**model_id(model), "source": args.finetuned},
-            },
-            "prompts": prompts,
-            "steps": run.timings,
-            "wall_seconds": round(time.perf_counter() - start, 1),
-            "compute_seconds": round(sum(t["seconds"] or 0 for t in run.timings.values()), 1),
-            "started": started,
-            "versions": versions(),
-            "machine": machine(),
+    run.write_record(
+        "scan",
+        start,
+        started,
+        config=dataclasses.asdict(config),
+        models={
+            "base": {**model_id(base), "source": args.base},
+            "finetuned": {**model_id(model), "source": args.finetuned},
         },
+        prompts=prompts,
     )
     report = build_report(run.path)
     print(

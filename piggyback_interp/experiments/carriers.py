@@ -168,12 +168,6 @@ def base_runs(
     return BaseRuns(target, logp.tolist(), nexts, template, query_kv, resid)
 
 
-def _subset(acts: Activations, index: Sequence[int]) -> Activations:
-    idx = torch.as_tensor(list(index), dtype=torch.long)
-    values = {k: v[:, idx] for k, v in acts.values.items()}
-    return Activations(values, acts.token_ids[:, idx], acts.sites, acts.layers, acts.source)
-
-
 def _check_tokens(acts: Activations, spans: ChatSpans, positions: Sequence[int], i: int) -> None:
     if acts.token_ids[0].tolist() != [spans.input_ids[p] for p in positions]:
         raise ValueError(
@@ -287,10 +281,10 @@ def carrier_values(
             picks = sorted(rng.sample(range(len(where)), n))
             controls = sorted(rng.sample(range(len(query)), n))
             for condition, acts, positions in (
-                ("all", _subset(template, index[segment]), where),
-                ("matched", _subset(template, [index[segment][j] for j in picks]),
+                ("all", template.take(index[segment]), where),
+                ("matched", template.take([index[segment][j] for j in picks]),
                  [where[j] for j in picks]),
-                ("query", _subset(own, controls), [query[j] for j in controls]),
+                ("query", own.take(controls), [query[j] for j in controls]),
             ):  # fmt: skip
                 if positions:
                     labels.append((segment, condition, len(positions)))
@@ -385,7 +379,7 @@ def generating_position(
         _check_tokens(acts, spans, [last, control], i)
         labels, patches = [], []
         for j, condition in enumerate(("last_postfix", "query")):
-            one = _subset(acts, [j])
+            one = acts.take([j])
             for layer in chosen:
                 labels.append((layer, condition))
                 patches.append((one.select(model, "resid_pre", layer), [(last, control)[j]]))

@@ -33,7 +33,8 @@ from typing import Any, Literal, get_args
 
 from piggyback_interp.embedded import EMBEDDED_NAME
 from piggyback_interp.errors import UserError
-from piggyback_interp.provenance import atomic_write_text, versions
+from piggyback_interp.io import atomic_write_text
+from piggyback_interp.provenance import versions
 from piggyback_interp.runs import fingerprint
 
 Trained = Literal["lora_all", "lora_attn", "full"]

@@ -159,6 +159,14 @@ class Activations:
         values = {name: self.values[name] for name in names}
         return Activations(values, self.token_ids, sites, chosen, self.source, self.meta)
 
+    def take(self, index: Sequence[int]) -> Activations:
+        """The values at some of its positions (``index`` into its own position axis)."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        values = {k: v[:, idx.to(v.device)] for k, v in self.values.items()}
+        return Activations(
+            values, self.token_ids[:, idx], self.sites, self.layers, self.source, self.meta
+        )
+
     def to(self, device: str | torch.device) -> Activations:
         values = {k: v.to(device) for k, v in self.values.items()}
         return Activations(values, self.token_ids, self.sites, self.layers, self.source, self.meta)
@@ -170,6 +178,22 @@ def site_layers(
     """Every (HookSite, layer) pair of a site spec and a layer spec."""
     chosen = resolve_layers(model, layers)
     return [(resolve_site(model, s), layer) for s in expand_sites(site) for layer in chosen]
+
+
+def keep_hooks(
+    pairs: Sequence[tuple[HookSite, int]], positions: Positions, into: dict[str, Tensor]
+) -> list[tuple[str, Any]]:
+    """Forward hooks that keep each (site, layer) of ``pairs`` at ``positions`` (of the
+    forward's own columns) in ``into``, by hook name; the forward itself is unchanged."""
+
+    def keep(hook_site: HookSite, name: str):
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            into[name] = gather(act, hook_site, positions).detach()
+            return act
+
+        return hook
+
+    return [(hs.name(layer), keep(hs, hs.name(layer))) for hs, layer in pairs]
 
 
 def capture(
@@ -189,16 +213,8 @@ def capture(
         require_segment(batch.spans[0], segment)
     positions = segment_positions(batch, segment)
     pairs = site_layers(model, site, layers)
-    values: dict[str, SiteValues] = {}
-
-    def keep(hook_site: HookSite, name: str):
-        def hook(act: Float[Tensor, "batch ..."], hook: Any) -> Float[Tensor, "batch ..."]:
-            values[name] = gather(act, hook_site, positions).detach()
-            return act
-
-        return hook
-
-    fwd_hooks = [(hs.name(layer), keep(hs, hs.name(layer))) for hs, layer in pairs]
+    values: dict[str, Tensor] = {}
+    fwd_hooks = keep_hooks(pairs, positions, values)
     last = max(layer for _, layer in pairs)
     stop = None if last == model.cfg.n_layers - 1 else last + 1
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):

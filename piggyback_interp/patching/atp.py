@@ -61,15 +61,15 @@ from piggyback_interp.patching.activations import (
     Activations,
     SegmentOrPositions,
     as_batch,
-    capture,
     gather,
     segment_positions,
 )
 from piggyback_interp.patching.patch import check_tokens
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import (
     SweepResult,
     cell_labels,
-    exact_cell,
+    exact_cells,
     sweep_meta,
 )
 from piggyback_interp.spans import ChatBatch, ChatSpans
@@ -135,13 +135,10 @@ def atp_prescreen(
     n_cells = delta.shape[2]
     order = delta.mean(0).abs().flatten().argsort(descending=True)[:top_k].tolist()
     exact = sorted((i // n_cells, i % n_cells) for i in order)
-    pin = None
-    if isolate and set(job.sites) & set(KV_SITES):
-        pin = capture(model, job.batch, segment, site=KV_SITES, layers=None)
-    for li, c in exact:
-        values[:, li, c] = exact_cell(
-            model, job.batch, metric, job.acts, pin, job.sites, job.layers[li], c, job.positions
-        )
+    cells = [(job.layers[li], c) for li, c in exact]
+    patched = exact_cells(model, job.batch, segment, metric, job.acts, cells, isolate=isolate)
+    for n, (li, c) in enumerate(exact):
+        values[:, li, c] = patched[:, n]
     result = job.result(values, clean, method="atp_prescreen", isolate=isolate)
     labels = cell_labels(job.batch, job.positions, job.tok)["positions"]
     result.meta.update(
@@ -172,10 +169,7 @@ class _Job:
         batch = as_batch(model, spans)
         chosen = resolve_layers(model, layers)
         positions = segment_positions(batch, segment)
-        if isinstance(source, Activations):
-            acts = source.select(model, sites, chosen)
-        else:
-            acts = capture(source, batch, segment, site=sites, layers=chosen)
+        acts = as_source(source).activations(model, batch, segment, site=sites, layers=chosen)
         check_tokens(acts, batch, positions)
         return cls(
             model=model,
@@ -208,9 +202,9 @@ class _Job:
 
     def result(self, values: Tensor, clean: Tensor, *, method: str, isolate: bool) -> SweepResult:
         src = torch.full_like(clean, float("nan"))
-        if not isinstance(self.source, Activations):
+        if (source_model := as_source(self.source).model) is not None:
             with torch.no_grad():
-                src = _metric_forward(self.source, self.batch, self.metric, [])
+                src = _metric_forward(source_model, self.batch, self.metric, [])
         site = "kv" if self.sites == KV_SITES else ",".join(self.sites)
         meta = {
             **sweep_meta(

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,17 +35,13 @@ from piggyback_interp.hooks import KV_SITES, expand_sites, n_heads_at, resolve_l
 from piggyback_interp.metrics import LogitMetric, metric_on_model
 from piggyback_interp.models import model_info
 from piggyback_interp.patching.activations import (
-    Activations,
     SegmentOrPositions,
     as_batch,
     capture,
     segment_positions,
 )
-from piggyback_interp.patching.patch import (
-    check_tokens,
-    patch_activations,
-    source_activations,
-)
+from piggyback_interp.patching.patch import check_tokens, isolated, patch_activations
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import Engine
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
@@ -75,28 +70,10 @@ def head_sweep(
     needs a left-padded batch (``batch_spans(..., align="left")``).
     """
     engine = Engine.parse(engine, "engine")
-    batch = as_batch(model, spans)
-    chosen = resolve_layers(model, layers)
-    heads = _heads(heads, model.cfg.n_heads, "head")
-    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="head sweep")
-    values, clean, src = _run(
-        engine,
-        model,
-        source,
-        batch,
-        metric,
-        ("z",),
-        chosen,
-        heads,
-        segment,
-        cells_per_batch,
-        bar,
-        isolate=False,
-    )
-    bar.close()
-    return _head_result(
-        (values, clean, src), model, source, chosen, heads, segment, "H",
-        {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine.value},
+    meta = {"kind": "head_sweep", "site": "z", "metric": metric.name, "engine": engine.value}
+    return _sweep(
+        model, source, spans, metric, ("z",), layers, heads, segment, cells_per_batch,
+        progress, engine, isolate=False, meta=meta,
     )  # fmt: skip
 
 
@@ -140,30 +117,32 @@ def kv_head_sweep(
     sites = expand_sites(site)
     if not set(sites) <= set(KV_SITES):
         raise ValueError(f"kv_head_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}")
+    meta = {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
+            "engine": engine.value}  # fmt: skip
+    return _sweep(
+        model, source, spans, metric, sites, layers, heads, segment, cells_per_batch,
+        progress, engine, isolate=isolate, meta=meta,
+    )  # fmt: skip
+
+
+def _sweep(
+    model: Any, source: Any, spans: ChatSpans | ChatBatch, metric: LogitMetric,
+    sites: Sequence[str], layers: Any, heads: Iterable[int] | None, segment: SegmentOrPositions,
+    cells_per_batch: int, progress: bool, engine: str, *, isolate: bool, meta: dict[str, Any],
+) -> Any:  # fmt: skip
+    """A head sweep of ``sites`` (``("z",)``: query heads; keys/values: K/V heads)."""
+    kv = sites[0] in KV_SITES
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)
-    heads = _heads(heads, n_heads_at(model, resolve_site(model, "k")), "key/value head")
-    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc="kv head sweep")
-    values, clean, src = _run(
-        engine,
-        model,
-        source,
-        batch,
-        metric,
-        sites,
-        chosen,
-        heads,
-        segment,
-        cells_per_batch,
-        bar,
-        isolate=isolate,
-    )
-    bar.close()
-    return _head_result(
-        (values, clean, src), model, source, chosen, heads, segment, "KV",
-        {"kind": "kv_head_sweep", "site": site, "isolate": isolate, "metric": metric.name,
-         "engine": engine.value},
+    what = "key/value head" if kv else "head"
+    heads = _heads(heads, n_heads_at(model, resolve_site(model, sites[0])), what)
+    bar = tqdm(total=len(chosen) * len(heads), disable=not progress, desc=f"{what} sweep")
+    run = _run(
+        engine, model, source, batch, metric, sites, chosen, heads, segment, cells_per_batch,
+        bar, isolate=isolate,
     )  # fmt: skip
+    bar.close()
+    return _head_result(run, model, source, chosen, heads, segment, "KV" if kv else "H", meta)
 
 
 def _head_result(
@@ -185,7 +164,7 @@ def _head_result(
         meta={
             "kind": meta["kind"],
             "target": model_info(model).name,
-            "source": "activations" if isinstance(source, Activations) else model_info(source).name,
+            "source": as_source(source).label,
             **{k: v for k, v in meta.items() if k != "kind"},
             "layers": list(chosen),
             "heads": heads,
@@ -220,12 +199,11 @@ def _run(
 ):
     """(values ``[prompts, layers, heads]``, clean, source) of a head sweep."""
     positions = segment_positions(batch, segment)
-    acts = None  # the source's values, where patch_prefix takes them (see source_activations)
-    if engine is Engine.LOOP or isinstance(source, Activations) or segment == "postfix":
-        acts = (
-            source.select(model, sites, layers)
-            if isinstance(source, Activations)
-            else source_activations(source, batch, segment, site=sites, layers=layers)
+    src = as_source(source)
+    acts = None  # the source's values, where patch_prefix takes them (the postfix reference)
+    if engine == "loop" or src.model is None or segment == "postfix":
+        acts = src.activations(
+            model, batch, segment, site=sites, layers=layers, postfix_reference=True
         )
         check_tokens(acts, batch, positions)
     if engine is Engine.LOOP:
@@ -257,10 +235,10 @@ def _loop(model, source, batch, metric, acts, sites, layers, heads, segment, bar
     for li, layer in enumerate(layers):
         one = acts.select(model, sites, [layer])
         for hi, head in enumerate(heads):
-            with contextlib.ExitStack() as stack:
-                if pin is not None:  # pinned first, the head written over it
-                    stack.enter_context(patch_activations(model, pin, positions))
-                stack.enter_context(patch_activations(model, one, positions, heads=[head]))
+            write, only = one, [head]
+            if pin is not None:  # the head written over the pinned keys/values
+                write, only = isolated(model, one, batch, segment, heads=[head], clean=pin), None
+            with patch_activations(model, write, positions, heads=only):
                 values[:, li, hi] = metric_on_model(model, batch, metric).cpu()
             bar.update()
     clean, src = loop_baselines(model, source, batch, metric)

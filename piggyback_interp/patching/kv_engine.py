@@ -12,10 +12,14 @@ axis), like the residual engine of :mod:`~piggyback_interp.patching.sweep`:
   cell, and only the rest of every prompt per (cell, prompt) row;
 * logits are computed only at the positions the metric reads.
 
-K/V cells have the isolated meaning (a) of ``docs/patching.md`` by default: at the
-patched positions every key and value of every layer is pinned to the target's clean
-value, then the chosen heads/layers get the source's, so only later positions see
-the change (the same as swapping those entries in the target's cache, paper Eq. 1).
+K/V cells have the isolated meaning (a) of ``docs/patching.md`` by default, the one
+:func:`~piggyback_interp.patching.patch.isolated` defines: at the patched positions
+every key and value of every layer is pinned to the target's clean value, then the
+chosen heads/layers get the source's, so only later positions see the change (the same
+as swapping those entries in the target's cache, paper Eq. 1). The engine computes it
+per cell, vectorised (the pins and swaps of :meth:`PatchEngine._hooks` and
+:meth:`PatchEngine._past`); the tests check it against ``isolated`` through the
+reference loops.
 Values are written at the hooks (``hook_k``/``hook_k_normed``, ``hook_v``,
 ``hook_z``: before RoPE), as the reference loops do, so a source taken on another
 prompt (the postfix's empty-query prompt) is rotated for its new place by the model.
@@ -51,12 +55,13 @@ from piggyback_interp.patching.activations import (
     segment_positions,
 )
 from piggyback_interp.patching.patch import check_tokens
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.patching.sweep import (
     SweepResult,
-    cell_labels,
     clean_variant,
     metric_values,
     sweep_meta,
+    sweep_result,
 )
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
@@ -165,8 +170,9 @@ class PatchEngine:
         at ``positions``; an :class:`Activations` source is used the same way. Else the
         source runs on the same prompts, once, keeping its values while its metric is read.
         """
-        if acts is None and isinstance(source, Activations):
-            acts = source.select(self.model, self.sites, layers)
+        src = as_source(source)
+        if acts is None and src.model is None:  # fixed values: batch and segment do not apply
+            acts = src.activations(self.model, self.batch, None, site=self.sites, layers=layers)
         if acts is not None:
             check_tokens(acts, self.batch, positions)
             B = len(self.batch)
@@ -177,7 +183,7 @@ class PatchEngine:
             }
             return self.source_values(source)
         pairs = [(s, layer) for s in self.sites for layer in layers]
-        with source.hooks(fwd_hooks=self._keep(self.source, pairs)):
+        with src.model.hooks(fwd_hooks=self._keep(self.source, pairs)):
             return self.source_values(source, keep_cache=True)
 
     def clean_values(self) -> Tensor:
@@ -188,7 +194,8 @@ class PatchEngine:
     def source_values(self, source: Any, keep_cache: bool = False) -> Tensor:
         """The source model's metric per prompt (NaN for an :class:`Activations` source);
         ``keep_cache`` keeps its keys/values (post-RoPE) on these prompts."""
-        if isinstance(source, Activations):
+        source = as_source(source).model
+        if source is None:
             return torch.full((len(self.batch),), float("nan"))
         logits = []
         with torch.no_grad():
@@ -446,15 +453,9 @@ def engine_sweep(
         **sweep_meta(model, source, batch, metric, site, chosen, positions),
         "engine": "batched",
     }
-    return SweepResult(
-        values=rearrange(
-            values, "(layer pos) prompt -> prompt layer pos", layer=len(chosen)
-        ).contiguous(),
-        clean=engine.clean_values(),
-        source=src_value,
-        layers=list(chosen),
-        **cell_labels(batch, positions, chat_tokenizer(model)),
-        meta=meta,
+    values = rearrange(values, "(layer pos) prompt -> layer pos prompt", layer=len(chosen))
+    return sweep_result(
+        model, batch, positions, chosen, values, engine.clean_values(), src_value, meta
     )
 
 

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ from piggyback_interp.patching.activations import (
     segment_positions,
     site_layers,
 )
-from piggyback_interp.spans import ChatBatch, ChatSpans, require_segment
+from piggyback_interp.patching.sources import as_source
+from piggyback_interp.spans import ChatBatch, ChatSpans, require_segment, with_empty_query
 
 
 def _sites_by_name(model: Any, acts: Activations) -> dict[str, HookSite]:
@@ -106,41 +107,79 @@ def empty_query_batch(batch: ChatBatch) -> ChatSpans:
     """The paper's postfix reference prompt: row 0's prefix followed by its postfix.
 
     This is what the chat template renders for an EMPTY user message, token for
-    token the same template tokens the target holds, with no query information.
+    token the same template tokens the target holds, with no query information
+    (:func:`~piggyback_interp.spans.with_empty_query` of row 0).
     """
-    spans = batch.spans[0]
-    ids = list(batch.input_ids[0].tolist())
-    prefix = [ids[i] for i in spans.prefix]
-    postfix = [ids[i] for i in require_segment(spans, "postfix")]
-    p = len(prefix)
-    return ChatSpans(
-        input_ids=tuple(prefix + postfix),
-        prefix=range(p),
-        query=range(p, p),
-        postfix=range(p, p + len(postfix)),
-        response=None,
-        text="",
-        query_chars=(0, 0),
-    )
+    require_segment(batch.spans[0], "postfix")
+    return with_empty_query(batch.spans[0])
 
 
-def source_activations(
-    source: Any,
+def isolated(
+    model: Any,
+    acts: Activations,
     batch: ChatBatch,
     segment: SegmentOrPositions,
     *,
-    site: str | Sequence[str],
-    layers: int | Iterable[int] | None,
+    heads: Sequence[int] | None = None,
+    clean: Activations | Callable[[], Activations] | None = None,
 ) -> Activations:
-    """Take ``site`` from a source model where the target will be patched.
+    """What an isolated key/value patch writes (paper Eq. 1): ``acts`` over the target's own.
 
-    For the prefix, the query or explicit positions the source runs on the target
-    batch itself; for the postfix it runs on the empty-query prompt
-    (:func:`empty_query_batch`), as the paper does, and the values serve every row.
+    At the patched positions every key and value of every layer is pinned to the
+    target's clean value, and ``acts`` is written over them, so the patch changes
+    only what LATER positions read: the same as swapping those layers' entries in the
+    target's cache. This is the one definition of isolation; the batched engine
+    (:class:`~piggyback_interp.patching.kv_engine.PatchEngine`) computes the same
+    meaning cell by cell, vectorised.
+
+    Args:
+        model: the target.
+        acts: the source's values at ``segment`` (one row shared by every prompt, or
+            one per row of ``batch``).
+        batch, segment: where they are written.
+        heads: only these heads of ``acts`` go over the clean values; the result then
+            holds every head, so write it without ``heads``.
+        clean: the target's keys and values at the segment, every layer, if taken
+            already (once for many patches, or from a cached forward), or a function
+            that takes them (called only when there is something to pin); by default
+            :func:`~piggyback_interp.patching.activations.capture` runs the target
+            on ``batch``.
+
+    Returns ``acts`` itself when there is nothing to pin: it holds no key/value site,
+    or every key and value of every layer (and head).
     """
-    if segment == "postfix":
-        return capture(source, empty_query_batch(batch), "postfix", site=site, layers=layers)
-    return capture(source, batch, segment, site=site, layers=layers)
+    kv = [s for s in acts.sites if s in KV_SITES]
+    n_layers = model.cfg.n_layers
+    whole = set(kv) == set(KV_SITES) and len(acts.layers) == n_layers and heads is None
+    if not kv or whole:
+        return acts
+    if heads is not None and len(kv) < len(acts.sites):
+        raise ValueError(
+            f"heads with key/value and other sites ({acts.sites}) cannot be isolated "
+            "together; patch the keys/values and the other sites separately"
+        )
+    if clean is None:
+        clean = capture(model, batch, segment, site=KV_SITES, layers=None)
+    elif callable(clean):
+        clean = clean()
+    rows = clean.token_ids.shape[0]  # a shared (1-row) source serves every row
+    values = dict(clean.values)
+    for name, value in acts.values.items():
+        value = value.expand(rows, *value.shape[1:])
+        if heads is not None:  # the chosen heads over the clean ones
+            h = torch.as_tensor(list(heads), device=value.device)
+            merged = values[name].to(value.device, value.dtype).clone()
+            merged[:, :, h] = value[:, :, h]
+            value = merged
+        values[name] = value
+    return Activations(
+        values,
+        acts.token_ids.expand(rows, -1),
+        tuple(dict.fromkeys((*acts.sites, *KV_SITES))),
+        tuple(range(n_layers)),
+        acts.source,
+        acts.meta,
+    )
 
 
 @contextlib.contextmanager
@@ -173,13 +212,14 @@ def patch_prefix(
             layers), an int, or an iterable (a list, a ``range`` window).
         segment: ``"prefix"``, ``"postfix"``, ``"query"``, or explicit positions
             of the unpadded prompt.
-        heads: only these heads (KV heads for k/v, query heads for z).
-        isolate: for key/value sites on a subset of layers (or keys or values
-            alone), pin every other key/value of the segment to the target's own clean
-            value, so the patch changes only what later positions read — the same as swapping those
-            layers' entries in the target's prefix cache (paper Eq. 1). With
-            ``isolate=False`` the segment's own later layers see the patch too.
-            Equal when every layer is patched.
+        heads: only these heads (KV heads for k/v, query heads for z); isolated, the
+            other heads of the segment's keys/values keep the target's clean values.
+        isolate: for key/value sites on a subset of layers (or heads, or keys or
+            values alone), pin every other key/value of the segment to the target's
+            own clean value (:func:`isolated`), so the patch changes only what later
+            positions read — the same as swapping those entries in the target's prefix
+            cache (paper Eq. 1). With ``isolate=False`` the segment's own later layers
+            see the patch too. Equal when every layer is patched.
 
     Yields:
         The :class:`Activations` written.
@@ -189,31 +229,11 @@ def patch_prefix(
         for row in batch.spans:
             require_segment(row, segment)
     positions = segment_positions(batch, segment)
-    if isinstance(source, Activations):
-        acts = source.select(model, site, layers)
-    else:
-        acts = source_activations(source, batch, segment, site=site or "kv", layers=layers)
+    acts = as_source(source).activations(
+        model, batch, segment, site=site, layers=layers, postfix_reference=True
+    )
     check_tokens(acts, batch, positions)
-    n_layers = model.cfg.n_layers
-    kv_patch = any(s in KV_SITES for s in acts.sites)
-    partial = set(acts.sites) != set(KV_SITES) or len(acts.layers) < n_layers
-    if isolate and kv_patch and partial:
-        if heads is not None:
-            raise ValueError(
-                "isolate=True with heads is not supported; pass isolate=False for per-head K/V patches"
-            )
-        # pin the segment's keys AND values at every layer to the target's clean ones,
-        # then write the patch over them: only later positions see the change
-        clean = capture(model, batch, segment, site=KV_SITES, layers=None)
-        rows = clean.token_ids.shape[0]  # a shared (1-row) source serves every row
-        values = {k: v.expand(rows, *v.shape[1:]) for k, v in acts.values.items()}
-        acts = Activations(
-            {**clean.values, **values},
-            acts.token_ids.expand(rows, -1),
-            tuple(dict.fromkeys((*acts.sites, *KV_SITES))),
-            tuple(range(n_layers)),
-            acts.source,
-            acts.meta,
-        )
+    if isolate and any(s in KV_SITES for s in acts.sites):
+        acts, heads = isolated(model, acts, batch, segment, heads=heads), None
     with patch_activations(model, acts, positions, heads=heads):
         yield acts

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -71,7 +72,8 @@ from piggyback_interp.patching.activations import (
     scatter,
     segment_positions,
 )
-from piggyback_interp.patching.patch import check_tokens, patch_activations
+from piggyback_interp.patching.patch import check_tokens, isolated, patch_activations
+from piggyback_interp.patching.sources import as_source
 from piggyback_interp.spans import ChatBatch, ChatSpans
 
 SWEEP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -332,11 +334,7 @@ def sweep(
     chosen = resolve_layers(model, layers)
     hook_site = resolve_site(model, site_name)
     positions = segment_positions(batch, segment)  # [B, n]
-    acts = (
-        source
-        if isinstance(source, Activations)
-        else capture(source, batch, segment, site=site_name, layers=chosen)
-    )
+    acts = as_source(source).activations(model, batch, segment, site=site_name, layers=chosen)
     check_tokens(acts, batch, positions)
     tok = chat_tokenizer(model)
     continuations = metric.continuations(tok)
@@ -398,17 +396,10 @@ def sweep(
     bar.close()
     clean = metric_values(metric, [v.read_logits for v in variants], prompt_rows).cpu()
     src_value = torch.full_like(clean, float("nan"))
-    if not isinstance(source, Activations):
-        src_logits = [_full_logits(source, v) for v in variants]
+    if (source_model := as_source(source).model) is not None:
+        src_logits = [_full_logits(source_model, v) for v in variants]
         src_value = metric_values(metric, src_logits, prompt_rows).cpu()
-    return SweepResult(
-        values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
-        clean=clean,
-        source=src_value,
-        layers=list(chosen),
-        **cell_labels(batch, positions, tok),
-        meta=meta,
-    )
+    return sweep_result(model, batch, positions, chosen, values, clean, src_value, meta)
 
 
 def _loop_sweep(
@@ -439,13 +430,26 @@ def _loop_sweep(
             if distributed.is_main():
                 save_checkpoint(checkpoint, meta, values, done)
     clean, src = loop_baselines(model, source, batch, metric)
-    tok = chat_tokenizer(model)
+    return sweep_result(model, batch, positions, chosen, values, clean, src, meta)
+
+
+def sweep_result(
+    model: Any,
+    batch: ChatBatch,
+    positions: Tensor,
+    layers: Sequence[int],
+    values: Float[Tensor, "layers cells prompts"],
+    clean: Tensor,
+    source: Tensor,
+    meta: dict[str, Any],
+) -> SweepResult:
+    """A layer x position sweep's result from values in the engines' layout."""
     return SweepResult(
         values=rearrange(values, "layer cell prompt -> prompt layer cell").contiguous(),
         clean=clean,
-        source=src,
-        layers=list(chosen),
-        **cell_labels(batch, positions, tok),
+        source=source,
+        layers=list(layers),
+        **cell_labels(batch, positions, chat_tokenizer(model)),
         meta=meta,
     )
 
@@ -466,8 +470,8 @@ def loop_baselines(
     """The unpatched target's and the source model's metric (NaN for an Activations source)."""
     clean = metric_on_model(model, batch, metric).cpu()
     src = torch.full_like(clean, float("nan"))
-    if not isinstance(source, Activations):
-        src = metric_on_model(source, batch, metric).cpu()
+    if (source_model := as_source(source).model) is not None:
+        src = metric_on_model(source_model, batch, metric).cpu()
     return clean, src
 
 
@@ -602,11 +606,10 @@ def _patched_prefix_then_rest(
 
 def sweep_meta(model, source, batch, metric, site, layers, positions) -> dict[str, Any]:
     """What a sweep's result and checkpoint record: models, site, layers, metric, tokens."""
-    src_info = "activations" if isinstance(source, Activations) else model_info(source).name
     return {
         "kind": "sweep",
         "target": model_info(model).name,
-        "source": src_info,
+        "source": as_source(source).label,
         "site": site,
         "layers": list(layers),
         "metric": metric.name,
@@ -645,44 +648,35 @@ def reference_sweep(
     chosen = resolve_layers(model, layers)
     sites = expand_sites(site)
     positions = segment_positions(batch, segment)
-    if isinstance(source, Activations):
-        acts = source.select(model, sites, chosen)
-    else:
-        acts = capture(source, batch, segment, site=sites, layers=chosen)
-    pin = None
-    if isolate and set(sites) & set(KV_SITES):
-        pin = capture(model, batch, segment, site=KV_SITES, layers=None)
-    out = torch.empty(positions.shape[0], len(chosen), positions.shape[1])
-    for li, layer in enumerate(chosen):
-        for i in range(positions.shape[1]):
-            out[:, li, i] = exact_cell(model, batch, metric, acts, pin, sites, layer, i, positions)
-    return out
+    acts = as_source(source).activations(model, batch, segment, site=sites, layers=chosen)
+    cells = [(layer, i) for layer in chosen for i in range(positions.shape[1])]
+    values = exact_cells(model, batch, segment, metric, acts, cells, isolate=isolate)
+    return values.reshape(positions.shape[0], len(chosen), positions.shape[1])
 
 
-def exact_cell(
+def exact_cells(
     model: Any,
     batch: ChatBatch,
+    segment: SegmentOrPositions,
     metric: LogitMetric,
     acts: Activations,
-    pin: Activations | None,
-    sites: Sequence[str],
-    layer: int,
-    i: int,
-    positions: Tensor,
-) -> Float[Tensor, " prompts"]:
-    """The metric with cell ``i`` of ``acts`` patched at ``layer`` (one full forward per
-    continuation); ``pin`` (the target's own keys/values at every layer) isolates K/V."""
-    names = [resolve_site(model, s).name(layer) for s in sites]
-    values = {n: v[:, i : i + 1] for n, v in pin.values.items()} if pin else {}
-    values.update({n: acts.values[n][:, i : i + 1] for n in names})
-    one = Activations(
-        values,
-        acts.token_ids[:, i : i + 1],
-        tuple(dict.fromkeys((*sites, *(KV_SITES if pin else ())))),
-        tuple(range(model.cfg.n_layers)) if pin else (layer,),
-    )
-    with patch_activations(model, one, positions[:, i : i + 1]):
-        return metric_on_model(model, batch, metric).cpu()
+    cells: Sequence[tuple[int, int]],
+    *,
+    isolate: bool = True,
+) -> Float[Tensor, "prompts cells"]:
+    """The metric with each ``(layer, i)`` cell of ``acts`` (every site it holds, at
+    that layer and at its ``i``-th position of ``segment``) patched: one full forward
+    per cell and continuation. ``isolate``: key/value cells as :func:`isolated`."""
+    positions = segment_positions(batch, segment)
+    clean = functools.cache(functools.partial(capture, model, batch, segment, site=KV_SITES))
+    out = torch.empty(positions.shape[0], len(cells))
+    for n, (layer, i) in enumerate(cells):
+        write = acts.select(model, None, [layer])
+        if isolate:
+            write = isolated(model, write, batch, segment, clean=clean)
+        with patch_activations(model, write.take([i]), positions[:, i : i + 1]):
+            out[:, n] = metric_on_model(model, batch, metric).cpu()
+    return out
 
 
 __all__ = [
@@ -692,9 +686,11 @@ __all__ = [
     "Variant",
     "cell_labels",
     "clean_variant",
+    "exact_cells",
     "metric_values",
     "reference_sweep",
     "sweep",
     "sweep_meta",
+    "sweep_result",
     "tokens_sha256",
 ]
