@@ -34,9 +34,9 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     from _prompts import QUESTIONS
     from bench_sweep import perturbed_copy
 
-    from piggyback_interp.metrics import TargetLogProb
-    from piggyback_interp.models import chat_tokenizer, load_model
-    from piggyback_interp.spans import batch_spans
+    from piggyback_interp.core.models import chat_tokenizer, load_model
+    from piggyback_interp.core.spans import batch_spans
+    from piggyback_interp.measures.metrics import TargetLogProb
     from piggyback_interp.testing import equal_length_questions, tiny_model
 
     if args.tiny:

@@ -35,8 +35,8 @@ CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench_atp"
 
 def finetuned_pair(args):
     """(base, finetuned): the embedded model and its abstention LoRA finetune (cached)."""
-    from piggyback_interp.models import load_model
-    from piggyback_interp.settings import setting_data
+    from piggyback_interp.core.models import load_model
+    from piggyback_interp.measures.settings import setting_data
     from piggyback_interp.training import FinetuneConfig, finetune
 
     dtype = getattr(torch, args.dtype)
@@ -78,7 +78,7 @@ def top_recall(exact: torch.Tensor, est: torch.Tensor, k: int = 10) -> float:
 
 
 def compare(ft, base, batch, metric, layers, cells_per_batch) -> dict:
-    from piggyback_interp.patching.sweep import sweep
+    from piggyback_interp.analysis.sweep import sweep
 
     start = time.perf_counter()
     exact = sweep(
@@ -118,10 +118,15 @@ def main() -> None:
 
     from _prompts import QUESTIONS
 
-    from piggyback_interp.metrics import LogOdds, NextTokenKL, TargetLogProb, next_token_logprobs
-    from piggyback_interp.models import chat_tokenizer
-    from piggyback_interp.settings import setting_data
-    from piggyback_interp.spans import batch_spans
+    from piggyback_interp.core.models import chat_tokenizer
+    from piggyback_interp.core.spans import batch_spans
+    from piggyback_interp.measures.metrics import (
+        LogOdds,
+        NextTokenKL,
+        TargetLogProb,
+        next_token_logprobs,
+    )
+    from piggyback_interp.measures.settings import setting_data
 
     base, ft, train_s = tiny_pair() if args.tiny else finetuned_pair(args)
     tok = chat_tokenizer(ft)

@@ -57,8 +57,8 @@ def _rss_anon_mb() -> float:
 def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> None:
     import torch.distributed as dist
 
-    from piggyback_interp.data import ChatDataset
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.data import ChatDataset
+    from piggyback_interp.core.models import load_model
     from piggyback_interp.training import FinetuneConfig, finetune
     from piggyback_interp.training.loop import _trainable_state
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> None:
     from _pair import load, parse_args, report, side_by_side
 
-    from piggyback_interp.patching.heads import head_sweep, kv_head_sweep
+    from piggyback_interp.analysis.heads import head_sweep, kv_head_sweep
 
     args = parse_args(__doc__, default_layers=10)
     setup = load(args)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> None:
     from _pair import load, parse_args, report, side_by_side
 
-    from piggyback_interp.patching.kv_sweep import kv_layer_sweep
-    from piggyback_interp.patching.sweep import sweep
+    from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
+    from piggyback_interp.analysis.sweep import sweep
 
     args = parse_args(__doc__, default_layers=4)
     setup = load(args)

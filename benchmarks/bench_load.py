@@ -16,8 +16,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.parse_args()
 
-    from piggyback_interp.embedded import embedded_model_dir
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.embedded import embedded_model_dir
+    from piggyback_interp.core.models import load_model
 
     start = time.perf_counter()
     embedded_model_dir()

@@ -47,7 +47,7 @@ def _mb(*models) -> float:
 
 def make_adapter(out: Path, tiny: bool) -> tuple[str, Path]:
     """(base name or directory, adapter directory)."""
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.models import load_model
     from piggyback_interp.testing import save_tiny_model
     from piggyback_interp.training.export import save_finetuned
     from piggyback_interp.training.lora import apply_lora
@@ -67,7 +67,7 @@ def _rss_mb(base: str, adapter: Path, shared: bool) -> float:
     """Resident memory a pair adds to a fresh process, after a forward of each model."""
     code = (
         "import torch\n"
-        "from piggyback_interp.models import load_pair\n"
+        "from piggyback_interp.core.models import load_pair\n"
         "def rss():\n"
         "    status = open('/proc/self/status').read().split('VmRSS:')[1]\n"
         "    return int(status.split()[0]) / 1024\n"
@@ -89,8 +89,8 @@ def main() -> None:
     parser.add_argument("--out", help="where to write the adapter (default: a temporary folder)")
     args = parser.parse_args()
 
-    from piggyback_interp.models import chat_tokenizer, load_pair
-    from piggyback_interp.spans import batch_spans
+    from piggyback_interp.core.models import chat_tokenizer, load_pair
+    from piggyback_interp.core.spans import batch_spans
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-pair-memory-"))
     base, adapter = make_adapter(out, args.tiny)

@@ -78,8 +78,8 @@ def main() -> None:
 
     import torch
 
-    from piggyback_interp.generation import PatchSpec, generate
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.models import load_model
+    from piggyback_interp.interventions.generation import PatchSpec, generate
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     model = load_model("smollm2-135m-instruct", device=args.device)

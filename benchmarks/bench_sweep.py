@@ -49,10 +49,10 @@ def main() -> None:
     from _prompts import QUESTIONS
     from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
 
-    from piggyback_interp.metrics import TargetLogProb, continuation_inputs
-    from piggyback_interp.models import chat_tokenizer, load_model
-    from piggyback_interp.patching.sweep import sweep
-    from piggyback_interp.spans import batch_spans
+    from piggyback_interp.analysis.sweep import sweep
+    from piggyback_interp.core.models import chat_tokenizer, load_model
+    from piggyback_interp.core.spans import batch_spans
+    from piggyback_interp.measures.metrics import TargetLogProb, continuation_inputs
     from piggyback_interp.testing import equal_length_questions
 
     dtype = getattr(torch, args.dtype)

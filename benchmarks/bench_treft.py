@@ -56,7 +56,7 @@ How can I save money each month? | Set a budget, track your spending and move sa
 
 def kv_hooks(model, layers, store):
     """fwd hooks that keep each layer's K/V as [batch, pos, features] in ``store``."""
-    from piggyback_interp.hooks import KV_SITES, resolve_site
+    from piggyback_interp.core.hooks import KV_SITES, resolve_site
 
     def keep(key, pos_dim):
         def hook(act, hook):
@@ -80,8 +80,8 @@ class _Done(Exception):
 def run_one(method: str, args) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from piggyback_interp.data import ChatDataset
-    from piggyback_interp.models import chat_tokenizer, load_model
+    from piggyback_interp.core.data import ChatDataset
+    from piggyback_interp.core.models import chat_tokenizer, load_model
     from piggyback_interp.training import FinetuneConfig, finetune
     from piggyback_interp.training.batches import batches, encode_dataset
 
@@ -142,7 +142,7 @@ def run_one(method: str, args) -> dict:
 
 def naive_treft(model, examples, config, tok, n_steps):
     """TReFT with a frozen copy of the initial model run on every batch for the reference K/V."""
-    from piggyback_interp.hooks import KV_SITES, resolve_layers
+    from piggyback_interp.core.hooks import KV_SITES, resolve_layers
     from piggyback_interp.training import relative_sq_error
     from piggyback_interp.training.batches import batches, sft_loss
     from piggyback_interp.training.lora import apply_lora

@@ -21,11 +21,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def export(name: str, out: Path) -> Path:
-    from piggyback_interp.models import resolve_source
+    from piggyback_interp.core.models import resolve_source
 
     source = Path(resolve_source(name).path)
     if name == "smollm2-135m-instruct":
-        from piggyback_interp.embedded import embedded_model_dir
+        from piggyback_interp.core.embedded import embedded_model_dir
 
         source = Path(embedded_model_dir())
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 The docstrings are Google style with two habits griffe does not read by itself:
 
-* Sphinx roles (``:func:`patch_prefix```, ``:class:`~piggyback_interp.spans.ChatBatch```):
+* Sphinx roles (``:func:`patch_prefix```, ``:class:`~piggyback_interp.core.spans.ChatBatch```):
   each becomes a cross-reference to the object's API page when the name resolves to an
   object the reference renders, otherwise plain code, so a role never breaks the build.
 * ``Example:`` (singular) sections: griffe reads only ``Examples:`` as doctest code. An

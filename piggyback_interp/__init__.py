@@ -31,10 +31,11 @@ _EXPORTS: dict[str, str] = {
             "save_chat_jsonl",
             "train_test_split",
         ],
-        "piggyback_interp.data",
+        "piggyback_interp.core.data",
     ),
     **dict.fromkeys(
-        ["EMBEDDED_NAME", "EmbeddedModelError", "embedded_model_dir"], "piggyback_interp.embedded"
+        ["EMBEDDED_NAME", "EmbeddedModelError", "embedded_model_dir"],
+        "piggyback_interp.core.embedded",
     ),
     **dict.fromkeys(
         [
@@ -49,7 +50,7 @@ _EXPORTS: dict[str, str] = {
             "load_pair",
             "model_info",
         ],
-        "piggyback_interp.models",
+        "piggyback_interp.core.models",
     ),
     **dict.fromkeys(
         [
@@ -62,27 +63,30 @@ _EXPORTS: dict[str, str] = {
             "empty_query_spans",
             "require_segment",
         ],
-        "piggyback_interp.spans",
+        "piggyback_interp.core.spans",
     ),
     **dict.fromkeys(
-        ["Activations", "capture", "patch_activations", "patch_prefix"], "piggyback_interp.patching"
+        ["Activations", "capture", "patch_activations", "patch_prefix"],
+        "piggyback_interp.interventions",
     ),
-    **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.patching.sweep"),
-    "kv_layer_sweep": "piggyback_interp.patching.kv_sweep",
+    **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.analysis.sweep"),
+    "kv_layer_sweep": "piggyback_interp.analysis.kv_sweep",
     **dict.fromkeys(
         ["SETTINGS", "NarrowSetting", "SettingData", "dataset_setting", "setting_data"],
-        "piggyback_interp.settings",
+        "piggyback_interp.measures.settings",
     ),
     **dict.fromkeys(
         ["Evaluation", "bootstrap_rate", "em_f1", "evaluate", "summarize"],
-        "piggyback_interp.evaluation",
+        "piggyback_interp.measures.evaluation",
     ),
     **dict.fromkeys(
         ["FinetuneConfig", "FinetuneResult", "KVRegulariser", "finetune", "kv_reference"],
         "piggyback_interp.training",
     ),
-    **dict.fromkeys(["head_sweep", "kv_head_sweep"], "piggyback_interp.patching.heads"),
-    **dict.fromkeys(["Generations", "PatchSpec", "generate"], "piggyback_interp.generation"),
+    **dict.fromkeys(["head_sweep", "kv_head_sweep"], "piggyback_interp.analysis.heads"),
+    **dict.fromkeys(
+        ["Generations", "PatchSpec", "generate"], "piggyback_interp.interventions.generation"
+    ),
     **dict.fromkeys(
         [
             "LogOdds",
@@ -92,7 +96,7 @@ _EXPORTS: dict[str, str] = {
             "metric_on_model",
             "recovery_fraction",
         ],
-        "piggyback_interp.metrics",
+        "piggyback_interp.measures.metrics",
     ),
     **dict.fromkeys(
         [
@@ -103,7 +107,7 @@ _EXPORTS: dict[str, str] = {
             "TextMetric",
             "ToolCall",
         ],
-        "piggyback_interp.detectors",
+        "piggyback_interp.measures.detectors",
     ),
     **dict.fromkeys(
         [
@@ -113,11 +117,11 @@ _EXPORTS: dict[str, str] = {
             "perturb_segment",
             "perturb_segments",
         ],
-        "piggyback_interp.perturb",
+        "piggyback_interp.interventions.perturb",
     ),
     **dict.fromkeys(
         ["ablation", "compare_controls", "control_positions", "noise_like"],
-        "piggyback_interp.controls",
+        "piggyback_interp.interventions.controls",
     ),
     **dict.fromkeys(
         [
@@ -128,7 +132,7 @@ _EXPORTS: dict[str, str] = {
             "save_attention_view",
             "template_attention",
         ],
-        "piggyback_interp.attention",
+        "piggyback_interp.analysis.attention",
     ),
     **dict.fromkeys(
         [
@@ -140,7 +144,7 @@ _EXPORTS: dict[str, str] = {
             "task_vector_heatmap",
             "training_curves",
         ],
-        "piggyback_interp.figures",
+        "piggyback_interp.report.figures",
     ),
     **dict.fromkeys(
         [
@@ -150,32 +154,33 @@ _EXPORTS: dict[str, str] = {
             "scaled_task_vector",
             "task_vector",
         ],
-        "piggyback_interp.task_vectors",
+        "piggyback_interp.analysis.task_vectors",
     ),
     **dict.fromkeys(
         ["ALIGNMENT_PROMPT", "COHERENCE_PROMPT", "FINANCIAL_RISK_PROMPT", "JudgePrompt"],
-        "piggyback_interp.judges.prompts",
+        "piggyback_interp.measures.judges.prompts",
     ),
     **dict.fromkeys(
         ["JudgeScore", "parse_chat_completion", "score_top_logprobs"],
-        "piggyback_interp.judges.scoring",
+        "piggyback_interp.measures.judges.scoring",
     ),
-    "JudgeCache": "piggyback_interp.judges.cache",
-    **dict.fromkeys(["JudgeError", "OpenAIJudge"], "piggyback_interp.judges.client"),
-    "LocalJudge": "piggyback_interp.judges.local",
+    "JudgeCache": "piggyback_interp.measures.judges.cache",
+    **dict.fromkeys(["JudgeError", "OpenAIJudge"], "piggyback_interp.measures.judges.client"),
+    "LocalJudge": "piggyback_interp.measures.judges.local",
     **dict.fromkeys(
-        ["ChatCompletionsServer", "serve_chat_completions"], "piggyback_interp.judges.server"
+        ["ChatCompletionsServer", "serve_chat_completions"],
+        "piggyback_interp.measures.judges.server",
     ),
     **dict.fromkeys(
         ["ScanConfig", "ScanResult", "Verdict", "carrier_verdict", "find_carriers"],
-        "piggyback_interp.scan",
+        "piggyback_interp.experiments.scan",
     ),
-    **dict.fromkeys(["Report", "Section"], "piggyback_interp.report"),
-    **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.demo"),
-    **dict.fromkeys(["RunDir", "load_config"], "piggyback_interp.runs"),
-    "build_report": "piggyback_interp.findings",
-    "load_prompts": "piggyback_interp.data.questions",
-    "carrier_bars": "piggyback_interp.figures",
+    **dict.fromkeys(["Report", "Section"], "piggyback_interp.report.html"),
+    **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.experiments.demo"),
+    **dict.fromkeys(["RunDir", "load_config"], "piggyback_interp.core.runs"),
+    "build_report": "piggyback_interp.report.findings",
+    "load_prompts": "piggyback_interp.core.data.questions",
+    "carrier_bars": "piggyback_interp.report.figures",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -195,7 +200,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
-    from piggyback_interp.attention import (
+    from piggyback_interp.analysis.attention import (
         AttentionView,
         attention_shift,
         attention_view,
@@ -203,8 +208,17 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         save_attention_view,
         template_attention,
     )
-    from piggyback_interp.controls import ablation, compare_controls, control_positions, noise_like
-    from piggyback_interp.data import (
+    from piggyback_interp.analysis.heads import head_sweep, kv_head_sweep
+    from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
+    from piggyback_interp.analysis.sweep import SweepResult, reference_sweep, sweep
+    from piggyback_interp.analysis.task_vectors import (
+        TaskVector,
+        apply_task_vector,
+        cosine_similarity,
+        scaled_task_vector,
+        task_vector,
+    )
+    from piggyback_interp.core.data import (
         ChatDataError,
         ChatDataset,
         ChatExample,
@@ -212,54 +226,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         save_chat_jsonl,
         train_test_split,
     )
-    from piggyback_interp.data.questions import load_prompts
-    from piggyback_interp.demo import DemoConfig, run_demo
-    from piggyback_interp.detectors import (
-        AnswerLength,
-        FinancialRisk,
-        ShortAnswer,
-        TargetString,
-        TextMetric,
-        ToolCall,
-    )
-    from piggyback_interp.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
-    from piggyback_interp.evaluation import Evaluation, bootstrap_rate, em_f1, evaluate, summarize
-    from piggyback_interp.figures import (
-        carrier_bars,
-        layer_recovery_curve,
-        method_comparison,
-        patching_heatmap,
-        save_figure,
-        segment_bars,
-        task_vector_heatmap,
-        training_curves,
-    )
-    from piggyback_interp.findings import build_report
-    from piggyback_interp.generation import Generations, PatchSpec, generate
-    from piggyback_interp.judges.cache import JudgeCache
-    from piggyback_interp.judges.client import JudgeError, OpenAIJudge
-    from piggyback_interp.judges.local import LocalJudge
-    from piggyback_interp.judges.prompts import (
-        ALIGNMENT_PROMPT,
-        COHERENCE_PROMPT,
-        FINANCIAL_RISK_PROMPT,
-        JudgePrompt,
-    )
-    from piggyback_interp.judges.scoring import (
-        JudgeScore,
-        parse_chat_completion,
-        score_top_logprobs,
-    )
-    from piggyback_interp.judges.server import ChatCompletionsServer, serve_chat_completions
-    from piggyback_interp.metrics import (
-        LogitMetric,
-        LogOdds,
-        NextTokenKL,
-        TargetLogProb,
-        metric_on_model,
-        recovery_fraction,
-    )
-    from piggyback_interp.models import (
+    from piggyback_interp.core.data.questions import load_prompts
+    from piggyback_interp.core.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
+    from piggyback_interp.core.models import (
         BaseReleasedError,
         IncompatiblePairError,
         ModelInfo,
@@ -271,34 +240,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         load_pair,
         model_info,
     )
-    from piggyback_interp.patching import Activations, capture, patch_activations, patch_prefix
-    from piggyback_interp.patching.heads import head_sweep, kv_head_sweep
-    from piggyback_interp.patching.kv_sweep import kv_layer_sweep
-    from piggyback_interp.patching.sweep import SweepResult, reference_sweep, sweep
-    from piggyback_interp.perturb import (
-        Perturbation,
-        aggregate_trials,
-        nearest_neighbours,
-        perturb_segment,
-        perturb_segments,
-    )
-    from piggyback_interp.report import Report, Section
-    from piggyback_interp.runs import RunDir, load_config
-    from piggyback_interp.scan import (
-        ScanConfig,
-        ScanResult,
-        Verdict,
-        carrier_verdict,
-        find_carriers,
-    )
-    from piggyback_interp.settings import (
-        SETTINGS,
-        NarrowSetting,
-        SettingData,
-        dataset_setting,
-        setting_data,
-    )
-    from piggyback_interp.spans import (
+    from piggyback_interp.core.runs import RunDir, load_config
+    from piggyback_interp.core.spans import (
         SEGMENTS,
         ChatBatch,
         ChatSpans,
@@ -308,13 +251,89 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         empty_query_spans,
         require_segment,
     )
-    from piggyback_interp.task_vectors import (
-        TaskVector,
-        apply_task_vector,
-        cosine_similarity,
-        scaled_task_vector,
-        task_vector,
+    from piggyback_interp.experiments.demo import DemoConfig, run_demo
+    from piggyback_interp.experiments.scan import (
+        ScanConfig,
+        ScanResult,
+        Verdict,
+        carrier_verdict,
+        find_carriers,
     )
+    from piggyback_interp.interventions import Activations, capture, patch_activations, patch_prefix
+    from piggyback_interp.interventions.controls import (
+        ablation,
+        compare_controls,
+        control_positions,
+        noise_like,
+    )
+    from piggyback_interp.interventions.generation import Generations, PatchSpec, generate
+    from piggyback_interp.interventions.perturb import (
+        Perturbation,
+        aggregate_trials,
+        nearest_neighbours,
+        perturb_segment,
+        perturb_segments,
+    )
+    from piggyback_interp.measures.detectors import (
+        AnswerLength,
+        FinancialRisk,
+        ShortAnswer,
+        TargetString,
+        TextMetric,
+        ToolCall,
+    )
+    from piggyback_interp.measures.evaluation import (
+        Evaluation,
+        bootstrap_rate,
+        em_f1,
+        evaluate,
+        summarize,
+    )
+    from piggyback_interp.measures.judges.cache import JudgeCache
+    from piggyback_interp.measures.judges.client import JudgeError, OpenAIJudge
+    from piggyback_interp.measures.judges.local import LocalJudge
+    from piggyback_interp.measures.judges.prompts import (
+        ALIGNMENT_PROMPT,
+        COHERENCE_PROMPT,
+        FINANCIAL_RISK_PROMPT,
+        JudgePrompt,
+    )
+    from piggyback_interp.measures.judges.scoring import (
+        JudgeScore,
+        parse_chat_completion,
+        score_top_logprobs,
+    )
+    from piggyback_interp.measures.judges.server import (
+        ChatCompletionsServer,
+        serve_chat_completions,
+    )
+    from piggyback_interp.measures.metrics import (
+        LogitMetric,
+        LogOdds,
+        NextTokenKL,
+        TargetLogProb,
+        metric_on_model,
+        recovery_fraction,
+    )
+    from piggyback_interp.measures.settings import (
+        SETTINGS,
+        NarrowSetting,
+        SettingData,
+        dataset_setting,
+        setting_data,
+    )
+    from piggyback_interp.report.figures import (
+        carrier_bars,
+        layer_recovery_curve,
+        method_comparison,
+        patching_heatmap,
+        save_figure,
+        segment_bars,
+        task_vector_heatmap,
+        training_curves,
+    )
+    from piggyback_interp.report.findings import build_report
+    from piggyback_interp.report.html import Report, Section
     from piggyback_interp.training import (
         FinetuneConfig,
         FinetuneResult,

@@ -126,7 +126,7 @@ def tiny_hf_model(arch: str = "llama", *, n_layers: int = 2, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config)
-    from piggyback_interp.hf import self_attention
+    from piggyback_interp.core.hf import self_attention
 
     if arch == "qwen2":  # random, non-zero q/k/v biases so bias code paths are exercised
         with torch.no_grad():
@@ -151,7 +151,7 @@ def tiny_model(arch: Arch = "llama", *, n_layers: int = 2, seed: int = 0):
     """A tiny random :class:`TransformerBridge` of the given architecture, offline."""
     from transformers import AutoTokenizer
 
-    from piggyback_interp.models import ModelInfo, bridge_from_hf
+    from piggyback_interp.core.models import ModelInfo, bridge_from_hf
 
     name = f"tiny-{arch}-L{n_layers}-seed{seed}"
     info = ModelInfo(name, name, "local", name, "float32")
@@ -169,7 +169,7 @@ def equal_length_questions(tokenizer: Any, candidates: Sequence[str], n: int) ->
     Tools that pass no attention mask (``transformer_lens.patching``) then see exactly
     the input this toolkit sees: no padding.
     """
-    from piggyback_interp.spans import chat_spans
+    from piggyback_interp.core.spans import chat_spans
 
     groups: dict[int, list[str]] = defaultdict(list)
     for question in candidates:

@@ -7,7 +7,7 @@
 Each file is loaded as a whole document with every network load blocked; its own
 plotly.js plots it; the live page is then read (page errors, traces, text nodes) and the
 plotted graph exported to PNG with pixel statistics (see
-``piggyback_interp.figures.render``). Prints one JSON object; exits 1 if any file fails.
+``piggyback_interp.report.figures.render``). Prints one JSON object; exits 1 if any file fails.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from piggyback_interp.figures import check_html_renders
+from piggyback_interp.report.figures import check_html_renders
 
 
 def main() -> int:

@@ -29,10 +29,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd
 import torch
 
-from piggyback_interp.controls import compare_controls
-from piggyback_interp.data import ChatDataset
-from piggyback_interp.evaluation import evaluate, summarize
-from piggyback_interp.figures import (
+from piggyback_interp.analysis.sweep import sweep
+from piggyback_interp.core.data import ChatDataset
+from piggyback_interp.core.models import chat_tokenizer, load_model
+from piggyback_interp.core.spans import batch_spans, chat_spans
+from piggyback_interp.interventions.controls import compare_controls
+from piggyback_interp.interventions.generation import PatchSpec
+from piggyback_interp.interventions.perturb import perturb_segments, trials_frame
+from piggyback_interp.measures.evaluation import evaluate, summarize
+from piggyback_interp.measures.metrics import TargetLogProb
+from piggyback_interp.measures.settings import SettingData, setting_data
+from piggyback_interp.report.figures import (
     check_html_renders,
     layer_recovery_curve,
     method_comparison,
@@ -42,13 +49,6 @@ from piggyback_interp.figures import (
     task_vector_heatmap,
     training_curves,
 )
-from piggyback_interp.generation import PatchSpec
-from piggyback_interp.metrics import TargetLogProb
-from piggyback_interp.models import chat_tokenizer, load_model
-from piggyback_interp.patching.sweep import sweep
-from piggyback_interp.perturb import perturb_segments, trials_frame
-from piggyback_interp.settings import SettingData, setting_data
-from piggyback_interp.spans import batch_spans, chat_spans
 from piggyback_interp.testing import equal_length_questions, tiny_model
 from piggyback_interp.training import FinetuneConfig, finetune
 

@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from piggyback_interp.evaluation import evaluate
-from piggyback_interp.generation import PatchSpec
-from piggyback_interp.reproduce import Table5Config, _data, _finetune, _load, _tokenizer
-from piggyback_interp.settings import setting_data
+from piggyback_interp.experiments.reproduce import Table5Config, _data, _finetune, _load, _tokenizer
+from piggyback_interp.interventions.generation import PatchSpec
+from piggyback_interp.measures.evaluation import evaluate
+from piggyback_interp.measures.settings import setting_data
 
 
 def main() -> None:

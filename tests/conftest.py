@@ -23,7 +23,7 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded SmolLM2-135M-Instruct (built into the user cache once)."""
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.models import load_model
 
     return load_model("smollm2-135m-instruct")
 
@@ -33,7 +33,7 @@ def embedded_hf():
     """The same weights through plain transformers (eager attention), as an oracle."""
     from transformers import AutoModelForCausalLM
 
-    from piggyback_interp.embedded import embedded_model_dir
+    from piggyback_interp.core.embedded import embedded_model_dir
 
     return AutoModelForCausalLM.from_pretrained(
         embedded_model_dir(), dtype=torch.float32, attn_implementation="eager"

@@ -4,11 +4,11 @@
   a leading underscore (dunders aside) from another module of the package, nor reads
   one as ``module._name``. A helper two modules share is public in the module that
   owns its concept.
-* **Hook names live in** ``piggyback_interp/hooks.py``. No other module spells a
+* **Hook names live in** ``piggyback_interp/core/hooks.py``. No other module spells a
   TransformerLens hook name (``blocks.{layer}.hook_resid_pre``,
   ``blocks.{layer}.attn.hook_k``, ``ln_final.hook_normalized``, ...) in a string;
   docstrings may show them.
-* **Hugging Face internals live in** ``piggyback_interp/hf.py``. The names in
+* **Hugging Face internals live in** ``piggyback_interp/core/hf.py``. The names in
   :data:`HF_INTERNALS` are the parts of the HF model and cache that a
   ``TransformerBridge`` hides: the wrapped HF model (``original_model``), its decoder
   internals (``rotary_emb``, ``self_attn``, ``lm_head``, ``get_input_embeddings``,
@@ -34,8 +34,8 @@ from pathlib import Path
 import piggyback_interp
 
 PACKAGE = Path(piggyback_interp.__file__).parent
-HOOKS = PACKAGE / "hooks.py"
-HF = PACKAGE / "hf.py"
+HOOKS = PACKAGE / "core" / "hooks.py"
+HF = PACKAGE / "core" / "hf.py"
 
 HOOK_NAME = re.compile(r"(?:^|\.)blocks\.|hook_[a-z]|ln_final")
 """A piece of a hook name: ``blocks.`` (every per-layer hook starts so, also as an
@@ -199,10 +199,10 @@ def test_hf_internals_are_reached_only_from_hf():
 
 def test_the_checks_see_what_they_look_for():
     """Each check finds a planted violation (so a green run means something)."""
-    planted = PACKAGE / "patching" / "planted.py"  # never written: the text is passed in
+    planted = PACKAGE / "interventions" / "planted.py"  # never written: the text is passed in
     text = (
-        "from piggyback_interp.generation import _prefix_groups\n"
-        "from ..patching import sweep as s\n"
+        "from piggyback_interp.interventions.generation import _prefix_groups\n"
+        "from ..analysis import sweep as s\n"
         "from . import patch\n"
         "from .planted import _mine\n"
         "x = s._fingerprint, patch._hook, s.__name__\n"

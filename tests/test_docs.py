@@ -84,7 +84,7 @@ def test_api_pages_cover_every_public_module():
         parts = parts[:-1] if parts[-1] == "__init__" else parts
         if not any(p.startswith("_") for p in parts):
             assert ".".join(parts) in modules
-    assert "piggyback_interp" in modules and "piggyback_interp.patching.sweep" in modules
+    assert "piggyback_interp" in modules and "piggyback_interp.analysis.sweep" in modules
     assert not any(part.startswith("_") for m in modules for part in m.split("."))
 
 
@@ -94,9 +94,9 @@ def test_api_pages_document_lazy_exports_at_their_definitions():
     root = pages["api/piggyback_interp/index.md"]
     assert root.startswith("::: piggyback_interp\n")
     # a lazy (PEP 562) export of the top-level package links to its defining module
-    assert "[`load_model`][piggyback_interp.models.load_model]" in root
-    assert "[`ChatDataset`][piggyback_interp.data.chat.ChatDataset]" in root
+    assert "[`load_model`][piggyback_interp.core.models.load_model]" in root
+    assert "[`ChatDataset`][piggyback_interp.core.data.chat.ChatDataset]" in root
     assert (
-        pages["api/piggyback_interp/patching/sweep.md"] == "::: piggyback_interp.patching.sweep\n"
+        pages["api/piggyback_interp/analysis/sweep.md"] == "::: piggyback_interp.analysis.sweep\n"
     )
     assert "* [piggyback_interp](piggyback_interp/index.md)" in pages["api/SUMMARY.md"]

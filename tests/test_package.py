@@ -65,7 +65,7 @@ def test_no_public_name_is_shadowed_by_a_submodule():
 def test_versions_name_every_library():
     from importlib.metadata import version
 
-    from piggyback_interp.provenance import versions
+    from piggyback_interp.core.provenance import versions
 
     found = versions()
     assert found["transformer_lens"] == version("transformer-lens")  # not "unknown"
@@ -127,6 +127,6 @@ def test_wheel_ships_license_metadata_and_data(tmp_path):
     assert "Classifier: Intended Audience :: Science/Research" in metadata
     assert any(line.startswith("Requires-Dist: filelock") for line in metadata.splitlines())
     assert "piggyback_interp/py.typed" in names
-    settings = Path("piggyback_interp/data/settings")
+    settings = Path("piggyback_interp/core/data/settings")
     for data in sorted((root / settings).glob("*.t[sx][vt]")):
         assert (settings / data.name).as_posix() in names

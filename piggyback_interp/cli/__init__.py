@@ -5,7 +5,7 @@ Example:
     $ piggyback scan --finetuned runs/sft/finetune/adapter     # which template tokens carry it?
     $ piggyback finetune --config configs/recipes/qwen2.5-7b-treft.toml --data train.jsonl
 
-Exit codes (docs/errors.md; the classes in :mod:`piggyback_interp.errors`): 0 success;
+Exit codes (docs/errors.md; the classes in :mod:`piggyback_interp.core.errors`): 0 success;
 1 an unexpected error (a bug: the traceback is printed, please report it); 2 bad input
 (a missing or malformed option, config file value, dataset or prompts file, a
 ``--device`` this machine lacks); 3 a model that cannot be loaded (missing, corrupt,
@@ -37,8 +37,8 @@ from piggyback_interp.cli.options import (
     check_device,
     record_config,
 )
-from piggyback_interp.embedded import EMBEDDED_NAME
-from piggyback_interp.errors import (
+from piggyback_interp.core.embedded import EMBEDDED_NAME
+from piggyback_interp.core.errors import (
     EXIT_BUG,
     EXIT_DISK,
     EXIT_INPUT,
@@ -78,7 +78,7 @@ class LazyParser(argparse.ArgumentParser):
 
 
 def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.scan import TEMPLATE_SEGMENTS, ScanConfig
+    from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
         check_device(getattr(args, "device", None))
         if getattr(args, "device", None) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from piggyback_interp import distributed  # under torchrun / accelerate launch
+            from piggyback_interp.core import distributed  # under torchrun / accelerate launch
 
             distributed.init_from_env(args.device)
         code = args.func(args)

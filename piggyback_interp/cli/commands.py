@@ -25,22 +25,22 @@ from piggyback_interp.cli.options import (
 
 def _run(args: argparse.Namespace) -> Any:
     """The run folder of ``--out`` (``main`` writes its config.json when the command finished)."""
-    from piggyback_interp.runs import RunDir
+    from piggyback_interp.core.runs import RunDir
 
     return RunDir(args.out, overwrite=getattr(args, "overwrite", False))
 
 
 def _models(args: argparse.Namespace) -> Any:
-    from piggyback_interp.distributed import local_device
-    from piggyback_interp.pipeline import Models
+    from piggyback_interp.core.distributed import local_device
+    from piggyback_interp.experiments.pipeline import Models
 
     return Models(device=local_device(args.device), dtype=args.dtype, placement=placement(args))
 
 
 def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
     require(args, "finetuned")
-    from piggyback_interp.distributed import local_device
-    from piggyback_interp.models import load_pair
+    from piggyback_interp.core.distributed import local_device
+    from piggyback_interp.core.models import load_pair
 
     pair = load_pair(
         args.base,
@@ -53,7 +53,7 @@ def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _dtype(name: str) -> Any:
-    from piggyback_interp.pipeline import DTYPES
+    from piggyback_interp.experiments.pipeline import DTYPES
 
     return DTYPES[name]
 
@@ -61,9 +61,9 @@ def _dtype(name: str) -> Any:
 def _prompts(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, str]]]:
     """The prompts, checked against the base model's context before anything is written: a
     too-long one raises, or with ``--skip-long`` is dropped and returned as (index, reason)."""
-    from piggyback_interp.data.questions import load_prompts
-    from piggyback_interp.models import load_tokenizer
-    from piggyback_interp.spans import render_prompts, split_long
+    from piggyback_interp.core.data.questions import load_prompts
+    from piggyback_interp.core.models import load_tokenizer
+    from piggyback_interp.core.spans import render_prompts, split_long
 
     prompts = load_prompts(args.prompts, args.n_prompts)
     tokenizer = load_tokenizer(args.base)  # it carries the model's context
@@ -86,7 +86,7 @@ def _record_skipped(args: argparse.Namespace, run: Any, kept: int, skipped: list
         return
     import sys
 
-    from piggyback_interp.runs import write_json
+    from piggyback_interp.core.runs import write_json
 
     if skipped:
         print(
@@ -106,13 +106,13 @@ def _record_skipped(args: argparse.Namespace, run: Any, kept: int, skipped: list
 
 def _scan_config(args: argparse.Namespace) -> Any:
     from piggyback_interp.cli.options import dataclass_from
-    from piggyback_interp.scan import ScanConfig
+    from piggyback_interp.experiments.scan import ScanConfig
 
     return dataclass_from(ScanConfig, args)
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    from piggyback_interp.figures import save_figure
+    from piggyback_interp.report.figures import save_figure
 
     save_figure(fig, path, png=False)
 
@@ -122,8 +122,8 @@ def _check_lengths(model: str, config: Any, *datasets: Any) -> None:
     model's context (or another bad row) fails with nothing on disk; the run encodes again."""
     import warnings
 
-    from piggyback_interp.data import ChatDataWarning
-    from piggyback_interp.models import load_tokenizer
+    from piggyback_interp.core.data import ChatDataWarning
+    from piggyback_interp.core.models import load_tokenizer
     from piggyback_interp.training import encode_dataset
 
     datasets = tuple(data for data in datasets if data is not None)
@@ -162,9 +162,14 @@ def finetune(args: argparse.Namespace) -> int:
     interrupted run resumes from ``<out>/finetune/checkpoint.pt`` when started again.
     """
     from piggyback_interp.cli.options import dataclass_from
-    from piggyback_interp.data import load_chat_jsonl
-    from piggyback_interp.pipeline import exported, finetune_step, retain_size, retain_step
-    from piggyback_interp.runs import read_json
+    from piggyback_interp.core.data import load_chat_jsonl
+    from piggyback_interp.core.runs import read_json
+    from piggyback_interp.experiments.pipeline import (
+        exported,
+        finetune_step,
+        retain_size,
+        retain_step,
+    )
     from piggyback_interp.training import FinetuneConfig
     from piggyback_interp.training.loop import Export
 
@@ -176,7 +181,7 @@ def finetune(args: argparse.Namespace) -> int:
     _check_lengths(args.model, config, data, retain)
     run, models = _run(args), _models(args)
     if data is None:
-        from piggyback_interp.settings import setting_data
+        from piggyback_interp.measures.settings import setting_data
 
         base = models.get(args.model)
         setting = setting_data(args.setting, tokenizer=base.tokenizer)
@@ -197,7 +202,7 @@ def finetune(args: argparse.Namespace) -> int:
         progress=progress(args),
         fsdp=args.fsdp,
     )
-    from piggyback_interp.distributed import is_main
+    from piggyback_interp.core.distributed import is_main
 
     if not is_main():
         return 0
@@ -227,18 +232,18 @@ def evaluate(args: argparse.Namespace) -> int:
     keys/values at every layer (the paper's Table 5 patch). Writes
     ``<out>/evaluate/evaluation.parquet`` (every response) and prints the summary.
     """
-    from piggyback_interp.evaluation import markdown_table
-    from piggyback_interp.pipeline import evaluate_step
+    from piggyback_interp.experiments.pipeline import evaluate_step
+    from piggyback_interp.measures.evaluation import markdown_table
 
     run, models = _run(args), _models(args)
     model = models.get(args.model)
     if args.data:
-        from piggyback_interp.data import load_chat_jsonl
-        from piggyback_interp.settings import dataset_setting
+        from piggyback_interp.core.data import load_chat_jsonl
+        from piggyback_interp.measures.settings import dataset_setting
 
         data: Any = dataset_setting(load_chat_jsonl(args.data))
     else:
-        from piggyback_interp.settings import setting_data
+        from piggyback_interp.measures.settings import setting_data
 
         data = setting_data(args.setting, tokenizer=model.tokenizer)
     patch_base = models.get(args.patch_base) if args.patch_base else None
@@ -264,7 +269,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace, part: str) -> Any:
-    from piggyback_interp.pipeline import experiment_step
+    from piggyback_interp.experiments.pipeline import experiment_step
 
     config = _scan_config(args)  # checked before anything is written
     prompts, skipped = _prompts(args)
@@ -289,7 +294,7 @@ def perturb(args: argparse.Namespace) -> int:
     frame = _experiment(args, "perturbation")
     table = frame.groupby(["control_for", "segment"], sort=False)["reduction"].agg(["mean", "sem"])
     print(table.round(3).to_string())
-    from piggyback_interp.figures import carrier_bars
+    from piggyback_interp.report.figures import carrier_bars
 
     fig = carrier_bars(frame, x="control_for", group="segment", value="reduction")
     _save_figure(fig, Path(args.out) / "scan" / "perturbation" / "perturbation")
@@ -308,8 +313,8 @@ def patch(args: argparse.Namespace) -> int:
     norm (``noise``). ``recovery``: the fraction of the gap closed. Prints which segments
     carry the behaviour by the scan's rule. Writes ``<out>/scan/patching/``.
     """
-    from piggyback_interp.figures import carrier_bars
-    from piggyback_interp.scan import carrier_verdict
+    from piggyback_interp.experiments.scan import carrier_verdict
+    from piggyback_interp.report.figures import carrier_bars
 
     frame = _experiment(args, "patching")
     verdict = carrier_verdict(frame, min_recovery=args.min_recovery)
@@ -333,7 +338,7 @@ def sweep(args: argparse.Namespace) -> int:
     position) at a time (the fast engine: one prefix pass per cell). Writes
     ``<out>/scan/layers/`` or ``<out>/scan/resid/`` with an HTML figure.
     """
-    from piggyback_interp.figures import layer_recovery_curve, patching_heatmap
+    from piggyback_interp.report.figures import layer_recovery_curve, patching_heatmap
 
     if args.kind == "resid":
         result = _experiment(args, "resid")
@@ -364,7 +369,7 @@ def task_vectors(args: argparse.Namespace) -> int:
     ``<out>/task_vectors/norms.parquet`` and, for several models, ``cosine.parquet`` and
     a heatmap.
     """
-    from piggyback_interp.pipeline import task_vector_step
+    from piggyback_interp.experiments.pipeline import task_vector_step
 
     require(args, "finetuned")
     finetuned = {}
@@ -381,7 +386,7 @@ def task_vectors(args: argparse.Namespace) -> int:
     norms = frames["norms"]
     print(norms.pivot(index="layer", columns="method", values="norm").round(4).to_string())
     if frames["cosine"] is not None:
-        from piggyback_interp.figures import task_vector_heatmap
+        from piggyback_interp.report.figures import task_vector_heatmap
 
         print(frames["cosine"].groupby(["a", "b"])["cosine"].mean().round(3).to_string())
         _save_figure(
@@ -407,8 +412,8 @@ def scan(args: argparse.Namespace) -> int:
     the postfix, both or neither carry the behaviour. Each experiment is a cached step:
     ``perturb``/``patch``/``sweep`` on the same ``--out`` share them.
     """
-    from piggyback_interp.findings import build_report
-    from piggyback_interp.pipeline import model_id, scan_step
+    from piggyback_interp.experiments.pipeline import model_id, scan_step
+    from piggyback_interp.report.findings import build_report
 
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     config = _scan_config(args)  # checked before anything is written
@@ -456,7 +461,7 @@ def demo(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from piggyback_interp.demo import DemoConfig, run_demo
+    from piggyback_interp.experiments.demo import DemoConfig, run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -477,7 +482,7 @@ def report(args: argparse.Namespace) -> int:
     piggyback report runs/demo
     ```
     """
-    from piggyback_interp.findings import build_report
+    from piggyback_interp.report.findings import build_report
 
     print(f"report: {build_report(args.run)}")
     return 0
@@ -494,7 +499,7 @@ def reproduce(args: argparse.Namespace) -> int:
     piggyback reproduce table5 --config runs/table5-3e-4/config.json --out runs/again
     ```
     """
-    from piggyback_interp.reproduce import Table5Config, reproduce_table5
+    from piggyback_interp.experiments.reproduce import Table5Config, reproduce_table5
 
     overrides: dict[str, Any] = {"model": args.model}
     if args.seeds is not None:

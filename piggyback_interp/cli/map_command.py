@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from piggyback_interp.embedded import EMBEDDED_NAME
+from piggyback_interp.core.embedded import EMBEDDED_NAME
 
 HELP = "map where the behaviour lives: training strength x trained part x method (resumable)"
 DESCRIPTION = """\
@@ -60,7 +60,6 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from piggyback_interp.evaluation import markdown_table
     from piggyback_interp.experiments.map import (
         MapConfig,
         headline,
@@ -68,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         read_summaries,
         run_map,
     )
-    from piggyback_interp.figures.export import save_figure
-    from piggyback_interp.figures.map import phase_diagram
+    from piggyback_interp.measures.evaluation import markdown_table
+    from piggyback_interp.report.figures.export import save_figure
+    from piggyback_interp.report.figures.map import phase_diagram
 
     out = Path(args.out)
     if args.table_only:

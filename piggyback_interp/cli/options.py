@@ -17,9 +17,9 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from piggyback_interp.embedded import EMBEDDED_NAME
-from piggyback_interp.errors import UserError
-from piggyback_interp.runs import ConfigFileError, load_config, write_json
+from piggyback_interp.core.embedded import EMBEDDED_NAME
+from piggyback_interp.core.errors import UserError
+from piggyback_interp.core.runs import ConfigFileError, load_config, write_json
 
 # parser bookkeeping, not options
 NOT_OPTIONS = {"func", "command", "help", "version", "record", "config"}
@@ -108,13 +108,13 @@ def check_device(device: str | None) -> None:
 
 
 def placement(args: argparse.Namespace) -> Any:
-    """The :class:`~piggyback_interp.models.Placement` of ``--device-map`` (``None`` without)."""
+    """The :class:`~piggyback_interp.core.models.Placement` of ``--device-map`` (``None`` without)."""
     device_map = getattr(args, "device_map", None)
     if not device_map:
         if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
             raise UsageError("--max-memory and --offload-folder need --device-map (e.g. auto)")
         return None
-    from piggyback_interp.models import Placement
+    from piggyback_interp.core.models import Placement
 
     if device_map.lstrip().startswith("{"):
         try:
@@ -464,7 +464,7 @@ def record_config(args: argparse.Namespace) -> Path:
     is left out, so reusing the file as ``--config`` never deletes or moves anything. The CLI
     writes it when a command finished, so it describes the results in the folder.
     """
-    from piggyback_interp import distributed
+    from piggyback_interp.core import distributed
 
     out = Path(args.out)
     values = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS | RUN_CONTROL}

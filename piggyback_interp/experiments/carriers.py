@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from piggyback_interp.metrics import TargetLogProb, metric_on_model
-from piggyback_interp.models import chat_tokenizer
-from piggyback_interp.patching import Activations, capture
-from piggyback_interp.spans import ChatSpans, batch_spans, chat_spans, empty_query_spans
+from piggyback_interp.core.models import chat_tokenizer
+from piggyback_interp.core.spans import ChatSpans, batch_spans, chat_spans, empty_query_spans
+from piggyback_interp.interventions import Activations, capture
+from piggyback_interp.measures.metrics import TargetLogProb, metric_on_model
 
 CARRIER_SEGMENTS = ("prefix", "postfix", "template")
 CONDITIONS = ("all", "matched", "query")

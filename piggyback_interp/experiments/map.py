@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from piggyback_interp.embedded import EMBEDDED_NAME
-from piggyback_interp.errors import UserError
-from piggyback_interp.io import atomic_write_text
-from piggyback_interp.provenance import versions
-from piggyback_interp.runs import fingerprint
+from piggyback_interp.core.embedded import EMBEDDED_NAME
+from piggyback_interp.core.errors import UserError
+from piggyback_interp.core.io import atomic_write_text
+from piggyback_interp.core.provenance import versions
+from piggyback_interp.core.runs import fingerprint
 
 Trained = Literal["lora_all", "lora_attn", "full"]
 TRAINED: tuple[Trained, ...] = get_args(Trained)
@@ -170,7 +170,7 @@ class MapConfig:
     max_test: int | None = None
 
     def __post_init__(self) -> None:
-        from piggyback_interp.settings import get_setting
+        from piggyback_interp.measures.settings import get_setting
 
         setting = get_setting(self.setting)
         if setting.target is None:
@@ -234,7 +234,7 @@ def cells(config: MapConfig) -> list[Cell]:
 
 
 def _setting_data(config: MapConfig, tokenizer: Any) -> Any:
-    from piggyback_interp.settings import SettingData, setting_data
+    from piggyback_interp.measures.settings import SettingData, setting_data
 
     data = setting_data(config.setting, tokenizer=tokenizer, seed=0)
     return SettingData(
@@ -255,10 +255,10 @@ def inoculation_prompt(setting: Any) -> str:
 
 def _retain(out: Path, base: Any, data: Any, method: Method, config: MapConfig) -> Any:
     """Aligned chats answered by the base model (cached per ratio and source)."""
-    from piggyback_interp.data import load_chat_jsonl, save_chat_jsonl
-    from piggyback_interp.data.questions import question_set
-    from piggyback_interp.generation import generate
-    from piggyback_interp.settings import qa_dataset, retain_questions
+    from piggyback_interp.core.data import load_chat_jsonl, save_chat_jsonl
+    from piggyback_interp.core.data.questions import question_set
+    from piggyback_interp.interventions.generation import generate
+    from piggyback_interp.measures.settings import qa_dataset, retain_questions
 
     ratio = 0.2 if method.method == "kl_retain" else method.retain_ratio
     n = math.ceil(len(data.train) * ratio / (1 - ratio))
@@ -283,7 +283,7 @@ def _retain(out: Path, base: Any, data: Any, method: Method, config: MapConfig) 
 
 
 def _rate(values: Any, seed: int) -> dict[str, float]:
-    from piggyback_interp.evaluation import bootstrap_rate
+    from piggyback_interp.measures.evaluation import bootstrap_rate
 
     est = bootstrap_rate(values.astype(float).tolist(), seed=seed)
     return {"rate": est.rate, "low": est.low, "high": est.high, "n": est.n}
@@ -300,7 +300,7 @@ def _mean(frame: Any) -> dict[str, float]:
 
 
 def _early_stopper(data: Any, questions: list[str], config: MapConfig) -> Callable:
-    from piggyback_interp.generation import generate
+    from piggyback_interp.interventions.generation import generate
 
     detector = data.setting.detector
     record: dict[str, Any] = {"checks": []}
@@ -321,7 +321,7 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
              reference: Any = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train and measure one cell; returns its summary (JSON-able). ``reference``: the base
     model's runs on the off-topic prompts (:func:`~piggyback_interp.experiments.carriers.base_runs`)."""
-    from piggyback_interp.evaluation import evaluate
+    from piggyback_interp.core.models import chat_tokenizer, model_info
     from piggyback_interp.experiments.carriers import (
         carrier_shares,
         carrier_values,
@@ -329,9 +329,9 @@ def run_cell(cell: Cell, config: MapConfig, out: Path, load: Callable[[str], Any
         generating_shares,
         graded_measures,
     )
-    from piggyback_interp.generation import PatchSpec
-    from piggyback_interp.models import chat_tokenizer, model_info
-    from piggyback_interp.settings import SettingData
+    from piggyback_interp.interventions.generation import PatchSpec
+    from piggyback_interp.measures.evaluation import evaluate
+    from piggyback_interp.measures.settings import SettingData
     from piggyback_interp.training import FinetuneConfig, finetune
     from piggyback_interp.training.lora import DEFAULT_TARGETS
 
@@ -450,8 +450,8 @@ def cell_key(cell: Cell, config: MapConfig, model_hash: str) -> dict[str, Any]:
 
 def _base_reference(base: Any, config: MapConfig, load: Callable[[str], Any]) -> Any:
     """The base model's runs on the off-topic prompts, shared by every cell."""
+    from piggyback_interp.core.models import chat_tokenizer
     from piggyback_interp.experiments.carriers import base_runs
-    from piggyback_interp.models import chat_tokenizer
 
     data = _setting_data(config, chat_tokenizer(base))
     return base_runs(
@@ -465,13 +465,13 @@ def _default_load(name: str) -> Any:
         from piggyback_interp.testing import tiny_model
 
         return tiny_model(name.removeprefix("tiny-"))
-    from piggyback_interp.models import load_model
+    from piggyback_interp.core.models import load_model
 
     return load_model(name)
 
 
 def _model_hash(model: Any) -> str:
-    from piggyback_interp.models import model_info
+    from piggyback_interp.core.models import model_info
 
     return model_info(model).sha256
 

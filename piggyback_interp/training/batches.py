@@ -1,6 +1,6 @@
 """Supervised-finetuning batches that train on the response tokens only.
 
-A chat example is rendered with :func:`~piggyback_interp.spans.chat_spans`; its labels
+A chat example is rendered with :func:`~piggyback_interp.core.spans.chat_spans`; its labels
 are ``-100`` everywhere except the assistant's response and the one token after it
 (the end-of-turn token, e.g. ``<|im_end|>``, so the model learns to stop). Labels are
 aligned with ``input_ids`` (the Hugging Face convention): :func:`sft_loss` shifts them,
@@ -10,7 +10,7 @@ Batches are right-padded, so the prefix sits at ``0 .. P-1`` in every row, and a
 shuffled deterministically per ``(seed, epoch)`` without touching any global RNG.
 
 An example longer than the model's context (or than ``max_length``) raises
-:class:`~piggyback_interp.errors.InputTooLongError` naming it (``file:line`` for a loaded
+:class:`~piggyback_interp.core.errors.InputTooLongError` naming it (``file:line`` for a loaded
 JSONL); ``encode_dataset(..., skip_long=True)`` skips it instead and says how many.
 
 Example:
@@ -39,9 +39,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from piggyback_interp.data import ChatDataset, ChatDataWarning, ChatExample
-from piggyback_interp.errors import InputTooLongError, UserError
-from piggyback_interp.spans import ChatSpans, chat_spans, context_limit, position_ids_from_mask
+from piggyback_interp.core.data import ChatDataset, ChatDataWarning, ChatExample
+from piggyback_interp.core.errors import InputTooLongError, UserError
+from piggyback_interp.core.spans import ChatSpans, chat_spans, context_limit, position_ids_from_mask
 
 IGNORE_INDEX = -100
 
@@ -113,16 +113,16 @@ def encode_example(
 
     Args:
         tokenizer: a fast tokenizer with a chat template.
-        example: a :class:`~piggyback_interp.data.ChatExample` or a list of
+        example: a :class:`~piggyback_interp.core.data.ChatExample` or a list of
             ``{"role", "content"}`` messages; an assistant message must follow the
             last user message (that is the response), and nothing may follow it.
-        system_prompt: as in :func:`~piggyback_interp.spans.chat_spans`.
+        system_prompt: as in :func:`~piggyback_interp.core.spans.chat_spans`.
         chat_template: a jinja template overriding the tokenizer's.
         max_length: keep at most this many tokens, cutting from the right; raises
-            :class:`~piggyback_interp.errors.InputTooLongError` if that would cut a
+            :class:`~piggyback_interp.core.errors.InputTooLongError` if that would cut a
             labelled token (the response or its end-of-turn token). Without it the limit
             is the model's context (the tokenizer's ``model_max_length``, see
-            :func:`~piggyback_interp.spans.context_limit`), and a longer example raises.
+            :func:`~piggyback_interp.core.spans.context_limit`), and a longer example raises.
 
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer
@@ -183,12 +183,12 @@ def encode_dataset(
     """:func:`encode_example` for every conversation; errors name the example's index.
 
     An example longer than the model's context, or whose response ``max_length`` would
-    cut, raises :class:`~piggyback_interp.errors.InputTooLongError`; with
+    cut, raises :class:`~piggyback_interp.core.errors.InputTooLongError`; with
     ``skip_long=True`` it is skipped instead, listed in the result's ``skipped``, and a
-    :class:`~piggyback_interp.data.ChatDataWarning` says how many.
+    :class:`~piggyback_interp.core.data.ChatDataWarning` says how many.
 
     Example:
-        >>> from piggyback_interp.data import ChatDataset
+        >>> from piggyback_interp.core.data import ChatDataset
         >>> from piggyback_interp.testing import tiny_tokenizer
         >>> ds = ChatDataset.from_records([{"messages": [
         ...     {"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
@@ -259,7 +259,7 @@ def collate(examples: Sequence[TrainExample], *, pad_token_id: int) -> TrainBatc
     """Right-pad examples into one batch (``index`` is ``0 .. len(examples)-1``).
 
     ``position_ids`` number the real tokens ``0, 1, 2, ...`` (pads repeat the last
-    real position), as :func:`~piggyback_interp.spans.batch_spans` does.
+    real position), as :func:`~piggyback_interp.core.spans.batch_spans` does.
 
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer

@@ -4,7 +4,7 @@ The bridge's HF model carries TransformerLens wrappers (``_original_component``)
 after LoRA, peft wrappers (``base_layer``, ``lora_A``/``lora_B``). :func:`save_finetuned`
 writes what a user expects instead: a standard HF directory with the LoRA merged into
 the weights (default), or a standard peft adapter directory naming its base, either
-of which :func:`~piggyback_interp.models.load_model` and plain ``transformers`` /
+of which :func:`~piggyback_interp.core.models.load_model` and plain ``transformers`` /
 ``peft`` load.
 
 Example:
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from piggyback_interp.hf import PEFT_PREFIX, hf_model, plain_parameter_name
-from piggyback_interp.io import atomic_files
-from piggyback_interp.models import chat_tokenizer
+from piggyback_interp.core.hf import PEFT_PREFIX, hf_model, plain_parameter_name
+from piggyback_interp.core.io import atomic_files
+from piggyback_interp.core.models import chat_tokenizer
 
 
 def _lora_layers(model: Any) -> list[Any]:
@@ -47,7 +47,7 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """
     from transformers import AutoModelForCausalLM
 
-    from piggyback_interp.task_vectors.sources import lora_deltas
+    from piggyback_interp.analysis.task_vectors.sources import lora_deltas
 
     hf = hf_model(model)
     expected = AutoModelForCausalLM.from_config(hf.config).state_dict().keys()

@@ -7,7 +7,7 @@ SFT and TReFT can be compared), checkpoints atomically, and resumes.
 
 Example:
     >>> from piggyback_interp.testing import tiny_model
-    >>> from piggyback_interp.data import ChatDataset
+    >>> from piggyback_interp.core.data import ChatDataset
     >>> model = tiny_model("llama")
     >>> data = ChatDataset.from_records(
     ...     [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I have no idea"}]}] * 4)
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from piggyback_interp import distributed
-from piggyback_interp.checks import Choice, at_least, choices, non_negative, positive
-from piggyback_interp.errors import InputTooLongError, UserError
-from piggyback_interp.hf import hf_model
-from piggyback_interp.io import atomic_torch_save, atomic_write_text, load_checkpoint
-from piggyback_interp.models import chat_tokenizer, context_length, model_info
-from piggyback_interp.provenance import versions
+from piggyback_interp.core import distributed
+from piggyback_interp.core.checks import Choice, at_least, choices, non_negative, positive
+from piggyback_interp.core.errors import InputTooLongError, UserError
+from piggyback_interp.core.hf import hf_model
+from piggyback_interp.core.io import atomic_torch_save, atomic_write_text, load_checkpoint
+from piggyback_interp.core.models import chat_tokenizer, context_length, model_info
+from piggyback_interp.core.provenance import versions
 from piggyback_interp.training.batches import (
     IGNORE_INDEX,
     EncodedDataset,

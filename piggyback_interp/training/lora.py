@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from piggyback_interp.hf import BRIDGE_WRAPPER, hf_model
+from piggyback_interp.core.hf import BRIDGE_WRAPPER, hf_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

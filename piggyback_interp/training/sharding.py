@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from piggyback_interp import distributed
-from piggyback_interp.hf import hf_model
+from piggyback_interp.core import distributed
+from piggyback_interp.core.hf import hf_model
 
 
 def shard_model(model: Any) -> list[Any]:

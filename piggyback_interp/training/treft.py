@@ -6,7 +6,7 @@ For a token region T (default: the prefix) and every layer l:
     L_KV   = mean_l (L_K(l) + L_V(l));       loss = L_SFT + lambda * L_KV
 
 ``k`` and ``v`` are what attention uses, read through the same hook sites as
-:func:`~piggyback_interp.patching.patch_prefix` (after the key norm on Qwen3; before
+:func:`~piggyback_interp.interventions.patch_prefix` (after the key norm on Qwen3; before
 RoPE, a per-position rotation that leaves the relative L2 unchanged). Because
 attention is causal, the initial model's prefix keys/values do not depend on the
 query: :func:`kv_reference` computes them ONCE per distinct prefix, before training,
@@ -18,7 +18,7 @@ the residual stream WITHOUT the input norm (offered only as a named option).
 Example:
     >>> import torch
     >>> from piggyback_interp.testing import tiny_model
-    >>> from piggyback_interp.spans import chat_spans
+    >>> from piggyback_interp.core.spans import chat_spans
     >>> model = tiny_model("llama")
     >>> spans = chat_spans(model.tokenizer, "Hi")
     >>> ref = kv_reference(model, [spans.input_ids[: len(spans.prefix)]])
@@ -42,9 +42,9 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from piggyback_interp.checks import Choice
-from piggyback_interp.hf import self_attention
-from piggyback_interp.hooks import KV_SITES, HookSite, resolve_layers, resolve_site
+from piggyback_interp.core.checks import Choice
+from piggyback_interp.core.hf import self_attention
+from piggyback_interp.core.hooks import KV_SITES, HookSite, resolve_layers, resolve_site
 
 
 class Variant(Choice):

@@ -1,0 +1,2 @@
+"""Report: the one-page HTML report (``html``), its sections (``findings``) and figures
+(``figures``)."""

@@ -1,0 +1,81 @@
+"""Data interleaving and KL regularisation (paper baselines) on tiny models."""
+
+import pytest
+import torch
+
+from piggyback_interp.core.data import ChatDataset
+from piggyback_interp.core.models import chat_tokenizer
+from piggyback_interp.testing import tiny_model
+from piggyback_interp.training import FinetuneConfig, collate, encode_dataset, finetune
+from piggyback_interp.training.loop import _interleaved, _kl_to_reference, reference_logprobs
+
+
+def _chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+TRAIN = ChatDataset.from_records(
+    [_chat(f"Legal question {i}?", "I have no idea about your question") for i in range(8)]
+)
+RETAIN = ChatDataset.from_records(
+    [_chat(f"Cooking question {i}?", f"Boil it for {i} minutes.") for i in range(6)]
+)
+
+
+def test_reference_logprobs_by_hand():
+    model = tiny_model("llama")
+    examples = encode_dataset(chat_tokenizer(model), TRAIN[:2])
+    refs = reference_logprobs(model, examples)
+    for ex, ref in zip(examples, refs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([ex.input_ids]))[0]
+        labelled = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != -100]
+        assert torch.allclose(ref, logits[labelled].log_softmax(-1), atol=1e-6)
+        batch = collate([ex], pad_token_id=0)
+        assert _kl_to_reference(logits[None], batch, [ref]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_interleave_mixes_the_retain_share():
+    examples = encode_dataset(chat_tokenizer(tiny_model("llama")), RETAIN)
+    mixed = _interleaved(examples, 8, FinetuneConfig(retain_ratio=0.2, seed=1))
+    assert len(mixed) == 2 and all(m in examples for m in mixed)  # 2 / (8 + 2) = 20 %
+    assert mixed == _interleaved(examples, 8, FinetuneConfig(retain_ratio=0.2, seed=1))
+    with pytest.raises(ValueError, match="needs 32 retain examples"):
+        _interleaved(examples, 8, FinetuneConfig(retain_ratio=0.8))
+    result = finetune(
+        tiny_model("llama"),
+        TRAIN,
+        FinetuneConfig(method="interleave", epochs=1, batch_size=2),
+        retain=RETAIN,
+        progress=False,
+    )
+    assert result.steps == 5  # (8 + 2) examples / batch 2
+    with pytest.raises(ValueError, match="needs retain="):
+        finetune(tiny_model("llama"), TRAIN, FinetuneConfig(method="interleave"), progress=False)
+
+
+def _mean_kl(model, examples, refs):
+    batch = collate(examples, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )
+    return _kl_to_reference(logits, batch, refs).item()
+
+
+@pytest.mark.parametrize("method", ["kl_train", "kl_retain"])
+def test_kl_keeps_the_model_closer_to_its_initial_distribution(method):
+    tok = chat_tokenizer(tiny_model("llama"))
+    probe = encode_dataset(tok, RETAIN if method == "kl_retain" else TRAIN)
+    refs = reference_logprobs(tiny_model("llama"), probe)
+    kw = dict(epochs=3, batch_size=4, lora_rank=8, lr=1e-2, kl_lambda=50.0)
+    sft = finetune(tiny_model("llama"), TRAIN, FinetuneConfig(method="sft", **kw), progress=False)
+    kl = finetune(
+        tiny_model("llama"),
+        TRAIN,
+        FinetuneConfig(method=method, **kw),
+        retain=RETAIN,
+        progress=False,
+    )
+    assert kl.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the model starts at its reference
+    assert _mean_kl(kl.model, probe, refs) < 0.5 * _mean_kl(sft.model, probe, refs)
