@@ -1,0 +1,155 @@
+"""`piggyback scan` before and after a change, timed side by side on one machine.
+
+Runs the CLI command ``piggyback scan --finetuned ADAPTER`` (every layer, the 8 shipped
+general prompts, every other default) twice: with the package as it was at ``--before``
+(a git revision, checked out into a temporary worktree) and with the working tree. With
+``--parallel`` both run at once, each with ``--threads`` torch threads, so that they see
+the same machine load (the ratio is the reliable part on a shared machine); otherwise
+one after the other. Prints JSON: the wall seconds and per-step seconds of each, the
+ratio, and how far their numbers differ (segment patching, K/V layer patching and the
+perturbations must agree; the residual sweep is compared at the cells both patched
+exactly, and by its largest exactly patched cell).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scan.py --finetuned runs/demo/finetune/sft/adapter \
+        --before 58a90af --parallel --threads 1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("perturbation", "patching", "layers", "resid")
+
+
+def _command(code: Path, adapter: str, out: Path, threads: int) -> tuple[list[str], dict]:
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads)}
+    argv = [sys.executable, "-W", "ignore", "-m", "piggyback_interp.cli", "scan"]
+    argv += ["--finetuned", adapter, "--out", str(out), "--quiet"]
+    return argv, env
+
+
+def _parts(out: Path) -> dict:
+    from piggyback_interp.experiments.scan import load_part
+
+    return {step: load_part(step, out / "scan" / step) for step in STEPS}
+
+
+def _steps(out: Path) -> dict[str, float]:
+    run = json.loads((out / "run.json").read_text("utf-8"))
+    return {k.split("/")[-1]: round(v["seconds"] or 0, 1) for k, v in run["steps"].items()}
+
+
+def _max_diff(a, b, column: str) -> float:
+    return float((a[column] - b[column]).abs().max())
+
+
+def _exact(resid) -> list[tuple[int, int]]:
+    """The (layer, position) cells patched exactly (all of them without a pre-screen)."""
+    if resid.meta.get("method") == "atp_prescreen":
+        return [tuple(cell) for cell in resid.meta["exact_cells"]]
+    return [(layer, pos) for layer in resid.layers for pos in resid.positions]
+
+
+def _resid(before, after) -> dict:
+    """The largest exactly patched cell of each, and their difference where both are exact."""
+    out = {}
+    for name, resid in (("before", before), ("after", after)):
+        mean = resid.recovery().nanmean(0)
+        cells = _exact(resid)
+        values = [
+            float(mean[resid.layers.index(lay), resid.positions.index(pos)]) for lay, pos in cells
+        ]
+        best = max(range(len(cells)), key=values.__getitem__)
+        out[f"best_{name}"] = {"cell": list(cells[best]), "recovery": round(values[best], 4)}
+    both = set(_exact(before)) & set(_exact(after))
+    out["exact_cells_after"] = len(_exact(after))
+    out["max_abs_diff_at_exact_cells"] = max(
+        float(
+            (
+                before.values[:, before.layers.index(lay), before.positions.index(pos)]
+                - after.values[:, after.layers.index(lay), after.positions.index(pos)]
+            )
+            .abs()
+            .max()
+        )
+        for lay, pos in both
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--finetuned", required=True, help="the SFT adapter to scan")
+    parser.add_argument("--before", default="58a90af", help="git revision of the old code")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", action="store_true", help="run both at once")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        old = tmp / "before-code"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.before],
+            check=True,
+        )
+        try:
+            jobs = {
+                "before": _command(old, args.finetuned, tmp / "before", args.threads),
+                "after": _command(ROOT, args.finetuned, tmp / "after", args.threads),
+            }
+            wall = {}
+            if args.parallel:
+                start = time.perf_counter()
+                procs = {k: subprocess.Popen(a, env=e) for k, (a, e) in jobs.items()}
+                pending = dict(procs)
+                while pending:
+                    for k, p in list(pending.items()):
+                        if p.poll() is not None:
+                            if p.returncode:
+                                raise SystemExit(f"{k} scan failed ({p.returncode})")
+                            wall[k] = time.perf_counter() - start
+                            del pending[k]
+                    time.sleep(1)
+            else:
+                for k, (a, e) in jobs.items():
+                    start = time.perf_counter()
+                    subprocess.run(a, env=e, check=True)
+                    wall[k] = time.perf_counter() - start
+            before, after = _parts(tmp / "before"), _parts(tmp / "after")
+            result = {
+                "before_rev": args.before,
+                "threads": args.threads,
+                "parallel": args.parallel,
+                "before_s": round(wall["before"], 1),
+                "after_s": round(wall["after"], 1),
+                "ratio": round(wall["after"] / wall["before"], 3),
+                "before_steps": _steps(tmp / "before"),
+                "after_steps": _steps(tmp / "after"),
+                "max_abs_diff": {
+                    "perturbation_reduction": _max_diff(
+                        before["perturbation"], after["perturbation"], "reduction"
+                    ),
+                    "patching_recovery": _max_diff(
+                        before["patching"], after["patching"], "recovery"
+                    ),
+                    "layers_recovery": _max_diff(before["layers"], after["layers"], "recovery"),
+                },
+                "resid": _resid(before["resid"], after["resid"]),
+            }
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
+            )
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
