@@ -49,7 +49,7 @@ import plotly.graph_objects as go
 
 from piggyback_interp.core.display import format_value
 from piggyback_interp.core.io import atomic_write_text
-from piggyback_interp.report.figures.export import plotlyjs_path
+from piggyback_interp.report.figures.save import plotlyjs_path
 
 # keys of ``provenance`` shown in the header (the first one present wins)
 _WHEN_KEYS = ("created", "finished", "started", "date", "timestamp", "when")

@@ -37,8 +37,8 @@ from piggyback_interp.report.figures import (  # noqa: E402
     task_vector_heatmap,
     training_curves,
 )
-from piggyback_interp.report.figures import export as figure_export  # noqa: E402
-from piggyback_interp.report.figures._style import display_token  # noqa: E402
+from piggyback_interp.report.figures import save as figure_save  # noqa: E402
+from piggyback_interp.report.figures.style import display_token  # noqa: E402
 from piggyback_interp.testing import equal_length_questions, tiny_model  # noqa: E402
 from piggyback_interp.training import FinetuneConfig, finetune  # noqa: E402
 
@@ -442,7 +442,7 @@ def test_save_figure_html_is_standalone_and_png_is_a_real_image(tmp_path, sweep_
 def test_save_figure_without_static_export_writes_html_and_warns(tmp_path, monkeypatch):
     fig = go.Figure(go.Bar(y=[1, 2]))
     assert save_figure(fig, tmp_path / "a", png=False) == [tmp_path / "a.html"]
-    monkeypatch.setattr(figure_export, "kaleido_legacy_available", lambda: False)
+    monkeypatch.setattr(figure_save, "kaleido_legacy_available", lambda: False)
 
     def no_chrome(*args, **kwargs):
         raise RuntimeError("Kaleido requires Google Chrome to be installed")

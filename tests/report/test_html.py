@@ -11,7 +11,7 @@ import pytest
 
 import piggyback_interp.core.provenance as provenance_module
 import piggyback_interp.report.html as report_module
-from piggyback_interp.report.figures.export import plotlyjs_path, save_figure
+from piggyback_interp.report.figures.save import plotlyjs_path, save_figure
 from piggyback_interp.report.html import Report, Section, figure_has_data, markdown_html
 
 EVIL = "<script>alert('x')</script>"

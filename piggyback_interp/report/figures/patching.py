@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from piggyback_interp.analysis.sweep import SweepResult
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
     Z95,

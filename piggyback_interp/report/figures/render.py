@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from piggyback_interp.report.figures.export import kaleido_legacy_available
+from piggyback_interp.report.figures.save import kaleido_legacy_available
 
 _LOADER = r"""
 (function () {

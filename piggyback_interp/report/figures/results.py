@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from piggyback_interp.interventions.perturb import aggregate_trials
 from piggyback_interp.measures.evaluation import Evaluation
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
     html_escape,

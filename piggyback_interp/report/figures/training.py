@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     PALETTE,
     TEMPLATE,
     html_escape,
