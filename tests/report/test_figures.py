@@ -483,7 +483,7 @@ def test_no_global_renderer_or_template_changed(sweep_result, kv_result, finetun
     assert (pio.renderers.default, pio.templates.default) == (RENDERER, TEMPLATE)
 
 
-@pytest.mark.parametrize("name", ["__init__", "patching", "results", "training", "export"])
+@pytest.mark.parametrize("name", ["__init__", "patching", "results", "training", "save"])
 def test_doctests(name):
     import doctest
     import importlib
