@@ -175,7 +175,8 @@ _EXPORTS: dict[str, str] = {
         ["ScanConfig", "ScanResult", "Verdict", "carrier_verdict", "find_carriers"],
         "piggyback_interp.experiments.scan",
     ),
-    **dict.fromkeys(["Report", "Section"], "piggyback_interp.report.html"),
+    "Report": "piggyback_interp.report.html",
+    "Section": "piggyback_interp.report.sections",
     **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.experiments.demo"),
     **dict.fromkeys(["RunDir", "load_config"], "piggyback_interp.core.runs"),
     "build_report": "piggyback_interp.report.findings",
@@ -333,7 +334,8 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         training_curves,
     )
     from piggyback_interp.report.findings import build_report
-    from piggyback_interp.report.html import Report, Section
+    from piggyback_interp.report.html import Report
+    from piggyback_interp.report.sections import Section
     from piggyback_interp.training import (
         FinetuneConfig,
         FinetuneResult,

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         run_map,
     )
     from piggyback_interp.measures.evaluation import markdown_table
-    from piggyback_interp.report.figures.export import save_figure
     from piggyback_interp.report.figures.map import phase_diagram
+    from piggyback_interp.report.figures.save import save_figure
 
     out = Path(args.out)
     if args.table_only:

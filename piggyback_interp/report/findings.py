@@ -20,7 +20,8 @@ import pandas as pd
 
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.experiments.scan import GapMetric, ScanResult, percent
-from piggyback_interp.report.html import Section, duration
+from piggyback_interp.report.html import duration
+from piggyback_interp.report.sections import Section
 
 GAP_WORDS = {
     GapMetric.KL: "the KL divergence of the finetuned model's next-token distribution from the base "
@@ -413,7 +414,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     from piggyback_interp.core.runs import read_json
     from piggyback_interp.experiments.pipeline import load_graded
     from piggyback_interp.measures.evaluation import Evaluation
-    from piggyback_interp.report.html import Report, Section
+    from piggyback_interp.report.html import Report
 
     folder = Path(run_dir)
     record = read_json(folder / "run.json")

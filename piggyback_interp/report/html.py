@@ -2,10 +2,11 @@
 
 The page is one self-contained file: plotly.js (the copy inside the installed plotly
 package) is inlined once, every figure is an embedded plotly div, the CSS is inline, and
-nothing is loaded from the network, so it opens offline. Everything the caller supplies
-is HTML-escaped; section text takes a tiny markdown subset (blank-line paragraphs,
-`` `code` `` spans, ``**bold**``). The page is a pure function of its input: timestamps
-belong in ``provenance`` (``created``, ``finished`` or ``started``).
+nothing is loaded from the network, so it opens offline. This module lays out the page
+(header, contents, provenance, CSS); :mod:`piggyback_interp.report.sections` holds
+:class:`~piggyback_interp.report.sections.Section` and renders each one (escaped text in
+a tiny markdown subset, figures, tables). The page is a pure function of its input:
+timestamps belong in ``provenance`` (``created``, ``finished`` or ``started``).
 
 Example:
     >>> import tempfile, pandas as pd, plotly.graph_objects as go
@@ -33,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import json
 import numbers
 import os
@@ -44,57 +44,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import plotly.graph_objects as go
 
-from piggyback_interp.core.display import format_value
 from piggyback_interp.core.io import atomic_write_text
-from piggyback_interp.report.figures.export import plotlyjs_path
+from piggyback_interp.report.figures.save import plotlyjs_path
+from piggyback_interp.report.sections import (
+    Section,
+    escape,
+    inline_markdown,
+    markdown_html,
+    no_data_html,
+    section_html,
+)
 
 # keys of ``provenance`` shown in the header (the first one present wins)
 _WHEN_KEYS = ("created", "finished", "started", "date", "timestamp", "when")
 _MODEL_KEYS = ("model", "models", "model_name", "base_model", "base")
-_NUM = ' class="num"'
-_FIGURE_CONFIG = {"responsive": True, "displaylogo": False}
-# trace properties that hold a trace's data; a figure whose traces hold none is empty
-_DATA_KEYS = (
-    "x",
-    "y",
-    "z",
-    "values",
-    "labels",
-    "r",
-    "theta",
-    "lat",
-    "lon",
-    "locations",
-    "a",
-    "b",
-    "source",
-    "dimensions",
-    "cells",
-    "node",
-    "open",
-    "close",
-    "value",
-)
-
-
-@dataclass
-class Section:
-    """One part of a report: a finding, explanatory text, figures and tables.
-
-    ``text``: plain text with blank-line paragraphs, `` `code` `` spans and ``**bold**``.
-    ``tables``: ``(caption, frame)`` pairs; floats are shown to 3 significant digits,
-    the index only when it is named or not the default ``0..n-1``.
-    ``finding``: the one-sentence result, shown highlighted at the top of the section.
-    """
-
-    title: str
-    text: str = ""
-    figures: Sequence[go.Figure] = ()
-    tables: Sequence[tuple[str, pd.DataFrame]] = ()
-    finding: str | None = None
 
 
 @dataclass
@@ -125,7 +89,7 @@ class Report:
             _header(self),
             _toc(self.sections, ids),
             *(
-                _section(s, sid, i)
+                section_html(s, sid, i)
                 for i, (s, sid) in enumerate(zip(self.sections, ids, strict=True))
             ),
             _provenance(self.provenance),
@@ -138,7 +102,7 @@ class Report:
             "<!DOCTYPE html>\n"
             '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_esc(self.title)}</title>\n"
+            f"<title>{escape(self.title)}</title>\n"
             f"<style>{_CSS}</style>\n"
             f'<script type="text/javascript">{plotlyjs}</script>\n'
             '</head>\n<body>\n<main class="page">\n'
@@ -149,37 +113,6 @@ class Report:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the page to ``path`` atomically (temporary file + rename); returns the path."""
         return atomic_write_text(path, self.to_html())
-
-
-# ---------------------------------------------------------------- text
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _inline(text: str) -> str:
-    """Escape ``text``; `` `code` `` spans and ``**bold**`` (outside code) become markup."""
-    parts = re.split(r"`([^`\n]+)`", text)
-    out = []
-    for k, part in enumerate(parts):
-        if k % 2:
-            out.append(f"<code>{_esc(part)}</code>")
-        else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", _esc(part), flags=re.S))
-    return "".join(out)
-
-
-def markdown_html(text: str) -> str:
-    """The report's markdown subset as HTML: blank-line paragraphs, `` `code` ``, ``**bold**``;
-    everything else is escaped.
-
-    Example:
-        >>> markdown_html("A **bold** `x<y` claim.\\n\\n<script>")
-        '<p>A <strong>bold</strong> <code>x&lt;y</code> claim.</p>\\n<p>&lt;script&gt;</p>'
-    """
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-    return "\n".join(f"<p>{_inline(p)}</p>" for p in paragraphs)
 
 
 def duration(seconds: float | int | None) -> str:
@@ -253,16 +186,16 @@ def _header(report: Report) -> str:
     meta = []
     machine = _machine_name(prov.get("machine"))
     if report.wall_seconds is not None:
-        where = f" on {_esc(machine)}" if machine else ""
+        where = f" on {escape(machine)}" if machine else ""
         meta.append(f"Produced in <strong>{duration(float(report.wall_seconds))}</strong>{where}")
     elif machine:
-        meta.append(f"Run on {_esc(machine)}")
+        meta.append(f"Run on {escape(machine)}")
     when = next((prov[k] for k in _WHEN_KEYS if prov.get(k)), None)
     if when:
-        meta.append(_esc(when))
+        meta.append(escape(when))
     model = _model_name(prov)
     if model:
-        meta.append(f"{model[0]} <strong>{_esc(model[1])}</strong>")
+        meta.append(f"{model[0]} <strong>{escape(model[1])}</strong>")
     meta_html = f'<p class="meta">{" · ".join(meta)}</p>' if meta else ""
     detail = (
         f'<div class="verdict-detail">{markdown_html(report.verdict_detail)}</div>'
@@ -272,143 +205,23 @@ def _header(report: Report) -> str:
     return (
         "<header>\n"
         '<p class="kicker">Experiment report</p>\n'
-        f"<h1>{_esc(report.title)}</h1>\n"
+        f"<h1>{escape(report.title)}</h1>\n"
         f"{meta_html}\n"
         '<div class="verdict" role="note">'
         '<div class="verdict-label">Verdict</div>'
-        f'<p class="verdict-text">{_inline(report.verdict)}</p>{detail}</div>\n'
+        f'<p class="verdict-text">{inline_markdown(report.verdict)}</p>{detail}</div>\n'
         "</header>"
     )
 
 
 def _toc(sections: Sequence[Section], ids: Sequence[str]) -> str:
     items = [
-        f'<li><a href="#{sid}">{_esc(s.title)}</a></li>'
+        f'<li><a href="#{sid}">{escape(s.title)}</a></li>'
         for s, sid in zip(sections, ids, strict=True)
     ]
     items.append('<li><a href="#provenance">Provenance</a></li>')
     cls = "toc toc-long" if len(items) > 6 else "toc"
     return f'<nav class="{cls}"><h2>Contents</h2><ol>' + "".join(items) + "</ol></nav>"
-
-
-# ---------------------------------------------------------------- sections
-
-
-def _no_data(what: str) -> str:
-    return f'<div class="no-data">No data: {_esc(what)}</div>'
-
-
-def _nonempty(value: object) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, (str, bytes, Mapping)):
-        return len(value) > 0
-    try:
-        return len(value) > 0  # type: ignore[arg-type]
-    except TypeError:  # a scalar (an indicator's value)
-        return True
-
-
-def figure_has_data(fig: go.Figure) -> bool:
-    """False for a figure with no traces, or whose traces hold no data (``x``, ``y``,
-    ``z``, ``values``, ...).
-
-    Example:
-        >>> figure_has_data(go.Figure()), figure_has_data(go.Figure(go.Bar(y=[])))
-        (False, False)
-        >>> figure_has_data(go.Figure(go.Bar(y=[1])))
-        True
-    """
-    for trace in fig.data:
-        props = trace.to_plotly_json()
-        if any(_nonempty(props.get(key)) for key in _DATA_KEYS):
-            return True
-    return False
-
-
-def _figure_title(fig: go.Figure) -> str:
-    text = fig.layout.title.text if fig.layout.title is not None else None
-    return re.sub(r"<[^>]*>", " ", text).strip() if text else ""
-
-
-def _figure(fig: go.Figure, div_id: str) -> str:
-    if not isinstance(fig, go.Figure):
-        raise ValueError(f"Section.figures takes plotly Figures, got {type(fig).__name__}")
-    if not figure_has_data(fig):
-        title = _figure_title(fig)
-        return _no_data(f"the figure {title!r} has nothing to plot" if title else "empty figure")
-    div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=_FIGURE_CONFIG)
-    return f'<figure class="plot">{div}</figure>'
-
-
-def _format_cell(value: object) -> tuple[str, bool]:
-    """A cell's text and whether it is numeric (right-aligned)."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return "—", False
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value)), False
-    if isinstance(value, numbers.Real):
-        return format_value(value), True
-    return str(value), False
-
-
-def _label(value: object) -> str:
-    if isinstance(value, tuple):
-        return " / ".join(str(v) for v in value if str(v))
-    return str(value)
-
-
-def _meaningful_index(index: pd.Index) -> bool:
-    if any(name is not None for name in index.names):
-        return True
-    return not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
-
-
-def _table(caption: str, frame: pd.DataFrame) -> str:
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"Section.tables takes (caption, DataFrame), got {type(frame).__name__}")
-    cap = f"<figcaption>{_inline(caption)}</figcaption>" if caption else ""
-    if len(frame) == 0 or len(frame.columns) == 0:
-        return f'<figure class="table">{cap}{_no_data("the table has no rows")}</figure>'
-    show_index = _meaningful_index(frame.index)
-    index_names = [_label(n) if n is not None else "" for n in frame.index.names]
-    head = [f'<th scope="col">{_esc(n)}</th>' for n in index_names] if show_index else []
-    for col in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[col]) and not pd.api.types.is_bool_dtype(
-            frame[col]
-        )
-        head.append(f'<th scope="col"{_NUM if numeric else ""}>{_esc(_label(col))}</th>')
-    rows = []
-    for idx, row in zip(frame.index, frame.itertuples(index=False, name=None), strict=True):
-        cells = []
-        if show_index:
-            keys = idx if isinstance(idx, tuple) else (idx,)
-            cells += [f'<th scope="row">{_esc(_format_cell(k)[0])}</th>' for k in keys]
-        for value in row:
-            text, numeric = _format_cell(value)
-            cells.append(f"<td{_NUM if numeric else ''}>{_esc(text)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<figure class="table">{cap}<div class="table-wrap"><table>'
-        f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody>"
-        "</table></div></figure>"
-    )
-
-
-def _section(section: Section, sid: str, number: int) -> str:
-    parts = [f'<section id="{sid}">', f"<h2>{_esc(section.title)}</h2>"]
-    if section.finding:
-        parts.append(f'<p class="finding">{_inline(section.finding)}</p>')
-    if section.text.strip():
-        parts.append(f'<div class="text">{markdown_html(section.text)}</div>')
-    for k, fig in enumerate(section.figures):
-        parts.append(_figure(fig, f"fig-{number + 1}-{k + 1}"))
-    for caption, frame in section.tables:
-        parts.append(_table(caption, frame))
-    if len(parts) == 2:
-        parts.append(_no_data("this section has no content"))
-    parts.append("</section>")
-    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------- provenance
@@ -437,20 +250,20 @@ def _value_text(value: object) -> str:
 
 def _kv_row(key: str, value: object, nested: bool = False) -> str:
     cls = ' class="nested"' if nested else ""
-    return f'<tr{cls}><th scope="row">{_esc(key)}</th><td>{_esc(_value_text(value))}</td></tr>'
+    return f'<tr{cls}><th scope="row">{escape(key)}</th><td>{escape(_value_text(value))}</td></tr>'
 
 
 def _provenance(provenance: Mapping[str, Any]) -> str:
     if not provenance:
         return (
             '<section id="provenance"><h2>Provenance</h2>'
-            + _no_data("none recorded")
+            + no_data_html("none recorded")
             + "</section>"
         )
     rows = []
     for name, value in provenance.items():
         if isinstance(value, Mapping) and value:  # a group: its name, then its keys
-            rows.append(f'<tr class="group"><th colspan="2">{_esc(name)}</th></tr>')
+            rows.append(f'<tr class="group"><th colspan="2">{escape(name)}</th></tr>')
             rows += [_kv_row(key, item, nested=True) for key, item in _flatten(value)]
         else:
             rows.append(_kv_row(str(name), value))
@@ -458,7 +271,7 @@ def _provenance(provenance: Mapping[str, Any]) -> str:
     return (
         '<section id="provenance"><h2>Provenance</h2>'
         f'<div class="table-wrap"><table class="kv"><tbody>{"".join(rows)}</tbody></table></div>'
-        f"<details><summary>Full provenance (JSON)</summary><pre>{_esc(full)}</pre></details>"
+        f"<details><summary>Full provenance (JSON)</summary><pre>{escape(full)}</pre></details>"
         "</section>"
     )
 
@@ -543,4 +356,4 @@ footer { color: var(--muted); font-size: 13px; border-top: 1px solid var(--line)
 @media print { html { background: #fff; } .page { border: 0; margin: 0; max-width: none; } }
 """
 
-__all__ = ["Report", "Section", "duration", "figure_has_data", "markdown_html"]
+__all__ = ["Report", "duration"]

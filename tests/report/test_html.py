@@ -11,8 +11,9 @@ import pytest
 
 import piggyback_interp.core.provenance as provenance_module
 import piggyback_interp.report.html as report_module
-from piggyback_interp.report.figures.export import plotlyjs_path, save_figure
-from piggyback_interp.report.html import Report, Section, figure_has_data, markdown_html
+from piggyback_interp.report.figures.save import plotlyjs_path, save_figure
+from piggyback_interp.report.html import Report
+from piggyback_interp.report.sections import Section
 
 EVIL = "<script>alert('x')</script>"
 
@@ -72,13 +73,6 @@ def test_user_text_is_escaped_everywhere():
     assert f"<title>{EVIL}" not in page and "<code>&lt;script&gt;" in page
 
 
-def test_markdown_subset():
-    assert markdown_html("a **b** `c**d**` <e>\n\n\n  second  ") == (
-        "<p>a <strong>b</strong> <code>c**d**</code> &lt;e&gt;</p>\n<p>second</p>"
-    )
-    assert markdown_html("") == ""
-
-
 def test_plotlyjs_inlined_once_and_nothing_loaded_from_the_network():
     page = _report().to_html()
     rest = _without_plotlyjs(page)
@@ -103,38 +97,6 @@ def test_toc_links_match_section_ids():
     assert ids[-1] == "provenance"
 
 
-def test_empty_figure_table_and_section_show_no_data():
-    empty_table = pd.DataFrame({"a": pd.Series([], dtype=float)})
-    no_points = go.Figure(go.Scatter(x=[], y=[]))
-    no_points.update_layout(title="Cosines")
-    page = _report(
-        sections=[
-            Section("Empty", figures=[go.Figure(), no_points], tables=[("Nothing", empty_table)]),
-            Section("Blank"),
-        ],
-        provenance={},
-    ).to_html()
-    rest = _without_plotlyjs(page)
-    assert 'class="plotly-graph-div"' not in rest
-    assert "No data: empty figure" in rest and "No data: the figure &#x27;Cosines&#x27;" in rest
-    assert "No data: the table has no rows" in rest
-    assert "No data: this section has no content" in rest and "No data: none recorded" in rest
-    assert not figure_has_data(no_points) and figure_has_data(_figures()[0])
-
-
-def test_table_numbers_and_index():
-    frame = pd.DataFrame({"v": [0.123456, 12345.6, float("nan"), 2e-7], "k": [1, 2, 3, 4]})
-    page = _report(sections=[Section("T", tables=[("plain", frame)])]).to_html()
-    table = re.findall(r"<table>.*?</table>", page, re.S)[0]
-    cells = re.findall(r"<td[^>]*>([^<]*)</td>", table)
-    assert cells == ["0.123", "1", "12,300", "2", "—", "3", "2e-07", "4"]
-    assert '<th scope="row">' not in table  # the default 0..n-1 index is hidden
-    named = frame.set_index("k")
-    page = _report(sections=[Section("T", tables=[("named", named)])]).to_html()
-    table = re.findall(r"<table>.*?</table>", page, re.S)[0]
-    assert '<th scope="col">k</th>' in table and '<th scope="row">1</th>' in table
-
-
 def test_header_shows_wall_time_machine_when_and_model():
     page = _report().to_html()
     header = re.findall(r"<header>.*?</header>", page, re.S)[0]
@@ -149,6 +111,13 @@ def test_header_shows_wall_time_machine_when_and_model():
     ).to_html()
     header = re.findall(r"<header>.*?</header>", scan, re.S)[0]
     assert "models <strong>base: A, finetuned: B</strong>" in header and "45 s" in header
+
+
+def test_empty_sections_and_provenance_show_no_data():
+    page = _report(sections=[Section("Empty", figures=[go.Figure()])], provenance={}).to_html()
+    rest = _without_plotlyjs(page)
+    assert 'class="plotly-graph-div"' not in rest and "No data: empty figure" in rest
+    assert "No data: none recorded" in rest
 
 
 def test_to_html_is_deterministic():

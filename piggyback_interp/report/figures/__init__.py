@@ -23,10 +23,10 @@ Example:
 """
 
 from piggyback_interp.report.figures.carriers import carrier_bars
-from piggyback_interp.report.figures.export import figure_png, save_figure
 from piggyback_interp.report.figures.patching import layer_recovery_curve, patching_heatmap
 from piggyback_interp.report.figures.render import check_html_renders, png_stats
 from piggyback_interp.report.figures.results import method_comparison, segment_bars
+from piggyback_interp.report.figures.save import figure_png, save_figure
 from piggyback_interp.report.figures.training import task_vector_heatmap, training_curves
 
 __all__ = [

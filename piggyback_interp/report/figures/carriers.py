@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
     Z95,

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from piggyback_interp.report.figures._style import TEMPLATE, colour_map, require_columns
+from piggyback_interp.report.figures.style import TEMPLATE, colour_map, require_columns
 
 SERIES = {
     "on_topic": "on-topic rate (greedy)",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from piggyback_interp.analysis.sweep import SweepResult
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
     Z95,
@@ -74,6 +74,53 @@ def patching_heatmap(
     """
     if value not in ("recovery", "value"):
         raise ValueError(f"value must be 'recovery' or 'value', got {value!r}")
+    z, zmid = _heatmap_values(result, value, prompt)
+    n_layers, n_cells = z.shape
+    metric = str(result.meta.get("metric", "metric"))
+    labels = cell_labels(result)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_cells)),
+            y=[str(layer) for layer in result.layers],
+            zmid=zmid,
+            colorscale="RdBu",
+            colorbar={"title": {"text": "recovery" if value == "recovery" else metric}},
+            customdata=np.array([labels] * n_layers, dtype=object),  # [layers, cells]
+            hovertemplate=f"layer %{{y}}<br>%{{customdata}}<br>{value} %{{z:.3f}}<extra></extra>",
+            name=value,
+        )
+    )
+    _add_segments(fig, list(result.segments))
+    who = "mean over prompts" if prompt is None else f"prompt {prompt}"
+    site = result.meta.get("site")
+    default_title = (
+        f"Patching {site + ' ' if site else ''}per layer and position: {value} of {metric} ({who})"
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": html_escape(title or default_title)},
+        height=max(440, 24 * n_layers + 300),
+        margin={"t": 110, "b": 120},
+    )
+    fig.update_xaxes(
+        title_text="position and token",
+        tickmode="array",
+        tickvals=list(range(n_cells)),
+        ticktext=[html_escape(label) for label in labels],
+        tickangle=-60 if n_cells > 6 else 0,
+        range=[-0.5, n_cells - 0.5],
+        showgrid=False,
+    )
+    fig.update_yaxes(title_text="layer", type="category", showgrid=False)
+    return fig
+
+
+def _heatmap_values(
+    result: SweepResult, value: str, prompt: int | None
+) -> tuple[np.ndarray, float]:
+    """(z [layers, cells], zmid): the recovery or raw value, averaged over prompts (NaN
+    left out) or of one prompt; zmid is 0 for recovery, else the mean clean value."""
     n_prompts, n_layers, n_cells = result.values.shape
     if n_layers != len(result.layers) or n_cells != len(result.positions):
         raise ValueError(
@@ -86,28 +133,16 @@ def patching_heatmap(
         )
     rows = slice(None) if prompt is None else slice(prompt, prompt + 1)
     data = (result.recovery() if value == "recovery" else result.values)[rows]
-    z = torch.nanmean(data.double(), dim=0).numpy()  # [layers, cells]
+    z = torch.nanmean(data.double(), dim=0).numpy()
     zmid = 0.0 if value == "recovery" else float(result.clean[rows].double().mean())
-    metric = str(result.meta.get("metric", "metric"))
-    labels = cell_labels(result)
-    x = list(range(n_cells))
-    hover = np.array([labels] * n_layers, dtype=object)  # [layers, cells]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=x,
-            y=[str(layer) for layer in result.layers],
-            zmid=zmid,
-            colorscale="RdBu",
-            colorbar={"title": {"text": "recovery" if value == "recovery" else metric}},
-            customdata=hover,
-            hovertemplate=f"layer %{{y}}<br>%{{customdata}}<br>{value} %{{z:.3f}}<extra></extra>",
-            name=value,
-        )
-    )
-    # segments: a coloured strip above the map, dashed lines between runs
-    runs = _runs(list(result.segments))
-    colours = colour_map(ordered(result.segments, SEGMENT_ORDER))
+    return z, zmid
+
+
+def _add_segments(fig: go.Figure, segments: list[str]) -> None:
+    """A coloured, labelled strip above the map per run of one segment, dashed lines
+    between runs."""
+    runs = _runs(segments)
+    colours = colour_map(ordered(segments, SEGMENT_ORDER))
     for label, first, last in runs:
         fig.add_shape(
             type="rect",
@@ -144,28 +179,6 @@ def patching_heatmap(
             line={"color": "black", "width": 1, "dash": "dash"},
             name="segment boundary",
         )
-    who = "mean over prompts" if prompt is None else f"prompt {prompt}"
-    site = result.meta.get("site")
-    default_title = (
-        f"Patching {site + ' ' if site else ''}per layer and position: {value} of {metric} ({who})"
-    )
-    fig.update_layout(
-        template=TEMPLATE,
-        title={"text": html_escape(title or default_title)},
-        height=max(440, 24 * n_layers + 300),
-        margin={"t": 110, "b": 120},
-    )
-    fig.update_xaxes(
-        title_text="position and token",
-        tickmode="array",
-        tickvals=x,
-        ticktext=[html_escape(label) for label in labels],
-        tickangle=-60 if n_cells > 6 else 0,
-        range=[-0.5, n_cells - 0.5],
-        showgrid=False,
-    )
-    fig.update_yaxes(title_text="layer", type="category", showgrid=False)
-    return fig
 
 
 # ---------------------------------------------------------------- recovery curves
@@ -262,41 +275,7 @@ def layer_recovery_curve(
     colours = colour_map(per_unit)
     fig = go.Figure()
     for label, (layers, matrix) in per_unit.items():
-        mean, se, n = mean_se(matrix)
-        colour = colours[label]
-        band = np.isfinite(se)
-        if band.any():
-            xs = [layer for layer, b in zip(layers, band, strict=True) if b]
-            upper, lower = (mean + Z95 * se)[band], (mean - Z95 * se)[band]
-            fig.add_trace(
-                go.Scatter(
-                    x=xs + xs[::-1],
-                    y=np.concatenate([upper, lower[::-1]]),
-                    mode="lines",
-                    fill="toself",
-                    fillcolor=with_alpha(colour, 0.2),
-                    line={"width": 0},
-                    hoverinfo="skip",
-                    showlegend=False,
-                    legendgroup=label,
-                    name=f"{label} ± 1.96 SE",
-                )
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=mean,
-                mode="lines+markers",
-                line={"color": colour, "width": 2},
-                name=label,
-                legendgroup=label,
-                customdata=np.stack([se, n], axis=-1),
-                hovertemplate=(
-                    f"{label}<br>layer %{{x}}<br>recovery %{{y:.3f}} ± %{{customdata[0]:.3f}} SE"
-                    f" (n=%{{customdata[1]}})<extra></extra>"
-                ),
-            )
-        )
+        _add_curve(fig, label, layers, matrix, colours[label])
     fig.add_hline(y=0, line={"color": "grey", "dash": "dot", "width": 1})
     fig.add_hline(y=1, line={"color": "grey", "dash": "dash", "width": 1})
     fig.update_layout(
@@ -311,6 +290,46 @@ def layer_recovery_curve(
     if len(all_layers) <= 32:  # a tick at every layer that has a point
         fig.update_xaxes(tickmode="array", tickvals=all_layers)
     return fig
+
+
+def _add_curve(
+    fig: go.Figure, label: str, layers: list[int], matrix: np.ndarray, colour: str
+) -> None:
+    """One condition: its 95% band (mean ± 1.96 SE, where there is an SE) and its mean line."""
+    mean, se, n = mean_se(matrix)
+    band = np.isfinite(se)
+    if band.any():
+        xs = [layer for layer, b in zip(layers, band, strict=True) if b]
+        upper, lower = (mean + Z95 * se)[band], (mean - Z95 * se)[band]
+        fig.add_trace(
+            go.Scatter(
+                x=xs + xs[::-1],
+                y=np.concatenate([upper, lower[::-1]]),
+                mode="lines",
+                fill="toself",
+                fillcolor=with_alpha(colour, 0.2),
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=label,
+                name=f"{label} ± 1.96 SE",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=layers,
+            y=mean,
+            mode="lines+markers",
+            line={"color": colour, "width": 2},
+            name=label,
+            legendgroup=label,
+            customdata=np.stack([se, n], axis=-1),
+            hovertemplate=(
+                f"{label}<br>layer %{{x}}<br>recovery %{{y:.3f}} ± %{{customdata[0]:.3f}} SE"
+                f" (n=%{{customdata[1]}})<extra></extra>"
+            ),
+        )
+    )
 
 
 __all__ = ["cell_labels", "layer_recovery_curve", "patching_heatmap"]

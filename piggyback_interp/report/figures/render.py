@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from piggyback_interp.report.figures.export import kaleido_legacy_available
+from piggyback_interp.report.figures.save import kaleido_legacy_available
 
 _LOADER = r"""
 (function () {
@@ -235,15 +235,33 @@ def check_html_renders(
         raise RuntimeError(
             "the render check needs kaleido 0.2.1: pip install 'piggyback-interp[png]'"
         )
-    from kaleido.scopes.plotly import PlotlyScope
-
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("pass at least one HTML file")
     for p in paths:
         if not p.is_file():
             raise ValueError(f"no such file: {p}")
-    htmls = [p.read_text("utf-8") for p in paths]
+    reports = _browse([p.read_text("utf-8") for p in paths], width, height, timeout)
+    out = []
+    for path, report in zip(paths, reports, strict=True):
+        graphs = report.get("graphs") or []
+        for k, graph in enumerate(graphs):
+            data_url = graph.pop("png_data", None)
+            if png_dir is not None and data_url:
+                suffix = "rendered" if k == 0 else f"rendered-{k + 1}"
+                graph["rendered_png"] = str(
+                    _write_png(Path(png_dir) / f"{path.stem}.{suffix}.png", data_url)
+                )
+        first = {key: graphs[0][key] for key in _FIRST_GRAPH if graphs and key in graphs[0]}
+        out.append({"path": str(path), "ok": _verdict(report, expect_graphs), **report, **first})
+    return out
+
+
+def _browse(htmls: list[str], width: int, height: int, timeout: float) -> list[dict[str, Any]]:
+    """The loader's raw JSON report per page: all pages checked in one kaleido request,
+    its Chromium stopped afterwards (kaleido loses its page context after the iframes)."""
+    from kaleido.scopes.plotly import PlotlyScope
+
     files = json.dumps(htmls).replace("<", "\\u003c")  # safe inside an inline <script>
     loader = (
         _LOADER.replace("__FILES__", files)
@@ -273,24 +291,16 @@ def check_html_renders(
             raise TimeoutError(f"the headless browser did not answer within {timeout} s")
         if "error" in answer:
             raise RuntimeError(f"the headless browser failed: {answer['error']}")
-    reports = json.loads(answer["out"].decode("utf-8"))
-    out = []
-    for path, report in zip(paths, reports, strict=True):
-        graphs = report.get("graphs") or []
-        for k, graph in enumerate(graphs):
-            data_url = graph.pop("png_data", None)
-            if png_dir is not None and data_url:
-                import base64
+    return json.loads(answer["out"].decode("utf-8"))
 
-                from piggyback_interp.core.io import atomic_write_bytes
 
-                suffix = "rendered" if k == 0 else f"rendered-{k + 1}"
-                target = Path(png_dir) / f"{path.stem}.{suffix}.png"
-                atomic_write_bytes(target, base64.b64decode(data_url.split(",", 1)[1]))
-                graph["rendered_png"] = str(target)
-        first = {key: graphs[0][key] for key in _FIRST_GRAPH if graphs and key in graphs[0]}
-        out.append({"path": str(path), "ok": _verdict(report, expect_graphs), **report, **first})
-    return out
+def _write_png(target: Path, data_url: str) -> Path:
+    """Write a ``data:image/png;base64,...`` URL's bytes to ``target`` atomically."""
+    import base64
+
+    from piggyback_interp.core.io import atomic_write_bytes
+
+    return atomic_write_bytes(target, base64.b64decode(data_url.split(",", 1)[1]))
 
 
 # ---------------------------------------------------------------- PNG files

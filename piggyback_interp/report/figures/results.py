@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from piggyback_interp.interventions.perturb import aggregate_trials
 from piggyback_interp.measures.evaluation import Evaluation
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
     html_escape,
@@ -63,50 +63,11 @@ def segment_bars(
         >>> [t.name for t in fig.data], list(fig.data[0].y)
         (['Best', 'Avg'], [92.1, 63.8])
     """
-    if isinstance(results, pd.DataFrame):
-        if results.empty:
-            raise ValueError("the trials frame has no rows")
-        aggs = _aggregates(results, higher_is_better)
-    else:
-        if not results:
-            raise ValueError("pass at least one segment: {segment: aggregate_trials(...)}")
-        aggs = {str(k): v for k, v in results.items()}
-        for segment, agg in aggs.items():
-            if "best" not in agg or "avg" not in agg:
-                raise ValueError(
-                    f"segment {segment!r} needs 'best' and 'avg' (aggregate_trials' output), "
-                    f"got {sorted(agg)}"
-                )
-        aggs = {k: aggs[k] for k in ordered(aggs, SEGMENT_ORDER)}
+    aggs = _segment_aggregates(results, higher_is_better)
     segments = list(aggs)
     fig = go.Figure()
     for key, name, colour in (("best", "Best", "#4C78A8"), ("avg", "Avg", "#9ECAE9")):
-        values = [float(aggs[s][key]) for s in segments]
-        ses = [float(aggs[s].get(f"{key}_se", math.nan)) for s in segments]
-        has_se = any(math.isfinite(v) for v in ses)
-        fig.add_trace(
-            go.Bar(
-                x=segments,
-                y=values,
-                name=name,
-                marker_color=colour,
-                error_y={
-                    "type": "data",
-                    "array": [v if math.isfinite(v) else 0.0 for v in ses],
-                    "visible": has_se,
-                },
-                text=[f"{v:.3g}" for v in values],
-                textposition="outside",
-                customdata=[
-                    [se, aggs[s].get("n_prompts", math.nan)]
-                    for s, se in zip(segments, ses, strict=True)
-                ],
-                hovertemplate=(
-                    f"{name}, %{{x}}: %{{y:.3f}} ± %{{customdata[0]:.3f}} SE"
-                    " (%{customdata[1]} prompts)<extra></extra>"
-                ),
-            )
-        )
+        fig.add_trace(_segment_bar(aggs, segments, key, name, colour))
     if unperturbed is not None:
         line = {"color": "black", "dash": "dash", "width": 1}
         fig.add_hline(y=unperturbed, line=line, name="unperturbed")
@@ -130,6 +91,55 @@ def segment_bars(
         height=420,
     )
     return fig
+
+
+def _segment_aggregates(
+    results: pd.DataFrame | Mapping[str, Aggregate], higher_is_better: bool
+) -> dict[str, Aggregate]:
+    """``{segment: aggregate}`` in segment order, from a trials frame or checked aggregates."""
+    if isinstance(results, pd.DataFrame):
+        if results.empty:
+            raise ValueError("the trials frame has no rows")
+        return _aggregates(results, higher_is_better)
+    if not results:
+        raise ValueError("pass at least one segment: {segment: aggregate_trials(...)}")
+    aggs = {str(k): v for k, v in results.items()}
+    for segment, agg in aggs.items():
+        if "best" not in agg or "avg" not in agg:
+            raise ValueError(
+                f"segment {segment!r} needs 'best' and 'avg' (aggregate_trials' output), "
+                f"got {sorted(agg)}"
+            )
+    return {k: aggs[k] for k in ordered(aggs, SEGMENT_ORDER)}
+
+
+def _segment_bar(
+    aggs: Mapping[str, Aggregate], segments: list[str], key: str, name: str, colour: str
+) -> go.Bar:
+    """The ``key`` ("best" or "avg") bars of every segment, ± 1 SE where there is one."""
+    values = [float(aggs[s][key]) for s in segments]
+    ses = [float(aggs[s].get(f"{key}_se", math.nan)) for s in segments]
+    has_se = any(math.isfinite(v) for v in ses)
+    return go.Bar(
+        x=segments,
+        y=values,
+        name=name,
+        marker_color=colour,
+        error_y={
+            "type": "data",
+            "array": [v if math.isfinite(v) else 0.0 for v in ses],
+            "visible": has_se,
+        },
+        text=[f"{v:.3g}" for v in values],
+        textposition="outside",
+        customdata=[
+            [se, aggs[s].get("n_prompts", math.nan)] for s, se in zip(segments, ses, strict=True)
+        ],
+        hovertemplate=(
+            f"{name}, %{{x}}: %{{y:.3f}} ± %{{customdata[0]:.3f}} SE"
+            " (%{customdata[1]} prompts)<extra></extra>"
+        ),
+    )
 
 
 # ---------------------------------------------------------------- method comparison
@@ -239,24 +249,10 @@ def method_comparison(
         raise ValueError(f"methods {unknown} are not in the summary ({ordered(frame['method'])})")
     settings = ordered(frame["setting"]) if "setting" in frame.columns else [None]
     n_rows = 2 if not em.empty else 1
-    titles = [str(s) if s is not None else "" for s in settings]
-    if n_rows == 2:
-        titles += [f"EM-F1 ({s})" if s is not None else "EM-F1" for s in settings]
-    fig = make_subplots(
-        rows=n_rows,
-        cols=len(settings),
-        subplot_titles=titles,
-        shared_yaxes="rows",
-        vertical_spacing=0.18,
-        row_heights=[0.62, 0.38] if n_rows == 2 else None,
-    )
+    fig = _panels(settings, n_rows)
     names = SPLIT_NAMES.get(metric, {"on_topic": "on-topic", "off_topic": "off-topic"})
-
-    def rows_of(part: pd.DataFrame, setting: object) -> pd.DataFrame:
-        return part if setting is None else part[part["setting"] == setting]
-
     for col, setting in enumerate(settings, start=1):
-        part = rows_of(main, setting)
+        part = _of_setting(main, setting)
         for split in SPLIT_COLOURS:
             cells = [part[(part["method"] == m) & (part["split"] == split)] for m in order]
             if any(len(c) > 1 for c in cells):
@@ -264,7 +260,7 @@ def method_comparison(
             bars = _bars(order, cells, names[split], SPLIT_COLOURS[split], legendgroup=split)
             fig.add_trace(bars.update(showlegend=col == 1), row=1, col=col)
         if n_rows == 2:
-            part = rows_of(em, setting)
+            part = _of_setting(em, setting)
             cells = [part[part["method"] == m] for m in order]
             bars = _bars(order, cells, "EM-F1", "#54A24B", legendgroup="em_f1")
             fig.add_trace(bars.update(showlegend=col == 1), row=2, col=col)
@@ -282,6 +278,26 @@ def method_comparison(
         legend_title_text="split",
     )
     return fig
+
+
+def _panels(settings: list[object], n_rows: int) -> go.Figure:
+    """One column of panels per setting: the metric, and EM-F1 below when ``n_rows == 2``."""
+    titles = [str(s) if s is not None else "" for s in settings]
+    if n_rows == 2:
+        titles += [f"EM-F1 ({s})" if s is not None else "EM-F1" for s in settings]
+    return make_subplots(
+        rows=n_rows,
+        cols=len(settings),
+        subplot_titles=titles,
+        shared_yaxes="rows",
+        vertical_spacing=0.18,
+        row_heights=[0.62, 0.38] if n_rows == 2 else None,
+    )
+
+
+def _of_setting(part: pd.DataFrame, setting: object) -> pd.DataFrame:
+    """The rows of one setting (all rows where the summary has no ``setting``)."""
+    return part if setting is None else part[part["setting"] == setting]
 
 
 __all__ = ["method_comparison", "segment_bars"]

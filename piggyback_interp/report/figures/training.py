@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from piggyback_interp.report.figures._style import (
+from piggyback_interp.report.figures.style import (
     PALETTE,
     TEMPLATE,
     html_escape,
@@ -103,98 +103,115 @@ def training_curves(
     if drift not in ("heatmap", "lines"):
         raise ValueError(f"drift must be 'heatmap' or 'lines', got {drift!r}")
     histories = _runs(runs)
-    n_drift = len(histories) if drift == "heatmap" else 1
+    fig = _subplots(list(histories), drift)
+    for i, (label, history) in enumerate(histories.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        _add_loss_traces(fig, label, history, colour)
+        if drift == "heatmap":
+            _add_drift_heatmap(fig, label, history, row=3 + i)
+        else:
+            _add_drift_lines(fig, label, history, dash=_DASHES[i % len(_DASHES)])
+    _layout(fig, histories, drift, title)
+    return fig
+
+
+_DASHES = ("solid", "dash", "dot", "dashdot", "longdash")  # one per run (drift lines)
+
+
+def _subplots(labels: list[str], drift: str) -> go.Figure:
+    """The empty panels: SFT loss, L_KV, then the drift (a heatmap per run, or one panel)."""
     titles = ["SFT loss (response tokens)", "regulariser L_KV (unweighted; KL dashed)"]
-    titles += (
-        [f"prefix drift per layer: {label}" for label in histories]
-        if drift == "heatmap"
-        else ["prefix drift per layer"]
-    )
-    fig = make_subplots(
+    if drift == "heatmap":
+        titles += [f"prefix drift per layer: {label}" for label in labels]
+    else:
+        titles += ["prefix drift per layer"]
+    n_drift = len(titles) - 2
+    return make_subplots(
         rows=2 + n_drift,
         cols=1,
         shared_xaxes=True,
         subplot_titles=[html_escape(t) for t in titles],
         vertical_spacing=0.06 if n_drift > 1 else 0.09,
     )
-    colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(histories)}
-    dashes = ("solid", "dash", "dot", "dashdot", "longdash")
-    z_max = max(np.nanmax(drift_matrix(h)[2]) for h in histories.values())
-    for i, (label, history) in enumerate(histories.items()):
-        steps = [int(e["step"]) for e in history]
-        colour = colours[label]
+
+
+def _add_loss_traces(fig: go.Figure, label: str, history: History, colour: str) -> None:
+    """SFT loss (row 1), L_KV and, for the KL baselines, the KL term dashed (row 2)."""
+    steps = [int(e["step"]) for e in history]
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=[float(e["sft"]) for e in history],
+            name=label,
+            legendgroup=label,
+            line={"color": colour},
+            mode="lines",
+        ),
+        row=1,
+        col=1,
+    )
+    terms = [("kv", "L_KV", {"color": colour})]
+    if any("kl" in e for e in history):
+        terms.append(("kl", "KL", {"color": colour, "dash": "dash"}))
+    for key, name, line in terms:
         fig.add_trace(
             go.Scatter(
                 x=steps,
-                y=[float(e["sft"]) for e in history],
-                name=label,
-                legendgroup=label,
-                line={"color": colour},
-                mode="lines",
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=[float(e["kv"]) for e in history],
-                name=f"{label} L_KV",
+                y=[float(e.get(key, np.nan)) for e in history],
+                name=f"{label} {name}",
                 legendgroup=label,
                 showlegend=False,
-                line={"color": colour},
+                line=line,
                 mode="lines",
             ),
             row=2,
             col=1,
         )
-        if any("kl" in e for e in history):
-            fig.add_trace(
-                go.Scatter(
-                    x=steps,
-                    y=[float(e.get("kl", np.nan)) for e in history],
-                    name=f"{label} KL",
-                    legendgroup=label,
-                    showlegend=False,
-                    line={"color": colour, "dash": "dash"},
-                    mode="lines",
-                ),
-                row=2,
-                col=1,
-            )
-        d_steps, layers, z = drift_matrix(history)
-        if drift == "heatmap":
-            fig.add_trace(
-                go.Heatmap(
-                    x=d_steps,
-                    y=[str(layer) for layer in layers],
-                    z=z,
-                    coloraxis="coloraxis",
-                    name=f"{label} drift",
-                    hovertemplate=f"{label}<br>step %{{x}}<br>layer %{{y}}<br>drift %{{z:.4g}}<extra></extra>",
-                ),
-                row=3 + i,
-                col=1,
-            )
-            fig.update_yaxes(title_text="layer", type="category", row=3 + i, col=1)
-        else:
-            for j, layer in enumerate(layers):
-                fig.add_trace(
-                    go.Scatter(
-                        x=d_steps,
-                        y=z[j],
-                        name=f"{label} layer {layer}",
-                        legendgroup=f"drift-{label}",
-                        showlegend=False,
-                        mode="lines",
-                        line={
-                            "color": _layer_colour(j, len(layers)),
-                            "dash": dashes[i % len(dashes)],
-                        },
-                    ),
-                    row=3,
-                    col=1,
-                )
+
+
+def _add_drift_heatmap(fig: go.Figure, label: str, history: History, row: int) -> None:
+    """One run's drift as a heatmap (x = step, y = layer) on the shared colour axis."""
+    steps, layers, z = drift_matrix(history)
+    fig.add_trace(
+        go.Heatmap(
+            x=steps,
+            y=[str(layer) for layer in layers],
+            z=z,
+            coloraxis="coloraxis",
+            name=f"{label} drift",
+            hovertemplate=f"{label}<br>step %{{x}}<br>layer %{{y}}<br>drift %{{z:.4g}}<extra></extra>",
+        ),
+        row=row,
+        col=1,
+    )
+    fig.update_yaxes(title_text="layer", type="category", row=row, col=1)
+
+
+def _add_drift_lines(fig: go.Figure, label: str, history: History, dash: str) -> None:
+    """One run's drift as one line per layer (coloured by layer, dashed by run), row 3."""
+    steps, layers, z = drift_matrix(history)
+    for j, layer in enumerate(layers):
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=z[j],
+                name=f"{label} layer {layer}",
+                legendgroup=f"drift-{label}",
+                showlegend=False,
+                mode="lines",
+                line={"color": _layer_colour(j, len(layers)), "dash": dash},
+            ),
+            row=3,
+            col=1,
+        )
+
+
+def _layout(
+    fig: go.Figure, histories: Mapping[str, History], drift: str, title: str | None
+) -> None:
+    """Axis titles, the drift colour scale (0 to the largest drift), title and height."""
+    n_drift = len(histories) if drift == "heatmap" else 1
+    z_max = max(np.nanmax(drift_matrix(h)[2]) for h in histories.values())
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="L_KV", row=2, col=1)
     if drift == "lines":
@@ -212,7 +229,6 @@ def training_curves(
         height=260 + 170 * (2 + n_drift),
         legend_title_text="run",
     )
-    return fig
 
 
 def _layer_colour(j: int, n: int) -> str:
