@@ -18,6 +18,7 @@ from typing import Any
 
 from piggyback_interp.cli.options import (
     UsageError,
+    add_common,
     add_dataclass,
     add_device,
     add_pair,
@@ -31,6 +32,12 @@ from piggyback_interp.cli.options import (
 
 def add_scan_options(p: argparse.ArgumentParser) -> None:
     """The options of ``scan`` and of its parts (``perturb``, ``patch``, ``sweep``)."""
+    add_common(p, out="runs/scan")
+    add_scan_inputs(p)
+
+
+def add_scan_inputs(p: argparse.ArgumentParser) -> None:
+    """The models, prompts, device and :class:`ScanConfig` options of a scan command."""
     from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)

@@ -6,15 +6,10 @@ import argparse
 from pathlib import Path
 
 from piggyback_interp.cli.common import add_scan_options, save_figure_html, scan_part
-from piggyback_interp.cli.options import add_common
 
 HELP = "perturb template segments vs the query"
 RECORD = True  # write <out>/config.json when the command finished
-
-
-def add_options(p: argparse.ArgumentParser) -> None:
-    add_common(p, out="runs/scan")
-    add_scan_options(p)
+add_options = add_scan_options  # the scan's options, --out runs/scan
 
 
 def run(args: argparse.Namespace) -> int:

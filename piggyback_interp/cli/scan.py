@@ -7,15 +7,11 @@ import dataclasses
 import time
 
 from piggyback_interp.cli.common import add_scan_options, scan_inputs
-from piggyback_interp.cli.options import add_common, progress
+from piggyback_interp.cli.options import progress
 
 HELP = "find which template tokens carry a finetuned behaviour"
 RECORD = True  # write <out>/config.json when the command finished
-
-
-def add_options(p: argparse.ArgumentParser) -> None:
-    add_common(p, out="runs/scan")
-    add_scan_options(p)
+add_options = add_scan_options  # the scan's options, --out runs/scan
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from piggyback_interp.cli.common import add_scan_options, save_figure_html, scan_part
+from piggyback_interp.cli.common import add_scan_inputs, save_figure_html, scan_part
 from piggyback_interp.cli.options import add_common
 
 HELP = "layer sweeps: K/V per layer, residual per cell"
@@ -20,7 +20,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default="kv-layers",
         help="kv-layers: K/V one layer at a time; resid: layer x prefix position",
     )
-    add_scan_options(p)
+    add_scan_inputs(p)
 
 
 def run(args: argparse.Namespace) -> int:
