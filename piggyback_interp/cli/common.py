@@ -37,7 +37,8 @@ def add_scan_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_scan_inputs(p: argparse.ArgumentParser) -> None:
-    """The models, prompts, device and :class:`ScanConfig` options of a scan command."""
+    """The models, prompts and device options of a scan command, and one per field of
+    :class:`~piggyback_interp.experiments.scan.ScanConfig`."""
     from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
