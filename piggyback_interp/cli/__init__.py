@@ -22,22 +22,24 @@ import errno
 import os
 import sys
 import traceback
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
-from piggyback_interp.cli import commands, map_command
-from piggyback_interp.cli.options import (
-    add_common,
-    add_config,
-    add_dataclass,
-    add_device,
-    add_pair,
-    add_prompts,
-    apply_config_file,
-    check_device,
-    record_config,
+from piggyback_interp.cli import (
+    demo,
+    evaluate,
+    finetune,
+    patch,
+    perturb,
+    report,
+    reproduce,
+    scan,
+    sweep,
+    task_vectors,
 )
-from piggyback_interp.core.embedded import EMBEDDED_NAME
+from piggyback_interp.cli import map as map_
+from piggyback_interp.cli.options import apply_config_file, check_device, record_config
 from piggyback_interp.core.errors import (
     EXIT_BUG,
     EXIT_DISK,
@@ -51,8 +53,9 @@ from piggyback_interp.core.errors import (
 
 
 class LazyParser(argparse.ArgumentParser):
-    """A subcommand parser that adds its dataclass options (which import torch) only when used,
-    so ``piggyback --help`` and the other commands do not wait for them."""
+    """A subcommand parser that adds its options (its module's ``add_options``, which may
+    import torch) only when used, so ``piggyback --help`` and the other commands do not wait
+    for them."""
 
     def __init__(self, *args, options=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -77,59 +80,35 @@ class LazyParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
-def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
-
-    add_pair(p)
-    add_prompts(p, n=8)
-    add_device(p)
-    add_dataclass(p, ScanConfig, choices={"segments": TEMPLATE_SEGMENTS})
-    p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
-
-
-def _finetune_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.training import FinetuneConfig
-
-    p.add_argument(
-        "--model", default=EMBEDDED_NAME, help="model to finetune (default: %(default)s)"
-    )
-    p.add_argument("--data", metavar="FILE", help="training chats: messages-format JSONL")
-    p.add_argument("--setting", help="or a shipped narrow setting: abstention, refusal, ...")
-    p.add_argument("--retain", metavar="FILE", help="aligned chats for interleave / kl_retain")
-    add_device(p, placement=False)
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun / accelerate launch: shard weights, gradients and optimizer state "
-        "over the processes (FSDP2) instead of a whole copy in each; same result",
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo a finetune run with other inputs")
-    add_dataclass(p, FinetuneConfig, defaults={"export": "adapter"})
+COMMANDS: tuple[types.ModuleType, ...] = (
+    demo,
+    finetune,
+    evaluate,
+    perturb,
+    patch,
+    sweep,
+    task_vectors,
+    scan,
+    report,
+    reproduce,
+    map_,
+)
+"""Every subcommand, in the order ``piggyback --help`` lists them. A command is one module of
+this package, named after it (``task_vectors`` is ``piggyback task-vectors``), holding
+``HELP`` (its one line), ``RECORD`` (write ``<out>/config.json`` when it finished),
+``add_options(parser)``, ``run(args) -> int`` (whose docstring is its page in the docs) and
+optionally ``DESCRIPTION`` (its ``--help`` text, when longer than ``HELP``). Adding a command
+is adding such a module and a line here. The modules import torch only inside their functions:
+the options of a command are added when it is parsed (:class:`LazyParser`)."""
 
 
-def _evaluate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=EMBEDDED_NAME, help="model to evaluate (default: %(default)s)"
-    )
-    p.add_argument("--setting", default="abstention", help="shipped setting (default: %(default)s)")
-    p.add_argument("--data", metavar="FILE", help="or your own chat JSONL (one fixed response)")
-    p.add_argument("--patch-base", metavar="MODEL", help="answer under this model's prefix K/V")
-    p.add_argument("--limit", type=int, help="questions per split (default: all)")
-    p.add_argument("--max-new-tokens", type=int, help="default: the setting's")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="prompts per generation batch (default: %(default)s)",
-    )
-    add_device(p)
-    p.add_argument("--overwrite", action="store_true", help="redo an evaluation with other inputs")
+def command_name(module: types.ModuleType) -> str:
+    """The command a module of :data:`COMMANDS` is: its name, ``-`` for ``_``."""
+    return module.__name__.rpartition(".")[2].replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``piggyback`` parser: one subcommand per concept of the toolkit."""
+    """The ``piggyback`` parser: one subcommand per module of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="piggyback",
         description="Find, patch and fix the chat-template tokens that carry finetuned behaviour.",
@@ -141,110 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=LazyParser
     )
-
-    def command(name: str, func, help: str, out: str, options=None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, options=options)
-        if out:
-            add_common(p, out=out)
-        # record: write <out>/config.json when the command finished
-        p.set_defaults(func=func, record=bool(out))
-        return p
-
-    p = command("demo", commands.demo, "run the main job on the embedded model", "")
-    p.add_argument("--quick", action="store_true", help="under 3 minutes: fewer examples, layers")
-    p.add_argument("--out", help="run folder (default: runs/demo, or runs/demo-quick)")
-    add_config(p)
-    p.add_argument("--model", default=EMBEDDED_NAME, help="chat model (default: %(default)s)")
-    p.add_argument("--setting", default="abstention", help="narrow setting (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--overwrite", action="store_true", help="redo steps run with other inputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(record=True)
-
-    command(
-        "finetune",
-        commands.finetune,
-        "finetune with SFT, TReFT or a baseline",
-        "runs/finetune",
-        _finetune_options,
-    )
-    command(
-        "evaluate",
-        commands.evaluate,
-        "measure on- and off-topic behaviour",
-        "runs/evaluate",
-        _evaluate_options,
-    )
-    command(
-        "perturb",
-        commands.perturb,
-        "perturb template segments vs the query",
-        "runs/scan",
-        _scan_options,
-    )
-    command(
-        "patch",
-        commands.patch,
-        "patch base prefix/postfix K/V, with controls",
-        "runs/scan",
-        _scan_options,
-    )
-    p = command(
-        "sweep",
-        commands.sweep,
-        "layer sweeps: K/V per layer, residual per cell",
-        "runs/scan",
-        _scan_options,
-    )
-    p.add_argument(
-        "--kind",
-        choices=["kv-layers", "resid"],
-        default="kv-layers",
-        help="kv-layers: K/V one layer at a time; resid: layer x prefix position",
-    )
-    p = command(
-        "task-vectors",
-        commands.task_vectors,
-        "compare weight changes per layer",
-        "runs/task_vectors",
-    )
-    p.add_argument("--base", default=EMBEDDED_NAME, help="base model (default: %(default)s)")
-    p.add_argument("--finetuned", nargs="+", metavar="[LABEL=]PATH", help="finetuned models")
-    p.add_argument("--overwrite", action="store_true", help="redo with other inputs")
-    command(
-        "scan",
-        commands.scan,
-        "find which template tokens carry a finetuned behaviour",
-        "runs/scan",
-        _scan_options,
-    )
-    p = command("report", commands.report, "rebuild report.html of a demo or scan run", "")
-    p.add_argument("run", help="the run folder (e.g. runs/demo)")
-    p = command("reproduce", commands.reproduce, "reproduce a table of the paper (resumable)", "")
-    p.add_argument("table", choices=["table5"], help="table5: narrow settings, SFT vs TReFT")
-    p.add_argument("--out", help="output folder (default: runs/<table>[-smoke])")
-    add_config(p)
-    p.add_argument("--model", default=EMBEDDED_NAME, help="model name or directory")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
-    p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3; the map's point: 3e-4)")
-    p.add_argument("--epochs", type=int, help="epochs over the training set (default: 1)")
-    p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--reverse",
-        action="store_true",
-        help="walk the cells in reverse: a second process on the same --out shares the work",
-    )
-    p.set_defaults(record=True)
-    p = sub.add_parser(
-        "map",
-        help=map_command.HELP,
-        description=map_command.DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        options=map_command.add_options,
-    )
-    p.set_defaults(func=map_command.run, record=False)
+    for module in COMMANDS:
+        description = getattr(module, "DESCRIPTION", None)
+        raw = {"formatter_class": argparse.RawDescriptionHelpFormatter} if description else {}
+        p = sub.add_parser(
+            command_name(module),
+            help=module.HELP,
+            description=description or module.HELP,
+            options=module.add_options,
+            **raw,
+        )
+        p.set_defaults(func=module.run, record=module.RECORD)
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from piggyback_interp.core.embedded import EMBEDDED_NAME
 
 HELP = "map where the behaviour lives: training strength x trained part x method (resumable)"
+RECORD = False  # no config.json: map has no --config to read it back
 DESCRIPTION = """\
 Finetune a fresh copy of the model for every cell of a grid and measure where the narrow
 behaviour lives. Axes:
@@ -60,6 +61,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # no docstring: the command's page in the docs is DESCRIPTION
     from piggyback_interp.experiments.map import (
         MapConfig,
         headline,
