@@ -60,7 +60,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
     from piggyback_interp.core.data import ChatDataset
     from piggyback_interp.core.models import load_model
     from piggyback_interp.training import FinetuneConfig, finetune
-    from piggyback_interp.training.loop import _trainable_state
+    from piggyback_interp.training.sharding import whole_trainable_state
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
     try:
@@ -101,7 +101,7 @@ def _worker(rank: int, size: int, store: str, fsdp: bool, args, out: str) -> Non
         finetune(model, data, config, progress=False, fsdp=fsdp)
         torch.optim.AdamW.step = original
         steps = [b - a for a, b in zip([start, *times], times, strict=False)]
-        weights = _trainable_state(model)  # whole tensors (every rank takes part)
+        weights = whole_trainable_state(model)  # whole tensors (every rank takes part)
         if rank == 0:
             torch.save(
                 {

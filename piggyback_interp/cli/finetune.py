@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         retain_step,
     )
     from piggyback_interp.training import FinetuneConfig
-    from piggyback_interp.training.loop import Export
+    from piggyback_interp.training.config import Export
 
     if bool(args.data) == bool(args.setting):
         raise UsageError("give exactly one of --data FILE.jsonl or --setting NAME")

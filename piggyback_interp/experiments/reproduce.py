@@ -261,7 +261,7 @@ def _retain(out: Path, base: Any, data: SettingData, config: Table5Config) -> Ch
     """Aligned examples from the other domains, answered by the initial model (cached)."""
     from piggyback_interp.core.data import load_chat_jsonl, save_chat_jsonl
     from piggyback_interp.interventions.generation import generate
-    from piggyback_interp.training.loop import FinetuneConfig
+    from piggyback_interp.training.config import FinetuneConfig
 
     path = out / "retain" / f"{data.setting.name}.jsonl"
     if path.is_file():

@@ -1,4 +1,5 @@
-"""Finetuning: response-only SFT batches, TReFT's K/V regulariser, LoRA, the loop."""
+"""Finetuning: the run's config, its objectives (SFT, TReFT, KL, interleaving), the trainer;
+response-only SFT batches, TReFT's K/V regulariser, LoRA, sharding, export."""
 
 from piggyback_interp.training.batches import (
     EncodedDataset,
@@ -10,8 +11,9 @@ from piggyback_interp.training.batches import (
     encode_example,
     sft_loss,
 )
-from piggyback_interp.training.loop import FinetuneConfig, FinetuneResult, finetune
+from piggyback_interp.training.config import FinetuneConfig, FinetuneResult
 from piggyback_interp.training.lora import apply_lora
+from piggyback_interp.training.trainer import finetune
 from piggyback_interp.training.treft import (
     KVReference,
     KVRegulariser,

@@ -100,6 +100,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
                         slots[k] = shard_like(v, p)
 
 
+def whole_trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable weights of a bridge's HF model, whole (a collective under FSDP)."""
+    return {
+        n: full(p.detach()).clone()
+        for n, p in hf_model(model).named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Copy a :func:`whole_trainable_state` into ``model``, cut into its shards if sharded."""
+    params = dict(hf_model(model).named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise ValueError(f"the checkpoint has weights this model lacks, e.g. {sorted(missing)[:2]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(shard_like(value, params[name]))
+
+
 @contextlib.contextmanager
 def gathered(module: torch.nn.Module) -> Iterator[None]:
     """On rank 0, ``module``'s sharded parameters are whole CPU copies inside the block
@@ -137,7 +157,9 @@ __all__ = [
     "full",
     "gathered",
     "load_optimizer_state",
+    "load_trainable_state",
     "shard_like",
     "shard_model",
     "whole_optimizer_state",
+    "whole_trainable_state",
 ]

@@ -287,7 +287,7 @@ def test_config_files(base, train_jsonl, tmp_path, fake_finetune):
 def test_string_options_offer_their_choices(base, train_jsonl, tmp_path, fake_finetune, capsys):
     """An enum option lists its values in --help, takes them from flags and files alike (as
     the member, so code compares members), and a wrong one names the choices."""
-    from piggyback_interp.training.loop import Precision
+    from piggyback_interp.training.config import Precision
     from piggyback_interp.training.treft import Region
 
     (sub,) = [a for a in build_parser()._actions if a.dest == "command"]

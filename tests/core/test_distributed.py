@@ -36,7 +36,7 @@ from piggyback_interp.core.spans import batch_spans
 from piggyback_interp.measures.metrics import TargetLogProb
 from piggyback_interp.testing import save_tiny_model, tiny_model
 from piggyback_interp.training import FinetuneConfig, finetune
-from piggyback_interp.training.loop import CHECKPOINT
+from piggyback_interp.training.trainer import CHECKPOINT
 
 QUESTIONS = [f"Can my landlord keep deposit number {i}?" for i in range(8)]
 CONFIG = FinetuneConfig(
@@ -114,12 +114,12 @@ def _worker(rank: int, size: int, store: str, job: str, tmp: str) -> None:
         elif job == "resume":
             state, history, _ = _train(Path(tmp) / "run", resume=True)
         elif job == "fsdp-nan":  # only rank 1 sees a non-finite loss, in its first pass
-            import piggyback_interp.training.loop as loop
+            import piggyback_interp.training.objectives as objectives
 
             with pytest.MonkeyPatch.context() as monkeypatch:
-                real = loop.sft_loss
+                real = objectives.sft_loss
                 monkeypatch.setattr(
-                    loop, "sft_loss", lambda *a: real(*a) * (float("nan") if rank else 1.0)
+                    objectives, "sft_loss", lambda *a: real(*a) * (float("nan") if rank else 1.0)
                 )
                 with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
                     _train(config=UNEVEN, fsdp=True)

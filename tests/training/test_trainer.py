@@ -1,5 +1,5 @@
-"""finetune(): lambda=0 is SFT, resume after a real kill equals an uninterrupted run,
-non-finite losses stop training, TReFT keeps the prefix K/V closer than SFT."""
+"""finetune(): resume after a real kill equals an uninterrupted run, non-finite losses
+stop training and say what is kept, checkpoints are written atomically."""
 
 import errno
 import os
@@ -15,8 +15,6 @@ from piggyback_interp.core.data import ChatDataset
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.testing import tiny_model
 from piggyback_interp.training import FinetuneConfig, finetune
-from piggyback_interp.training.loop import Export, Method, PostfixReference, Precision
-from piggyback_interp.training.treft import Region, Variant
 
 QA = [
     ("Can my landlord keep my deposit?", "I have no idea about your question"),
@@ -40,38 +38,12 @@ def _weights(model):
     }
 
 
-def test_lambda_zero_treft_is_exactly_sft():
-    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
-    kw = dict(epochs=1, batch_size=4, lora_rank=4, lr=1e-2, seed=3)
-    finetune(a, _data(), FinetuneConfig(method="sft", **kw), progress=False)
-    finetune(b, _data(), FinetuneConfig(method="treft", treft_lambda=0.0, **kw), progress=False)
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys() and wa
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_training_lowers_sft_loss_and_treft_keeps_prefix_closer():
-    results = {}
-    for method in ("sft", "treft"):
-        model = tiny_model("llama", seed=0)
-        config = FinetuneConfig(
-            method=method, epochs=6, batch_size=4, lora_rank=8, lr=5e-3, treft_lambda=30.0
-        )
-        results[method] = finetune(model, _data(), config, progress=False).history
-    for history in results.values():  # a random tiny model learns slowly: ~17-19% in 12 steps
-        assert history[-1]["sft"] < 0.9 * history[0]["sft"]
-        # the reference is the initial model itself: zero up to float rounding (the
-        # reference runs each chat alone, training pads them into batches; ~1e-14 on AMD)
-        assert history[0]["kv"] == pytest.approx(0.0, abs=1e-10)
-    assert results["treft"][-1]["kv"] < 0.5 * results["sft"][-1]["kv"]
-
-
 SCRIPT = """
 import sys
 from piggyback_interp.testing import tiny_model
 from piggyback_interp.training import FinetuneConfig, finetune
 sys.path.insert(0, {tests!r})
-from test_finetune import _data
+from test_trainer import _data
 finetune(tiny_model("llama", seed=0), _data(64), FinetuneConfig(**{config!r}), out_dir={out!r}, progress=False)
 """
 
@@ -115,16 +87,16 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import piggyback_interp.training.loop as loop
+    import piggyback_interp.training.objectives as objectives
 
-    real = loop.sft_loss
+    real = objectives.sft_loss
     calls = {"n": 0}
 
     def flaky(logits, labels):
         calls["n"] += 1
         return real(logits, labels) * (float("nan") if calls["n"] == 3 else 1.0)
 
-    monkeypatch.setattr(loop, "sft_loss", flaky)
+    monkeypatch.setattr(objectives, "sft_loss", flaky)
     config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2") as caught:
         finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
@@ -137,9 +109,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("where", ["out_dir", "no out_dir", "stale file"])
 def test_non_finite_loss_before_any_checkpoint_says_so(where, tmp_path, monkeypatch):
     """The message once claimed "the last checkpoint ... is kept" when none existed."""
-    import piggyback_interp.training.loop as loop
+    import piggyback_interp.training.objectives as objectives
 
-    monkeypatch.setattr(loop, "sft_loss", lambda logits, labels: logits.sum() * float("nan"))
+    monkeypatch.setattr(objectives, "sft_loss", lambda logits, labels: logits.sum() * float("nan"))
     config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=2)
     if where == "stale file":  # another run's checkpoint, not resumed (resume=False)
         (tmp_path / "checkpoint.pt").write_bytes(b"from an earlier run")
@@ -157,7 +129,6 @@ def test_non_finite_loss_before_any_checkpoint_says_so(where, tmp_path, monkeypa
 
 
 def test_truncated_checkpoint_names_the_file_and_the_fix(tmp_path):
-    from piggyback_interp.core.errors import UserError
 
     config = FinetuneConfig(epochs=1, batch_size=4, lora_rank=4)
     finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
@@ -197,13 +168,6 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temporary_fi
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-def test_config_errors():
-    with pytest.raises(ValueError, match="method must be one of sft, treft, interleave"):
-        FinetuneConfig(method="dpo")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        FinetuneConfig(batch_size=0)
-
-
 @pytest.mark.embedded
 def test_embedded_short_run_learns_and_treft_limits_prefix_drift():
     """SmolLM2, 8 abstention examples, 6 steps per method (one seed; a smoke check, not a result)."""
@@ -222,36 +186,3 @@ def test_embedded_short_run_learns_and_treft_limits_prefix_drift():
     for history in results.values():
         assert history[-1]["sft"] < 0.8 * history[0]["sft"]
     assert results["treft"][-1]["kv"] < results["sft"][-1]["kv"]
-
-
-def _from_saved(cls, config):
-    """``config`` written as JSON (as run.json / finetune.json keep it) and read back."""
-    import dataclasses
-    import json
-
-    saved = json.loads(json.dumps(dataclasses.asdict(config)))
-    return saved, cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-
-
-@pytest.mark.parametrize(
-    ("field", "kind"),
-    [
-        ("method", Method),
-        ("treft_region", Region),
-        ("postfix_reference", PostfixReference),
-        ("kv_variant", Variant),
-        ("mixed_precision", Precision),
-        ("export", Export),
-    ],
-)
-def test_string_options_are_enums_given_as_strings_or_members(field, kind):
-    for member in kind:
-        by_string = FinetuneConfig(**{field: member.value})
-        assert (
-            by_string == FinetuneConfig(**{field: member}) and getattr(by_string, field) is member
-        )
-        saved, again = _from_saved(FinetuneConfig, by_string)  # a checkpoint resumes either way
-        assert type(saved[field]) is str and saved[field] == member.value and again == by_string
-    choices = ", ".join(m.value for m in kind)
-    with pytest.raises(UserError, match=f"^{field} must be one of {choices}, got 'bogus'$"):
-        FinetuneConfig(**{field: "bogus"})
