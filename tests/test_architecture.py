@@ -226,3 +226,42 @@ def test_the_checks_see_what_they_look_for():
         "original_model",
         "past_key_values",
     ]
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def too_long(path: Path, text: str) -> list[str]:
+    """A module over :data:`MAX_MODULE_LINES` lines, and each function over
+    :data:`MAX_FUNCTION_LINES` lines whose docstring gives no reason (a line starting
+    ``Long because``)."""
+    found = []
+    lines = text.count("\n") + (not text.endswith("\n"))
+    if lines > MAX_MODULE_LINES:
+        found.append(f"{path.relative_to(PACKAGE)}: {lines} lines")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            doc = ast.get_docstring(node) or ""
+            reason = any(line.strip().startswith("Long because") for line in doc.splitlines())
+            if length > MAX_FUNCTION_LINES and not reason:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_module_or_function_is_too_long():
+    found = [hit for path in _modules() for hit in too_long(path, path.read_text("utf-8"))]
+    assert not found, "too long:\n" + "\n".join(found)
+
+
+def test_the_length_check_sees_what_it_looks_for():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    long_function = f"def f():\n{body}"
+    excused = f'def g():\n    """Long because: a table.\n    """\n{body}'
+    planted = PACKAGE / "interventions" / "planted.py"  # never written: the text is passed in
+    assert [h.split()[-3] for h in too_long(planted, long_function + excused)] == ["f:"]
+    padding = "\n" * MAX_MODULE_LINES
+    assert too_long(planted, padding + "x = 1\n") == [
+        f"interventions/planted.py: {MAX_MODULE_LINES + 1} lines"
+    ]
