@@ -38,20 +38,14 @@ _EXPORTS: dict[str, str] = {
         "piggyback_interp.core.embedded",
     ),
     **dict.fromkeys(
-        [
-            "BaseReleasedError",
-            "IncompatiblePairError",
-            "ModelInfo",
-            "ModelLoadError",
-            "ModelPair",
-            "Placement",
-            "chat_tokenizer",
-            "load_model",
-            "load_pair",
-            "model_info",
-        ],
+        ["ModelInfo", "ModelLoadError", "chat_tokenizer", "load_model", "model_info"],
         "piggyback_interp.core.models",
     ),
+    **dict.fromkeys(
+        ["BaseReleasedError", "IncompatiblePairError", "ModelPair", "load_pair"],
+        "piggyback_interp.core.pairs",
+    ),
+    "Placement": "piggyback_interp.core.placement",
     **dict.fromkeys(
         [
             "SEGMENTS",
@@ -229,17 +223,19 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from piggyback_interp.core.data.questions import load_prompts
     from piggyback_interp.core.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
     from piggyback_interp.core.models import (
-        BaseReleasedError,
-        IncompatiblePairError,
         ModelInfo,
         ModelLoadError,
-        ModelPair,
-        Placement,
         chat_tokenizer,
         load_model,
-        load_pair,
         model_info,
     )
+    from piggyback_interp.core.pairs import (
+        BaseReleasedError,
+        IncompatiblePairError,
+        ModelPair,
+        load_pair,
+    )
+    from piggyback_interp.core.placement import Placement
     from piggyback_interp.core.runs import RunDir, load_config
     from piggyback_interp.core.spans import (
         SEGMENTS,

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from piggyback_interp.core.hooks import pattern_site, resolve_layers
 from piggyback_interp.core.io import atomic_write_text
-from piggyback_interp.core.models import ModelPair, chat_tokenizer, model_info
+from piggyback_interp.core.models import chat_tokenizer, model_info
+from piggyback_interp.core.pairs import ModelPair
 from piggyback_interp.core.spans import ChatBatch, ChatSpans, Messages, batch_spans, chat_spans
 from piggyback_interp.interventions.activations import forward
 

@@ -40,7 +40,7 @@ def _models(args: argparse.Namespace) -> Any:
 def _pair(args: argparse.Namespace) -> tuple[Any, Any]:
     require(args, "finetuned")
     from piggyback_interp.core.distributed import local_device
-    from piggyback_interp.core.models import load_pair
+    from piggyback_interp.core.pairs import load_pair
 
     pair = load_pair(
         args.base,

@@ -25,7 +25,8 @@ from piggyback_interp.analysis.attention import (
     save_attention_view,
     template_attention,
 )
-from piggyback_interp.core.models import ModelPair, chat_tokenizer
+from piggyback_interp.core.models import chat_tokenizer
+from piggyback_interp.core.pairs import ModelPair
 from piggyback_interp.core.spans import chat_spans
 from piggyback_interp.testing import tiny_hf_model, tiny_model
 
