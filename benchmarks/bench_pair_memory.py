@@ -67,7 +67,7 @@ def _rss_mb(base: str, adapter: Path, shared: bool) -> float:
     """Resident memory a pair adds to a fresh process, after a forward of each model."""
     code = (
         "import torch\n"
-        "from piggyback_interp.core.models import load_pair\n"
+        "from piggyback_interp.core.pairs import load_pair\n"
         "def rss():\n"
         "    status = open('/proc/self/status').read().split('VmRSS:')[1]\n"
         "    return int(status.split()[0]) / 1024\n"
@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--out", help="where to write the adapter (default: a temporary folder)")
     args = parser.parse_args()
 
-    from piggyback_interp.core.models import chat_tokenizer, load_pair
+    from piggyback_interp.core.models import chat_tokenizer
+    from piggyback_interp.core.pairs import load_pair
     from piggyback_interp.core.spans import batch_spans
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-pair-memory-"))

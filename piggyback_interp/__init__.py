@@ -38,20 +38,14 @@ _EXPORTS: dict[str, str] = {
         "piggyback_interp.core.embedded",
     ),
     **dict.fromkeys(
-        [
-            "BaseReleasedError",
-            "IncompatiblePairError",
-            "ModelInfo",
-            "ModelLoadError",
-            "ModelPair",
-            "Placement",
-            "chat_tokenizer",
-            "load_model",
-            "load_pair",
-            "model_info",
-        ],
+        ["ModelInfo", "ModelLoadError", "chat_tokenizer", "load_model", "model_info"],
         "piggyback_interp.core.models",
     ),
+    **dict.fromkeys(
+        ["BaseReleasedError", "IncompatiblePairError", "ModelPair", "load_pair"],
+        "piggyback_interp.core.pairs",
+    ),
+    "Placement": "piggyback_interp.core.placement",
     **dict.fromkeys(
         [
             "SEGMENTS",
@@ -113,26 +107,23 @@ _EXPORTS: dict[str, str] = {
         [
             "Perturbation",
             "aggregate_trials",
-            "nearest_neighbours",
             "perturb_segment",
             "perturb_segments",
         ],
         "piggyback_interp.interventions.perturb",
     ),
+    "nearest_neighbours": "piggyback_interp.interventions.neighbours",
     **dict.fromkeys(
         ["ablation", "compare_controls", "control_positions", "noise_like"],
         "piggyback_interp.interventions.controls",
     ),
     **dict.fromkeys(
-        [
-            "AttentionView",
-            "attention_shift",
-            "attention_view",
-            "compare_template_attention",
-            "save_attention_view",
-            "template_attention",
-        ],
+        ["attention_shift", "compare_template_attention", "template_attention"],
         "piggyback_interp.analysis.attention",
+    ),
+    **dict.fromkeys(
+        ["AttentionView", "attention_view", "save_attention_view"],
+        "piggyback_interp.analysis.attention_view",
     ),
     **dict.fromkeys(
         [
@@ -202,12 +193,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from piggyback_interp.analysis.attention import (
-        AttentionView,
         attention_shift,
-        attention_view,
         compare_template_attention,
-        save_attention_view,
         template_attention,
+    )
+    from piggyback_interp.analysis.attention_view import (
+        AttentionView,
+        attention_view,
+        save_attention_view,
     )
     from piggyback_interp.analysis.heads import head_sweep, kv_head_sweep
     from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
@@ -230,17 +223,19 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from piggyback_interp.core.data.questions import load_prompts
     from piggyback_interp.core.embedded import EMBEDDED_NAME, EmbeddedModelError, embedded_model_dir
     from piggyback_interp.core.models import (
-        BaseReleasedError,
-        IncompatiblePairError,
         ModelInfo,
         ModelLoadError,
-        ModelPair,
-        Placement,
         chat_tokenizer,
         load_model,
-        load_pair,
         model_info,
     )
+    from piggyback_interp.core.pairs import (
+        BaseReleasedError,
+        IncompatiblePairError,
+        ModelPair,
+        load_pair,
+    )
+    from piggyback_interp.core.placement import Placement
     from piggyback_interp.core.runs import RunDir, load_config
     from piggyback_interp.core.spans import (
         SEGMENTS,
@@ -268,10 +263,10 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         noise_like,
     )
     from piggyback_interp.interventions.generation import Generations, PatchSpec, generate
+    from piggyback_interp.interventions.neighbours import nearest_neighbours
     from piggyback_interp.interventions.perturb import (
         Perturbation,
         aggregate_trials,
-        nearest_neighbours,
         perturb_segment,
         perturb_segments,
     )

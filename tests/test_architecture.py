@@ -17,12 +17,12 @@
   layer (``_original_component``). Each is used as code (an attribute, a name, a
   keyword argument, an import) only in ``hf.py``. Not listed, because they are public
   loading APIs, not internals: ``from_pretrained``, ``save_pretrained``, peft's
-  ``PeftModel`` / ``get_peft_model`` (models.py, training/lora.py and
+  ``PeftModel`` / ``get_peft_model`` (models.py, pairs.py, placement.py, training/lora.py and
   task_vectors read adapters with them), and HF parameter-name strings such as
   ``"model.layers.3.self_attn.q_proj.weight"`` (task vectors are keyed by them). Too
   generic to check by name, yet also reached only through ``hf.py``: a cache's
   ``layers`` / ``keys`` / ``values`` (``hf.cache_layers``) and ``model.layers``.
-  models.py, the loader, still reads accelerate's ``hf_device_map``.
+  models.py and placement.py, the loaders, still read accelerate's ``hf_device_map``.
 """
 
 from __future__ import annotations

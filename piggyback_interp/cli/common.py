@@ -67,7 +67,7 @@ def model_pair(args: argparse.Namespace) -> tuple[Any, Any]:
     """The ``--base`` and ``--finetuned`` models."""
     require(args, "finetuned")
     from piggyback_interp.core.distributed import local_device
-    from piggyback_interp.core.models import load_pair
+    from piggyback_interp.core.pairs import load_pair
     from piggyback_interp.experiments.pipeline import DTYPES
 
     pair = load_pair(

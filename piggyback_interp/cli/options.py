@@ -108,13 +108,13 @@ def check_device(device: str | None) -> None:
 
 
 def placement(args: argparse.Namespace) -> Any:
-    """The :class:`~piggyback_interp.core.models.Placement` of ``--device-map`` (``None`` without)."""
+    """The :class:`~piggyback_interp.core.placement.Placement` of ``--device-map`` (``None`` without)."""
     device_map = getattr(args, "device_map", None)
     if not device_map:
         if getattr(args, "max_memory", None) or getattr(args, "offload_folder", None):
             raise UsageError("--max-memory and --offload-folder need --device-map (e.g. auto)")
         return None
-    from piggyback_interp.core.models import Placement
+    from piggyback_interp.core.placement import Placement
 
     if device_map.lstrip().startswith("{"):
         try:

@@ -89,3 +89,10 @@ def non_negative(config: object, *names: str) -> None:
         value = getattr(config, name)
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def require_positive(**values: int) -> None:
+    """Raise ``ValueError`` naming each of ``values`` that is not an int of 1 or more."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (1 or more), got {value!r}")

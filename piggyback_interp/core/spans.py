@@ -16,7 +16,7 @@ verbatim works.
 No rendering may be longer than the model's context: :func:`chat_spans` raises
 :class:`~piggyback_interp.core.errors.InputTooLongError` when it has more tokens than the
 tokenizer's ``model_max_length``, which :func:`~piggyback_interp.core.models.load_model` sets
-to the model's ``max_position_embeddings`` (see :func:`context_limit`).
+to the model's ``max_position_embeddings`` (see :func:`~piggyback_interp.core.templates.context_limit`).
 :func:`split_long` drops the prompts that do not fit, when that is wanted.
 
 Example:
@@ -34,19 +34,16 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import math
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Int
-from jinja2.exceptions import TemplateError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from piggyback_interp.core import templates
 from piggyback_interp.core.errors import InputTooLongError, UserError
 
 Segment = Literal["prefix", "query", "postfix", "response"]
@@ -54,10 +51,6 @@ SEGMENTS: tuple[Segment, ...] = ("prefix", "query", "postfix", "response")
 Align = Literal["left", "prefix"]
 ALIGNS: tuple[Align, ...] = ("left", "prefix")
 
-Messages = str | Sequence[Mapping[str, Any]]
-
-# Hugging Face's model_max_length when a tokenizer names no limit is int(1e30)
-_NO_LIMIT = 10**12
 
 _EMPTY_SEGMENT_HINTS = {
     "prefix": "this chat template has no prefix before the user's text (it renders the "
@@ -144,18 +137,14 @@ class ChatSpans:
         if self.padding:
             raise ValueError("these spans are already padded; pad the unpadded spans instead")
         at = self.prefix.stop if after_prefix else 0
-
-        def move(span: range | None) -> range | None:
-            return None if span is None else range(span.start + n, span.stop + n)
-
         ids = self.input_ids
         return replace(
             self,
             input_ids=ids[:at] + (pad_token_id,) * n + ids[at:],
-            prefix=self.prefix if after_prefix else move(self.prefix),
-            query=move(self.query),
-            postfix=move(self.postfix),
-            response=move(self.response),
+            prefix=self.prefix if after_prefix else _shift(self.prefix, n),
+            query=_shift(self.query, n),
+            postfix=_shift(self.postfix, n),
+            response=_shift(self.response, n),
             padding=range(at, at + n),
         )
 
@@ -166,9 +155,7 @@ class ChatSpans:
             return self
 
         def move(span: range | None) -> range | None:
-            if span is None or span.start < pad.stop:
-                return span
-            return range(span.start - len(pad), span.stop - len(pad))
+            return span if span is None or span.start < pad.stop else _shift(span, -len(pad))
 
         ids = self.input_ids
         return replace(
@@ -180,6 +167,10 @@ class ChatSpans:
             response=move(self.response),
             padding=range(0),
         )
+
+
+def _shift(span: range | None, by: int) -> range | None:
+    return None if span is None else range(span.start + by, span.stop + by)
 
 
 def require_segment(spans: ChatSpans, name: str) -> range:
@@ -203,7 +194,7 @@ def require_segment(spans: ChatSpans, name: str) -> range:
 
 def chat_spans(
     tokenizer: PreTrainedTokenizerBase,
-    messages: Messages,
+    messages: templates.Messages,
     *,
     system_prompt: str | None = "default",
     add_generation_prompt: bool = True,
@@ -229,7 +220,7 @@ def chat_spans(
     token ``▁What``) counts as query.
 
     Raises :class:`~piggyback_interp.core.errors.InputTooLongError` when the rendering has more
-    tokens than :func:`context_limit` (the model's context); a text that cannot fit by
+    tokens than :func:`~piggyback_interp.core.templates.context_limit` (the model's context); a text that cannot fit by
     its length alone is refused before it is tokenized.
 
     Example:
@@ -239,14 +230,14 @@ def chat_spans(
         >>> spans.decode(tok, "prefix")
         '<|im_start|>system\\n<|im_end|>\\n<|im_start|>user\\n'
     """
-    conversation = _with_system_prompt(_as_messages(messages), system_prompt)
-    q_idx, r_idx = _query_and_response(conversation)
+    conversation = templates.with_system_prompt(templates.as_messages(messages), system_prompt)
+    q_idx, r_idx = templates.query_and_response(conversation)
     if conversation[q_idx]["content"] == "":
         raise UserError(
             "the user message is empty; for the empty-query reference (postfix without any "
             "query information) use empty_query_spans(tokenizer, ...)"
         )
-    return _spans(
+    fields = templates.locate_segments(
         tokenizer,
         conversation,
         q_idx,
@@ -255,6 +246,7 @@ def chat_spans(
         chat_template=chat_template,
         template_kwargs=template_kwargs,
     )
+    return ChatSpans(**fields)
 
 
 def empty_query_spans(
@@ -278,8 +270,8 @@ def empty_query_spans(
         >>> len(spans.query), spans.query.start == spans.prefix.stop == spans.postfix.start
         (0, True)
     """
-    conversation = _with_system_prompt([{"role": "user", "content": ""}], system_prompt)
-    return _spans(
+    conversation = templates.with_system_prompt([{"role": "user", "content": ""}], system_prompt)
+    fields = templates.locate_segments(
         tokenizer,
         conversation,
         len(conversation) - 1,
@@ -288,6 +280,7 @@ def empty_query_spans(
         chat_template=chat_template,
         template_kwargs=template_kwargs,
     )
+    return ChatSpans(**fields)
 
 
 def prefix_only(spans: ChatSpans) -> ChatSpans:
@@ -382,7 +375,7 @@ def position_ids_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tens
 
 def batch_spans(
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[Messages | ChatSpans],
+    conversations: Sequence[templates.Messages | ChatSpans],
     *,
     align: str = "left",
     pad_token_id: int | None = None,
@@ -408,7 +401,7 @@ def batch_spans(
     rows = render_prompts(tokenizer, conversations, **chat_spans_kwargs)
     if align == "prefix":
         _check_shared_prefix(rows)
-    pad = _pad_token_id(tokenizer, pad_token_id)
+    pad = templates.pad_id(tokenizer, pad_token_id)
     width = max(len(row) for row in rows)
     after_prefix = align == "prefix"
     padded = [row.with_padding(width - len(row), pad, after_prefix=after_prefix) for row in rows]
@@ -428,7 +421,7 @@ def batch_spans(
 
 def render_prompts(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages | ChatSpans],
+    prompts: Sequence[templates.Messages | ChatSpans],
     **chat_spans_kwargs: Any,
 ) -> list[ChatSpans]:
     """:func:`chat_spans` of every prompt (spans pass through), each checked against the
@@ -442,7 +435,7 @@ def render_prompts(
         ...
         piggyback_interp.core.errors.InputTooLongError: prompt 1: the chat renders to ... tokens, ...
     """
-    limit = context_limit(tokenizer)
+    limit = templates.context_limit(tokenizer)
     rows = []
     for i, prompt in enumerate(prompts):
         try:
@@ -451,35 +444,20 @@ def render_prompts(
                 if isinstance(prompt, ChatSpans)
                 else chat_spans(tokenizer, prompt, **chat_spans_kwargs)
             )
-            _check_tokens(len(row) - len(row.padding), limit)
+            templates.check_tokens(len(row) - len(row.padding), limit)
         except InputTooLongError as err:
             raise InputTooLongError(f"prompt {i}: {err}") from err
         rows.append(row)
     return rows
 
 
-def context_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The most tokens a rendering may have: the tokenizer's ``model_max_length``.
-
-    A model loaded by this toolkit sets it to its context (``max_position_embeddings``);
-    ``None`` when the tokenizer names no limit (Hugging Face's ``int(1e30)`` placeholder).
-
-    Example:
-        >>> from piggyback_interp.testing import tiny_model, tiny_tokenizer
-        >>> context_limit(tiny_model("llama").tokenizer), context_limit(tiny_tokenizer())
-        (1024, None)
-    """
-    limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
-
-
 def split_long(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
+    prompts: Sequence[templates.Messages],
     *,
     reserve: int = 0,
     **chat_spans_kwargs: Any,
-) -> tuple[list[Messages], list[tuple[int, str]]]:
+) -> tuple[list[templates.Messages], list[tuple[int, str]]]:
     """The prompts whose rendering fits the context with ``reserve`` tokens to spare, and
     ``(index, reason)`` for each one that does not (skipping long prompts, when asked).
 
@@ -493,240 +471,18 @@ def split_long(
         >>> kept, [i for i, _ in skipped]
         (['Hi'], [1])
     """
-    limit = context_limit(tokenizer)
+    limit = templates.context_limit(tokenizer)
     kept, skipped = [], []
     for i, prompt in enumerate(prompts):
         try:
-            _check_tokens(len(chat_spans(tokenizer, prompt, **chat_spans_kwargs)) + reserve, limit)
+            templates.check_tokens(
+                len(chat_spans(tokenizer, prompt, **chat_spans_kwargs)) + reserve, limit
+            )
         except InputTooLongError as err:
             skipped.append((i, str(err)))
         else:
             kept.append(prompt)
     return kept, skipped
-
-
-def _too_long(size: str, limit: int) -> str:
-    return (
-        f"the chat renders to {size}, more than the model's context of {limit} tokens "
-        "(max_position_embeddings); shorten it, or skip what does not fit (--skip-long on "
-        "the command line; in Python skip_long=True for training data, split_long for prompts)"
-    )
-
-
-def _check_tokens(n: int, limit: int | None) -> None:
-    if limit is not None and n > limit:
-        raise InputTooLongError(_too_long(f"{n} tokens", limit))
-
-
-def _check_characters(tokenizer: PreTrainedTokenizerBase, text: str, limit: int | None) -> None:
-    """Refuse, without tokenizing it, a text too long for ``limit`` tokens by its length alone.
-
-    A token covers at most as many characters of the text as its vocabulary entry has
-    characters (a byte-level BPE entry has one per byte, a SentencePiece piece one per
-    character), so a text longer than ``limit`` times the longest entry has more than
-    ``limit`` tokens. A 50 MB training row is then refused at once, not tokenized first.
-    """
-    if limit is None or len(text) <= limit:
-        return
-    widest = _widest_token(tokenizer, len(tokenizer))
-    if len(text) > limit * widest:
-        at_least = math.ceil(len(text) / widest)
-        size = f"at least {at_least} tokens ({len(text)} characters, at most {widest} per token)"
-        raise InputTooLongError(_too_long(size, limit))
-
-
-@functools.lru_cache(maxsize=8)
-def _widest_token(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
-    """The longest vocabulary entry in characters (cached per tokenizer and vocabulary size)."""
-    return max(map(len, tokenizer.get_vocab()), default=1)
-
-
-# --- messages -------------------------------------------------------------------------
-
-
-def _as_messages(messages: Messages) -> list[dict[str, Any]]:
-    if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
-    return [dict(message) for message in messages]
-
-
-def _with_system_prompt(
-    messages: list[dict[str, Any]], system_prompt: str | None
-) -> list[dict[str, Any]]:
-    if system_prompt == "default":
-        return messages
-    existing = [m for m in messages if m.get("role") == "system"]
-    if existing:
-        raise UserError(
-            f"messages already contain a system message ({existing[0].get('content')!r}) and "
-            f"system_prompt={system_prompt!r} was given; drop one of them (system_prompt="
-            "'default' keeps the messages' own system message)"
-        )
-    return [{"role": "system", "content": system_prompt or ""}, *messages]
-
-
-def _query_and_response(messages: list[dict[str, Any]]) -> tuple[int, int | None]:
-    """Index of the last user message and of the assistant message after it (or None)."""
-    roles = [m.get("role") for m in messages]
-    if "user" not in roles:
-        raise UserError(f"no user message among the messages (roles {roles}); add one")
-    q_idx = len(roles) - 1 - roles[::-1].index("user")
-    after = roles[q_idx + 1 :]
-    if after not in ([], ["assistant"]):
-        raise UserError(
-            f"after the last user message only one assistant message (the response) may "
-            f"follow, got roles {after}; cut the conversation there"
-        )
-    for idx in (q_idx, q_idx + 1 if after else None):
-        if idx is not None and not isinstance(messages[idx].get("content"), str):
-            raise UserError(f"message {idx} needs string content, got {messages[idx]!r}")
-    return q_idx, (q_idx + 1 if after else None)
-
-
-# --- rendering ------------------------------------------------------------------------
-
-
-def _render(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    *,
-    add_generation_prompt: bool,
-    chat_template: str | None,
-    template_kwargs: Mapping[str, Any] | None,
-) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template,
-            **(template_kwargs or {}),
-        )
-    except TemplateError as err:
-        if messages[0].get("role") == "system":
-            raise UserError(
-                f"the chat template rejected the system message ({err}); this template "
-                "probably has no system role: use system_prompt='default' and put any "
-                "instructions into the user message"
-            ) from err
-        raise UserError(f"the chat template failed to render these messages: {err}") from err
-
-
-def _locate(
-    render: Any, messages: list[dict[str, Any]], idx: int, text: str, what: str
-) -> tuple[int, int]:
-    """Character span of message ``idx``'s content in ``text``, found with a sentinel."""
-    sentinel = f"PIGGYBACKSENTINEL{uuid.uuid4().hex.upper()}"
-    marked = [dict(m) for m in messages]
-    marked[idx]["content"] = sentinel
-    skeleton = render(marked)
-    count = skeleton.count(sentinel)
-    if count != 1:
-        renders = "nothing for it" if count == 0 else f"it {count} times"
-        raise UserError(
-            f"the chat template does not contain the {what} verbatim: it renders {renders}, "
-            "chat_spans needs it exactly once (does the template render this role?)"
-        )
-    before, after = skeleton.split(sentinel)
-    content = messages[idx]["content"]
-    if text != before + content + after:
-        raise UserError(
-            f"the chat template does not contain the {what} verbatim: it changes it (e.g. "
-            "Gemma's and Llama-3's `| trim` strip surrounding whitespace); strip the text "
-            "yourself, or pass a chat_template that renders the content unchanged"
-        )
-    return len(before), len(before) + len(content)
-
-
-def _spans(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    q_idx: int,
-    r_idx: int | None,
-    **render_kwargs: Any,
-) -> ChatSpans:
-    def render(msgs: list[dict[str, Any]]) -> str:
-        return _render(tokenizer, msgs, **render_kwargs)
-
-    text = render(messages)
-    limit = context_limit(tokenizer)
-    _check_characters(tokenizer, text, limit)
-    q_chars = _locate(render, messages, q_idx, text, "user's text")
-    ids, offsets = _tokenize(tokenizer, text)
-    _check_tokens(len(ids), limit)
-    query = _token_range(offsets, *q_chars)
-    end = len(ids)
-    response = None
-    if r_idx is not None:
-        r_chars = _locate(render, messages, r_idx, text, "assistant's response")
-        response = _token_range(offsets, *r_chars)
-        if response.start < query.stop:
-            raise ValueError("a token spans both the user's text and the response; cannot split")
-        end = response.start
-    return ChatSpans(
-        input_ids=tuple(ids),
-        prefix=range(0, query.start),
-        query=query,
-        postfix=range(query.stop, end),
-        response=response,
-        text=text,
-        query_chars=q_chars,
-    )
-
-
-# --- tokens ---------------------------------------------------------------------------
-
-
-def _tokenize(
-    tokenizer: PreTrainedTokenizerBase, text: str
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of ``text`` (the template renders BOS itself)."""
-    try:
-        encoding = tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
-    except NotImplementedError as err:
-        raise ValueError("chat_spans needs a fast tokenizer (one with character offsets)") from err
-    ids = [int(i) for i in encoding["input_ids"]]
-    offsets = [(int(s), int(e)) for s, e in encoding["offset_mapping"]]
-    _check_offsets(text, offsets)
-    return ids, offsets
-
-
-def _check_offsets(text: str, offsets: list[tuple[int, int]]) -> None:
-    """The tokens must cover the text in order (gaps may only be whitespace)."""
-    covered = [False] * len(text)
-    previous = 0
-    for start, end in offsets:
-        if start < previous:
-            raise ValueError("the tokenizer's offsets go backwards; cannot map text to tokens")
-        previous = start
-        covered[start:end] = [True] * (end - start)
-    lost = [i for i, c in enumerate(covered) if not c and not text[i].isspace()]
-    if lost:
-        raise ValueError(
-            f"the tokenization does not reproduce the rendered text: character {lost[0]} "
-            f"({text[lost[0]]!r}) is in no token (does the tokenizer normalize text away?)"
-        )
-
-
-def _token_range(offsets: list[tuple[int, int]], start: int, end: int) -> range:
-    """The tokens overlapping characters ``[start, end)``; empty at ``start`` if ``start == end``.
-
-    A token straddling ``start`` is inside; for an empty span it is left after it.
-    """
-    first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(offsets))
-    if end == start:
-        return range(first, first)
-    stop = next((i for i in range(first, len(offsets)) if offsets[i][0] >= end), len(offsets))
-    return range(first, stop)
-
-
-def _pad_token_id(tokenizer: PreTrainedTokenizerBase, pad_token_id: int | None) -> int:
-    for candidate in (pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_token_id=")
 
 
 def _check_shared_prefix(rows: list[ChatSpans]) -> None:

@@ -654,7 +654,7 @@ def find_carriers(
     """Run every experiment of the carrier scan on ``prompts`` and rank the segments.
 
     ``base`` and ``model`` are a base model and its finetuned copy (e.g. from
-    :func:`~piggyback_interp.core.models.load_pair`); ``prompts`` are general questions the
+    :func:`~piggyback_interp.core.pairs.load_pair`); ``prompts`` are general questions the
     finetuning was not about. ``piggyback scan`` runs this with caching and a report.
     Identical models (a zero gap on every prompt) raise :class:`ZeroGapError`.
     """

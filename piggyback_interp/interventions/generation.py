@@ -11,6 +11,9 @@ nothing afterwards (for ``site="kv"`` this is the paper's Eq. 1 cache swap). A p
 at later positions (query, postfix, explicit positions) applies to the prompt's
 forward only; decoding then runs without hooks, reading the patched prompt cache.
 
+The prefix groups and their caches are in :mod:`.prefix_cache`; token-by-token
+decoding (greedy, sampling) is in :mod:`.decoding`.
+
 Example:
     >>> from piggyback_interp.testing import tiny_model
     >>> from piggyback_interp.interventions.generation import PatchSpec, generate
@@ -23,42 +26,23 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
 from piggyback_interp.core.errors import InputTooLongError, UserError
-from piggyback_interp.core.hf import eos_token_ids, forward_with_cache, repeat_cache
-from piggyback_interp.core.hooks import KV_SITES
+from piggyback_interp.core.hf import eos_token_ids
 from piggyback_interp.core.models import chat_tokenizer, context_length, model_info
 from piggyback_interp.core.spans import (
     ChatBatch,
     ChatSpans,
     batch_spans,
-    prefix_only,
     render_prompts,
-    require_segment,
 )
-from piggyback_interp.interventions.activations import (
-    Activations,
-    Positions,
-    keep_hooks,
-    segment_positions,
-    site_layers,
-)
-from piggyback_interp.interventions.patch import (
-    check_tokens,
-    isolated,
-    patch_activations,
-    patch_prefix,
-)
+from piggyback_interp.interventions.decoding import Decoder, Sampler, greedy, pad_id
+from piggyback_interp.interventions.prefix_cache import PrefixGroup, prefix_groups
 from piggyback_interp.interventions.sources import as_source
 
 PATCH_SEGMENTS = ("prefix", "query", "postfix")
@@ -231,25 +215,14 @@ def generate(
     tokenizer = chat_tokenizer(model)
     rows = _as_spans(tokenizer, prompts, system_prompt)
     _check_context(model, rows, max_new_tokens)
-    decoder = _Decoder(
+    decoder = Decoder(
         model,
         max_new_tokens=max_new_tokens,
-        pick=_greedy if temperature == 0 else _Sampler(temperature, top_p, seed),
+        pick=greedy if temperature == 0 else Sampler(temperature, top_p, seed),
         eos_ids=eos_token_ids(model, tokenizer) if stop_at_eos else (),
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_id(tokenizer),
     )
-    new_ids: list[list[int]] = [[] for _ in rows]
-    finished = [False] * len(rows)
-    with torch.no_grad():
-        for members in _prefix_groups(rows):
-            group = _PrefixGroup(model, rows, members, specs)
-            for chunk in group.batches(batch_size):
-                batch = batch_spans(tokenizer, [rows[i] for i in chunk], align="prefix")
-                logits, cache = group.prompt_forward(batch, chunk)
-                for i, (ids, done) in zip(chunk, decoder(logits, cache, batch, chunk), strict=True):
-                    new_ids[i], finished[i] = ids, done
-                if on_batch is not None:
-                    on_batch(len(chunk))
+    new_ids, finished = _decode_all(model, rows, specs, decoder, batch_size, on_batch)
     config = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -324,291 +297,27 @@ def _check_context(model: Any, rows: list[ChatSpans], max_new_tokens: int) -> No
             )
 
 
-def _prefix_groups(rows: list[ChatSpans]) -> list[list[int]]:
-    """Prompt indices grouped by identical prefix token ids (first appearance order)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, spans in enumerate(rows):
-        groups.setdefault(spans.input_ids[: spans.prefix.stop], []).append(i)
-    return list(groups.values())
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad or 0)
-
-
-def _select_rows(acts: Activations, rows: Sequence[int], n_prompts: int) -> Activations:
-    """Activations with one row per prompt (``n_prompts`` rows) cut to ``rows``; shared ones as is."""
-    n = acts.token_ids.shape[0]
-    if n == 1:
-        return acts
-    if n != n_prompts:
-        raise ValueError(
-            f"the source Activations have {n} rows; generate needs 1 (shared by every prompt) "
-            f"or one per prompt ({n_prompts}), in the order of the prompts"
-        )
-    idx = torch.as_tensor(list(rows), dtype=torch.long)
-    values = {name: v[idx.to(v.device)] for name, v in acts.values.items()}
-    return Activations(values, acts.token_ids[idx], acts.sites, acts.layers, acts.source, acts.meta)
-
-
-def _check_width(acts: Activations, positions: Positions, segment: str | Sequence[int]) -> None:
-    if acts.n_positions != positions.shape[-1]:
-        what = segment if isinstance(segment, str) else "explicit positions"
-        raise ValueError(
-            f"the source Activations hold {acts.n_positions} positions but the prompts' "
-            f"{what} has {positions.shape[-1]}; take them from prompts with the same template "
-            "tokens there (e.g. the same system prompt)"
-        )
-
-
-def _in_prefix(spec: PatchSpec, n_prefix: int) -> bool:
-    """Whether ``spec`` patches only prefix positions (True) or only later ones (False)."""
-    if isinstance(spec.segment, str):
-        return spec.segment == "prefix"
-    inside = [p < n_prefix for p in spec.segment]
-    if all(inside) or not any(inside):
-        return all(inside)
-    raise ValueError(
-        f"explicit positions {list(spec.segment)} lie both in the prefix (positions "
-        f"0..{n_prefix - 1}) and after it; split them into two PatchSpecs"
-    )
-
-
-@dataclass
-class _Prepared:
-    """A later-position patch ready for one batch: values and suffix-relative positions."""
-
-    acts: Activations
-    positions: Int[Tensor, "rows n"]
-    heads: Sequence[int] | None
-
-
-class _PrefixGroup:
-    """Prompts sharing one prefix: the (patched) prefix cache, built once, and their batches."""
-
-    def __init__(
-        self, model: Any, rows: list[ChatSpans], members: list[int], specs: list[PatchSpec]
-    ) -> None:
-        self.model, self.rows, self.members = model, rows, members
-        self.n_prefix = len(rows[members[0]].prefix)
-        self.n_prompts = len(rows)
-        in_prefix = [_in_prefix(s, self.n_prefix) for s in specs]
-        self.prefix_specs = [s for s, inside in zip(specs, in_prefix, strict=True) if inside]
-        self.later_specs = [s for s, inside in zip(specs, in_prefix, strict=True) if not inside]
-        if self.prefix_specs and self.n_prefix == 0:
-            require_segment(rows[members[0]], "prefix")  # raises: this template has no prefix
-        self._postfix_memo: dict[tuple[int, tuple[int, ...]], Activations] = {}
-        self.cache = self._prefix_cache()
-
-    # ---- the prefix, once
-
-    def _prefix_cache(self) -> Any:
-        """The prefix's KV cache (one row), computed once, under the prefix patches."""
-        if self.n_prefix == 0:
-            return None
-        spans = prefix_only(self.rows[self.members[0]])
-        batch = batch_spans(chat_tokenizer(self.model), [spans])
-        # every model source runs unpatched, before any patch is installed
-        sources = [self._prefix_source(spec, batch) for spec in self.prefix_specs]
-        with contextlib.ExitStack() as stack:
-            for spec, acts in zip(self.prefix_specs, sources, strict=True):
-                stack.enter_context(
-                    patch_prefix(
-                        self.model,
-                        acts,
-                        batch,
-                        segment=spec.segment,
-                        heads=spec.heads,
-                        isolate=spec.isolate,
-                    )
-                )
-            _, cache = forward_with_cache(
-                self.model, batch.input_ids, batch.attention_mask, batch.position_ids, None
-            )
-        return cache
-
-    def _prefix_source(self, spec: PatchSpec, batch: ChatBatch) -> Activations:
-        source = as_source(spec)
-        if source.model is None:  # fixed values: their own sites and layers, row by row
-            acts = source.activations(self.model, batch, spec.segment)
-            _check_width(acts, segment_positions(batch, spec.segment), spec.segment)
-            return _select_rows(acts, self.members[:1], self.n_prompts)
-        return _model_values(self.model, spec, batch)
-
-    # ---- batches
-
-    def batches(self, batch_size: int) -> Iterator[list[int]]:
-        """Chunks of at most ``batch_size`` prompts, longest first; rows of a chunk have
-        equally many positions under every later-position patch."""
-        shapes: dict[tuple[int, ...], list[int]] = {}
-        for i in self.members:
-            key = tuple(self._n_positions(spec, self.rows[i]) for spec in self.later_specs)
-            shapes.setdefault(key, []).append(i)
-        for members in shapes.values():
-            ordered = sorted(members, key=lambda i: -len(self.rows[i]))
-            for start in range(0, len(ordered), batch_size):
-                yield ordered[start : start + batch_size]
-
-    @staticmethod
-    def _n_positions(spec: PatchSpec, spans: ChatSpans) -> int:
-        if isinstance(spec.segment, str):
-            return len(require_segment(spans, spec.segment))
-        return len(spec.segment)
-
-    # ---- the rest of the prompt, per batch
-
-    def prompt_forward(
-        self, batch: ChatBatch, rows: list[int]
-    ) -> tuple[Float[Tensor, "batch vocab"], Any]:
-        """Last-position logits and the full prompt cache, later-position patches applied."""
-        prepared: list[_Prepared] = []
-        for spec in self.later_specs:
-            prepared.append(self._prepare(spec, batch, rows, prepared))
-        with _patched(self.model, prepared):
-            return self._suffix_forward(batch)
-
-    def _suffix_forward(self, batch: ChatBatch) -> tuple[Float[Tensor, "batch vocab"], Any]:
-        p = self.n_prefix
-        return forward_with_cache(
-            self.model,
-            batch.input_ids[:, p:],
-            batch.attention_mask,
-            batch.position_ids[:, p:],
-            repeat_cache(self.cache, len(batch)),
-        )
-
-    def _prepare(
-        self, spec: PatchSpec, batch: ChatBatch, rows: list[int], earlier: list[_Prepared]
-    ) -> _Prepared:
-        positions = segment_positions(batch, spec.segment)
-        acts = self._later_source(spec, batch, rows)
-        _check_width(acts, positions, spec.segment)
-        check_tokens(acts, batch, positions)
-        heads = spec.heads
-        if spec.isolate and any(s in KV_SITES for s in acts.sites):
-            # the target's own keys/values there, under the earlier patches, read
-            # over the prefix cache (as nested patch_prefix blocks would take them)
-            def clean() -> Activations:
-                with _patched(self.model, earlier):
-                    return self._capture_suffix(batch, positions)
-
-            acts = isolated(self.model, acts, batch, spec.segment, heads=heads, clean=clean)
-            heads = None
-        return _Prepared(acts, positions - self.n_prefix, heads)
-
-    def _later_source(self, spec: PatchSpec, batch: ChatBatch, rows: list[int]) -> Activations:
-        source = as_source(spec)
-        if source.model is None:  # fixed values, row by row
-            acts = source.activations(self.model, batch, spec.segment)
-            return _select_rows(acts, rows, self.n_prompts)
-        take = functools.partial(_model_values, self.model, spec, batch)
-        if spec.segment != "postfix":
-            return take()
-        # the postfix reference (empty-query prompt) is the same for every batch
-        reference = batch.input_ids[0, list(batch.spans[0].postfix)].tolist()
-        key = (id(spec), tuple(reference))
-        if key not in self._postfix_memo:
-            self._postfix_memo[key] = take()
-        return self._postfix_memo[key]
-
-    def _capture_suffix(self, batch: ChatBatch, positions: Tensor) -> Activations:
-        """The model's own keys and values at ``positions`` (after the prefix) in every
-        layer, read over the prefix cache."""
-        values: dict[str, Tensor] = {}
-        pairs = site_layers(self.model, KV_SITES, None)
-        with self.model.hooks(fwd_hooks=keep_hooks(pairs, positions - self.n_prefix, values)):
-            self._suffix_forward(batch)
-        rows = torch.arange(len(batch))[:, None]
-        layers = tuple(range(self.model.cfg.n_layers))
-        return Activations(values, batch.input_ids[rows, positions], KV_SITES, layers)
-
-
-def _model_values(model: Any, spec: PatchSpec, batch: ChatBatch) -> Activations:
-    """A model source's values for ``spec`` on ``batch`` (the postfix: the reference)."""
-    return as_source(spec).activations(
-        model, batch, spec.segment, site=spec.site, layers=spec.layers, postfix_reference=True
-    )
-
-
-@contextlib.contextmanager
-def _patched(model: Any, prepared: list[_Prepared]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for p in prepared:
-            stack.enter_context(patch_activations(model, p.acts, p.positions, heads=p.heads))
-        yield
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def _greedy(logits: Float[Tensor, "batch vocab"], rows: list[int]) -> Int[Tensor, " batch"]:
-    return logits.argmax(-1)
-
-
-class _Sampler:
-    """Temperature / top-p sampling; prompt ``i`` draws from its own seeded generator."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
-        self.generators: dict[int, torch.Generator] = {}
-
-    def _generator(self, row: int) -> torch.Generator:
-        if row not in self.generators:
-            state = np.random.SeedSequence([self.seed, row]).generate_state(1)[0]
-            self.generators[row] = torch.Generator().manual_seed(int(state))
-        return self.generators[row]
-
-    def __call__(
-        self, logits: Float[Tensor, "batch vocab"], rows: list[int]
-    ) -> Int[Tensor, " batch"]:
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        if self.top_p < 1:
-            before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
-            sorted_probs = sorted_probs * (before < self.top_p)
-        cdf = sorted_probs.cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=self._generator(r)) for r in rows])
-        u = u.to(cdf.device)[:, None] * cdf[:, -1:]
-        k = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
-        return order.gather(-1, k)[:, 0]
-
-
-class _Decoder:
-    """Token-by-token decoding over a prompt cache, without hooks."""
-
-    def __init__(
-        self,
-        model: Any,
-        *,
-        max_new_tokens: int,
-        pick: Callable[[Tensor, list[int]], Tensor],
-        eos_ids: Sequence[int],
-        pad_id: int,
-    ) -> None:
-        self.model, self.max_new_tokens, self.pick = model, max_new_tokens, pick
-        self.eos_ids, self.pad_id = tuple(eos_ids), pad_id
-
-    def __call__(
-        self, logits: Float[Tensor, "batch vocab"], cache: Any, batch: ChatBatch, rows: list[int]
-    ) -> list[tuple[list[int], bool]]:
-        device = logits.device
-        mask = batch.attention_mask.to(device)
-        position = mask.sum(-1, keepdim=True)  # the next token's position in every row
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        steps: list[Tensor] = []
-        for step in range(self.max_new_tokens):
-            token = self.pick(logits, rows).masked_fill(done, self.pad_id)
-            steps.append(token)
-            done |= torch.isin(token, eos)
-            if step == self.max_new_tokens - 1 or bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits, cache = forward_with_cache(self.model, token[:, None], mask, position, cache)
-            position = position + 1
-        return [self._cut(ids) for ids in torch.stack(steps, dim=1).tolist()]
-
-    def _cut(self, ids: list[int]) -> tuple[list[int], bool]:
-        at = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
-        return (ids, False) if at is None else (ids[:at], True)
+def _decode_all(
+    model: Any,
+    rows: list[ChatSpans],
+    specs: list[PatchSpec],
+    decoder: Decoder,
+    batch_size: int,
+    on_batch: Callable[[int], Any] | None,
+) -> tuple[list[list[int]], list[bool]]:
+    """The new token ids of every prompt, and whether each ended at an EOS: prompts are
+    grouped by prefix (one patched prefix cache each) and run batch by batch."""
+    tokenizer = chat_tokenizer(model)
+    new_ids: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    with torch.no_grad():
+        for members in prefix_groups(rows):
+            group = PrefixGroup(model, rows, members, specs)
+            for chunk in group.batches(batch_size):
+                batch = batch_spans(tokenizer, [rows[i] for i in chunk], align="prefix")
+                logits, cache = group.prompt_forward(batch, chunk)
+                for i, (ids, done) in zip(chunk, decoder(logits, cache, batch, chunk), strict=True):
+                    new_ids[i], finished[i] = ids, done
+                if on_batch is not None:
+                    on_batch(len(chunk))
+    return new_ids, finished

@@ -41,7 +41,8 @@ from transformers import PreTrainedTokenizerBase
 
 from piggyback_interp.core.data import ChatDataset, ChatDataWarning, ChatExample
 from piggyback_interp.core.errors import InputTooLongError, UserError
-from piggyback_interp.core.spans import ChatSpans, chat_spans, context_limit, position_ids_from_mask
+from piggyback_interp.core.spans import ChatSpans, chat_spans, position_ids_from_mask
+from piggyback_interp.core.templates import context_limit
 
 IGNORE_INDEX = -100
 
@@ -122,7 +123,7 @@ def encode_example(
             :class:`~piggyback_interp.core.errors.InputTooLongError` if that would cut a
             labelled token (the response or its end-of-turn token). Without it the limit
             is the model's context (the tokenizer's ``model_max_length``, see
-            :func:`~piggyback_interp.core.spans.context_limit`), and a longer example raises.
+            :func:`~piggyback_interp.core.templates.context_limit`), and a longer example raises.
 
     Example:
         >>> from piggyback_interp.testing import tiny_tokenizer

@@ -17,7 +17,7 @@ import warnings
 import pytest
 
 from piggyback_interp.cli import main
-from piggyback_interp.core import spans as spans_module
+from piggyback_interp.core import templates
 from piggyback_interp.core.data import (
     ChatDataset,
     ChatDataWarning,
@@ -114,7 +114,7 @@ def test_a_huge_text_is_refused_without_tokenizing_it(tok, monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("a text that cannot fit was tokenized")
 
-    monkeypatch.setattr(spans_module, "_tokenize", no_tokenizing)
+    monkeypatch.setattr(templates, "_tokenize", no_tokenizing)
     huge = "x" * 5_000_000  # 5 MB: far more characters than 1024 tokens can cover
     start = time.perf_counter()
     with pytest.raises(InputTooLongError, match=r"at least \d+ tokens \(5\d{6} characters"):

@@ -1,24 +1,19 @@
-"""load_model / load_pair on tiny random models: oracle = plain transformers / peft."""
+"""load_model on tiny random models: oracle = plain transformers / peft."""
 
-import gc
 import json
-import weakref
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from piggyback_interp.core.models import (
-    BaseReleasedError,
-    IncompatiblePairError,
     ModelLoadError,
     chat_tokenizer,
     load_model,
-    load_pair,
     model_info,
     resolve_source,
 )
-from piggyback_interp.testing import save_tiny_model, tiny_hf_model, tiny_model, tiny_tokenizer
+from piggyback_interp.testing import save_tiny_model, tiny_hf_model
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2, 1, 50, 51]])
 
@@ -107,94 +102,6 @@ def test_adapter_without_base_gives_clear_error(tmp_path):
         resolve_source(tmp_path)
 
 
-# ---------------------------------------------------------------- pairs
-
-
-def test_pair_of_compatible_models(tmp_path):
-    a = save_tiny_model(tmp_path / "a", "llama", seed=0)
-    b = save_tiny_model(tmp_path / "b", "llama", seed=1)
-    pair = load_pair(a, b)
-    assert pair.has_base
-    with torch.no_grad():
-        assert not torch.equal(pair.base(IDS), pair.finetuned(IDS))
-    assert pair.tokenizer.get_vocab() == chat_tokenizer(pair.finetuned).get_vocab()
-
-
-def test_pair_refuses_other_architecture(tmp_path):
-    a = save_tiny_model(tmp_path / "a", "llama", n_layers=2)
-    b = save_tiny_model(tmp_path / "b", "llama", n_layers=3)
-    with pytest.raises(IncompatiblePairError, match="num_hidden_layers is 2 in the base and 3"):
-        load_pair(a, b)
-
-
-def test_pair_refuses_other_chat_template(tmp_path):
-    a = save_tiny_model(tmp_path / "a")
-    b = save_tiny_model(tmp_path / "b")
-    tok = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    tok.save_pretrained(b)
-    with pytest.raises(IncompatiblePairError, match="chat template differs"):
-        load_pair(a, b)
-
-
-def test_pair_refuses_other_vocabulary_and_special_tokens(tmp_path):
-    a = save_tiny_model(tmp_path / "a")
-    b = save_tiny_model(tmp_path / "b")
-    tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
-    tok.save_pretrained(b)
-    with pytest.raises(IncompatiblePairError) as err:
-        load_pair(a, b)
-    assert "vocabulary" in str(err.value) and "special tokens" in str(err.value)
-
-
-def test_lean_pair_computes_reference_then_releases_base(tmp_path):
-    a = save_tiny_model(tmp_path / "a", seed=0)
-    b = save_tiny_model(tmp_path / "b", seed=1)
-    seen = {}
-
-    def reference(base):
-        seen["ref"] = weakref.ref(base)
-        assert not torch.is_grad_enabled()
-        return base(IDS)
-
-    pair = load_pair(a, b, reference=reference)
-    gc.collect()
-    assert seen["ref"]() is None, "the base model is still alive after the lean load"
-    with pytest.raises(BaseReleasedError, match="released"):
-        _ = pair.base
-    oracle = AutoModelForCausalLM.from_pretrained(a, attn_implementation="eager").eval()
-    with torch.no_grad():
-        assert (pair.reference - oracle(IDS).logits).abs().max().item() <= 1e-5
-
-
-def test_pair_accepts_loaded_bridges(tiny):
-    from piggyback_interp.testing import tiny_model
-
-    other = tiny_model(_arch_of(tiny), seed=3)
-    pair = load_pair(tiny, other)
-    assert pair.base is tiny and pair.finetuned is other
-
-
-def _arch_of(model):
-    return {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[
-        type(model.original_model).__name__
-    ]
-
-
 def test_tiny_hf_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         tiny_hf_model("gpt5")
-
-
-def test_pair_repr_names_the_models_not_their_trees():
-    pair = load_pair(tiny_model("llama", seed=0), tiny_model("llama", seed=1))
-    text = repr(pair)
-    assert len(text) < 600, len(text)  # was ~29,600: both module trees
-    for fact in ("base=tiny-llama-L2-seed0", "finetuned=tiny-llama-L2-seed1", "layers=2",
-                 "d_model=64", "dtype=float32", "device=cpu", "shared=False"):  # fmt: skip
-        assert fact in text
-    assert "Linear" not in text and "Embedding" not in text
-    page = pair._repr_html_()
-    assert "tiny-llama-L2-seed1" in page and "<table>" in page and "Linear" not in page
-    pair.release_base()
-    assert "base=released" in repr(pair)

@@ -10,13 +10,9 @@ import torch
 
 from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
 from piggyback_interp.analysis.sweep import sweep
-from piggyback_interp.core.models import (
-    ModelLoadError,
-    Placement,
-    chat_tokenizer,
-    load_model,
-    load_pair,
-)
+from piggyback_interp.core.models import ModelLoadError, chat_tokenizer, load_model
+from piggyback_interp.core.pairs import load_pair
+from piggyback_interp.core.placement import Placement
 from piggyback_interp.core.spans import batch_spans
 from piggyback_interp.interventions import patch_prefix
 from piggyback_interp.interventions.generation import PatchSpec, generate

@@ -1,7 +1,7 @@
 """Tests for piggyback_interp.interventions.perturb: segment token perturbations and trial aggregation.
 
-Nearest neighbours are checked against a brute-force cosine top-k written here; the
-perturbed prompts against the spans they came from.
+Nearest-neighbour replacements are checked against the brute-force cosine top-k of
+tests/interventions/conftest.py; the perturbed prompts against the spans they came from.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import torch
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import ChatSpans, chat_spans
 from piggyback_interp.interventions import perturb as perturb_module
+from piggyback_interp.interventions.neighbours import special_token_ids
 from piggyback_interp.interventions.perturb import (
     Perturbation,
     aggregate_trials,
-    nearest_neighbours,
     perturb_segment,
     perturb_segments,
     perturbable_positions,
-    special_token_ids,
     trials_frame,
 )
 from piggyback_interp.testing import tiny_model, tiny_tokenizer
@@ -57,69 +56,6 @@ def spans(tok):
     return chat_spans(tok, Q)
 
 
-def brute_force_top_k(embedding, token_id, top_k, exclude=()):
-    """The oracle: cosine similarity to every row, one by one, sorted by (-sim, id)."""
-    query = embedding[token_id].double()
-    sims = []
-    for other in range(embedding.shape[0]):
-        if other == token_id or other in exclude:
-            continue
-        row = embedding[other].double()
-        sims.append((-float(query @ row / (query.norm() * row.norm())), other))
-    return [other for _, other in sorted(sims)[:top_k]]
-
-
-# ---------------------------------------------------------------- nearest_neighbours
-
-
-def test_nearest_neighbours_match_brute_force():
-    emb = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
-    ids = torch.tensor([0, 7, 59, 7])
-    got = nearest_neighbours(emb, ids, top_k=5)
-    assert got.shape == (4, 5) and got.dtype == torch.long
-    assert got.tolist() == [brute_force_top_k(emb, i, 5) for i in ids.tolist()]
-
-
-def test_nearest_neighbours_never_self_or_excluded():
-    emb = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
-    emb[5] = emb[3] * 2  # token 5's nearest (cosine 1) would be 3, which is excluded
-    exclude = {3, 11, 12, 1000, -4}  # ids outside the vocabulary are ignored
-    got = nearest_neighbours(emb, torch.arange(40), top_k=7, exclude=exclude)
-    for token, row in enumerate(got.tolist()):
-        assert token not in row and not exclude & set(row) and len(set(row)) == 7
-        assert row == brute_force_top_k(emb, token, 7, exclude)
-
-
-def test_nearest_neighbours_chunked_equals_unchunked():
-    emb = torch.randn(101, 16, generator=torch.Generator().manual_seed(2))
-    ids = torch.arange(0, 101, 3)
-    whole = nearest_neighbours(emb, ids, top_k=5, exclude={4}, chunk_size=1000)
-    for chunk in (1, 7, 50):
-        assert torch.equal(
-            nearest_neighbours(emb, ids, top_k=5, exclude={4}, chunk_size=chunk), whole
-        )
-
-
-def test_nearest_neighbours_break_ties_by_lower_id_in_any_chunking():
-    emb = torch.zeros(10, 2)
-    emb[:, 0] = 1.0  # every token points the same way: all similarities are 1
-    for chunk in (1, 3, 100):
-        got = nearest_neighbours(emb, torch.tensor([4]), top_k=3, chunk_size=chunk)
-        assert got.tolist() == [[0, 1, 2]]
-
-
-def test_nearest_neighbours_errors():
-    emb = torch.randn(5, 3)
-    with pytest.raises(ValueError, match=r"top_k must be a positive integer"):
-        nearest_neighbours(emb, torch.tensor([0]), top_k=0)
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer"):
-        nearest_neighbours(emb, torch.tensor([0]), chunk_size=0)
-    with pytest.raises(ValueError, match=r"token_ids must be vocabulary ids in \[0, 5\)"):
-        nearest_neighbours(emb, torch.tensor([5]), top_k=2)
-    with pytest.raises(ValueError, match=r"only 2 candidate tokens remain.*smaller top_k"):
-        nearest_neighbours(emb, torch.tensor([0]), top_k=3, exclude={1, 2})
-
-
 # ---------------------------------------------------------------- perturb_segment
 
 
@@ -131,7 +67,9 @@ def changed_positions(perturbation, spans):
     ]
 
 
-def test_nearest_perturbation_replaces_only_recorded_prefix_positions(model, tok, spans):
+def test_nearest_perturbation_replaces_only_recorded_prefix_positions(
+    model, tok, spans, brute_force_top_k
+):
     special = special_token_ids(tok)
     emb = model.W_E.detach()
     out = perturb_segment(model, spans, "prefix", n_tokens=10, top_k=5, trials=10, seed=0)

@@ -55,7 +55,7 @@ def _add(
     A parameter the two models of a shared-base pair both hold is not edited in place
     (that would change the other model too): this model gets a new parameter instead.
     """
-    from piggyback_interp.core.models import shares_weights
+    from piggyback_interp.core.pairs import shares_weights
 
     for name, param in params.items():
         delta = vector.deltas[name].to(param.device)
@@ -116,7 +116,7 @@ def scaled_task_vector(
         >>> bool((changed != before).any()), torch.equal(model(ids), before)
         (True, True)
     """
-    from piggyback_interp.core.models import shares_weights
+    from piggyback_interp.core.pairs import shares_weights
 
     params = _target_parameters(model, vector)
     originals = {

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from piggyback_interp.core.hf import forward_with_cache
 from piggyback_interp.core.models import chat_tokenizer, model_info
-from piggyback_interp.core.spans import Messages, batch_spans
+from piggyback_interp.core.spans import batch_spans
+from piggyback_interp.core.templates import Messages
 from piggyback_interp.measures.judges.cache import JudgeCache, as_cache
 from piggyback_interp.measures.judges.prompts import ALIGNMENT_PROMPT, JudgePrompt
 from piggyback_interp.measures.judges.scoring import JudgeScore, check_pairs, score_top_logprobs

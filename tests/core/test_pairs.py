@@ -1,28 +1,33 @@
-"""Shared-base pairs: a LoRA adapter on its own base loads as ONE copy of the base weights
-(pair.base = the base, pair.finetuned = the same tensors + the adapter, unmerged), and
-every experiment gives what the two-copy pair gives."""
+"""load_pair: compatibility checks, the memory-lean path and the repr (oracle: plain
+transformers); shared-base pairs: a LoRA adapter on its own base loads as ONE copy of the
+base weights (pair.base = the base, pair.finetuned = the same tensors + the adapter,
+unmerged), and every experiment gives what the two-copy pair gives."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
 from piggyback_interp.analysis.sweep import sweep
 from piggyback_interp.analysis.task_vectors import scaled_task_vector, task_vector
 from piggyback_interp.core.errors import UserError
-from piggyback_interp.core.models import chat_tokenizer, load_model, load_pair, model_info
+from piggyback_interp.core.models import chat_tokenizer, load_model, model_info
+from piggyback_interp.core.pairs import BaseReleasedError, IncompatiblePairError, load_pair
 from piggyback_interp.core.spans import batch_spans
 from piggyback_interp.interventions import patch_prefix
 from piggyback_interp.interventions.generation import PatchSpec, generate
 from piggyback_interp.measures.metrics import LogOdds
-from piggyback_interp.testing import save_tiny_model
+from piggyback_interp.testing import save_tiny_model, tiny_model, tiny_tokenizer
 from piggyback_interp.training.export import save_finetuned
 from piggyback_interp.training.lora import apply_lora
 
@@ -224,3 +229,91 @@ def test_other_architectures_equal_two_copies(tmp_path, arch):
         )
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)  # the same computation, on the same tensors
+
+
+# ---------------------------------------------------------------- checks, lean path, repr
+
+
+def test_pair_of_compatible_models(tmp_path):
+    a = save_tiny_model(tmp_path / "a", "llama", seed=0)
+    b = save_tiny_model(tmp_path / "b", "llama", seed=1)
+    pair = load_pair(a, b)
+    assert pair.has_base
+    with torch.no_grad():
+        assert not torch.equal(pair.base(IDS), pair.finetuned(IDS))
+    assert pair.tokenizer.get_vocab() == chat_tokenizer(pair.finetuned).get_vocab()
+
+
+def test_pair_refuses_other_architecture(tmp_path):
+    a = save_tiny_model(tmp_path / "a", "llama", n_layers=2)
+    b = save_tiny_model(tmp_path / "b", "llama", n_layers=3)
+    with pytest.raises(IncompatiblePairError, match="num_hidden_layers is 2 in the base and 3"):
+        load_pair(a, b)
+
+
+def test_pair_refuses_other_chat_template(tmp_path):
+    a = save_tiny_model(tmp_path / "a")
+    b = save_tiny_model(tmp_path / "b")
+    tok = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok.save_pretrained(b)
+    with pytest.raises(IncompatiblePairError, match="chat template differs"):
+        load_pair(a, b)
+
+
+def test_pair_refuses_other_vocabulary_and_special_tokens(tmp_path):
+    a = save_tiny_model(tmp_path / "a")
+    b = save_tiny_model(tmp_path / "b")
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(b)
+    with pytest.raises(IncompatiblePairError) as err:
+        load_pair(a, b)
+    assert "vocabulary" in str(err.value) and "special tokens" in str(err.value)
+
+
+def test_lean_pair_computes_reference_then_releases_base(tmp_path):
+    a = save_tiny_model(tmp_path / "a", seed=0)
+    b = save_tiny_model(tmp_path / "b", seed=1)
+    seen = {}
+
+    def reference(base):
+        seen["ref"] = weakref.ref(base)
+        assert not torch.is_grad_enabled()
+        return base(IDS)
+
+    pair = load_pair(a, b, reference=reference)
+    gc.collect()
+    assert seen["ref"]() is None, "the base model is still alive after the lean load"
+    with pytest.raises(BaseReleasedError, match="released"):
+        _ = pair.base
+    oracle = AutoModelForCausalLM.from_pretrained(a, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (pair.reference - oracle(IDS).logits).abs().max().item() <= 1e-5
+
+
+def test_pair_accepts_loaded_bridges(tiny):
+    from piggyback_interp.testing import tiny_model
+
+    other = tiny_model(_arch_of(tiny), seed=3)
+    pair = load_pair(tiny, other)
+    assert pair.base is tiny and pair.finetuned is other
+
+
+def _arch_of(model):
+    return {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[
+        type(model.original_model).__name__
+    ]
+
+
+def test_pair_repr_names_the_models_not_their_trees():
+    pair = load_pair(tiny_model("llama", seed=0), tiny_model("llama", seed=1))
+    text = repr(pair)
+    assert len(text) < 600, len(text)  # was ~29,600: both module trees
+    for fact in ("base=tiny-llama-L2-seed0", "finetuned=tiny-llama-L2-seed1", "layers=2",
+                 "d_model=64", "dtype=float32", "device=cpu", "shared=False"):  # fmt: skip
+        assert fact in text
+    assert "Linear" not in text and "Embedding" not in text
+    page = pair._repr_html_()
+    assert "tiny-llama-L2-seed1" in page and "<table>" in page and "Linear" not in page
+    pair.release_base()
+    assert "base=released" in repr(pair)
