@@ -11,7 +11,7 @@ perturbations must agree; the residual sweep is compared at the cells both patch
 exactly, and by its largest exactly patched cell).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scan.py --finetuned runs/demo/finetune/sft/adapter \
-        --before 58a90af --parallel --threads 1 --json
+        --before 58a90af --after HEAD --parallel --threads 1 --json
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ STEPS = ("perturbation", "patching", "layers", "resid")
 
 
 def _command(code: Path, adapter: str, out: Path, threads: int) -> tuple[list[str], dict]:
+    """The scan command run from ``code`` (its cwd, so ``python -m`` imports that code)."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads)}
     argv = [sys.executable, "-W", "ignore", "-m", "piggyback_interp.cli", "scan"]
-    argv += ["--finetuned", adapter, "--out", str(out), "--quiet"]
+    argv += ["--finetuned", str(Path(adapter).resolve()), "--out", str(out), "--quiet"]
     return argv, env
 
 
 def _parts(out: Path) -> dict:
     from piggyback_interp.experiments.scan import load_part
 
-    return {step: load_part(step, out / "scan" / step) for step in STEPS}
+    return {step: load_part(step, out / "scan") for step in STEPS}
 
 
 def _steps(out: Path) -> dict[str, float]:
@@ -89,26 +90,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--finetuned", required=True, help="the SFT adapter to scan")
     parser.add_argument("--before", default="58a90af", help="git revision of the old code")
+    parser.add_argument("--after", default="HEAD", help="git revision of the new code")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", action="store_true", help="run both at once")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        old = tmp / "before-code"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.before],
-            check=True,
-        )
+        code = {"before": tmp / "before-code", "after": tmp / "after-code"}
+        for name, rev in (("before", args.before), ("after", args.after)):
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(code[name]), rev],
+                check=True,
+            )
         try:
             jobs = {
-                "before": _command(old, args.finetuned, tmp / "before", args.threads),
-                "after": _command(ROOT, args.finetuned, tmp / "after", args.threads),
+                name: _command(code[name], args.finetuned, tmp / name, args.threads)
+                for name in ("before", "after")
             }
             wall = {}
             if args.parallel:
                 start = time.perf_counter()
-                procs = {k: subprocess.Popen(a, env=e) for k, (a, e) in jobs.items()}
+                procs = {k: subprocess.Popen(a, env=e, cwd=code[k]) for k, (a, e) in jobs.items()}
                 pending = dict(procs)
                 while pending:
                     for k, p in list(pending.items()):
@@ -121,11 +124,11 @@ def main() -> None:
             else:
                 for k, (a, e) in jobs.items():
                     start = time.perf_counter()
-                    subprocess.run(a, env=e, check=True)
+                    subprocess.run(a, env=e, check=True, cwd=code[k])
                     wall[k] = time.perf_counter() - start
-            before, after = _parts(tmp / "before"), _parts(tmp / "after")
-            result = {
+            timing = {
                 "before_rev": args.before,
+                "after_rev": args.after,
                 "threads": args.threads,
                 "parallel": args.parallel,
                 "before_s": round(wall["before"], 1),
@@ -133,6 +136,11 @@ def main() -> None:
                 "ratio": round(wall["after"] / wall["before"], 3),
                 "before_steps": _steps(tmp / "before"),
                 "after_steps": _steps(tmp / "after"),
+            }
+            print(json.dumps(timing), file=sys.stderr)  # kept even if a comparison fails
+            before, after = _parts(tmp / "before"), _parts(tmp / "after")
+            result = {
+                **timing,
                 "max_abs_diff": {
                     "perturbation_reduction": _max_diff(
                         before["perturbation"], after["perturbation"], "reduction"
@@ -145,9 +153,11 @@ def main() -> None:
                 "resid": _resid(before["resid"], after["resid"]),
             }
         finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
-            )
+            for path in code.values():
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                    check=False,
+                )
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
