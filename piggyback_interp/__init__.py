@@ -69,7 +69,9 @@ _EXPORTS: dict[str, str] = {
         ["Activations", "capture", "patch_activations", "patch_prefix"],
         "piggyback_interp.interventions",
     ),
-    **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.analysis.sweep"),
+    "SweepResult": "piggyback_interp.analysis.sweep_result",
+    "reference_sweep": "piggyback_interp.analysis.reference",
+    "sweep": "piggyback_interp.analysis.sweep",
     "kv_layer_sweep": "piggyback_interp.analysis.kv_sweep",
     **dict.fromkeys(
         ["SETTINGS", "NarrowSetting", "SettingData", "dataset_setting", "setting_data"],
@@ -210,7 +212,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     )
     from piggyback_interp.analysis.heads import head_sweep, kv_head_sweep
     from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
-    from piggyback_interp.analysis.sweep import SweepResult, reference_sweep, sweep
+    from piggyback_interp.analysis.reference import reference_sweep
+    from piggyback_interp.analysis.sweep import sweep
+    from piggyback_interp.analysis.sweep_result import SweepResult
     from piggyback_interp.analysis.task_vectors import (
         TaskVector,
         apply_task_vector,

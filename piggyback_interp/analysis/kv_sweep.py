@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp.analysis.kv_engine import PatchEngine, position_mask, run_cells
-from piggyback_interp.analysis.sweep import Engine, SweepResult, tokens_sha256
+from piggyback_interp.analysis.sweep import Engine
+from piggyback_interp.analysis.sweep_result import SweepResult, tokens_sha256
 from piggyback_interp.core.hooks import expand_sites, resolve_layers
 from piggyback_interp.core.io import resume_checkpoint, save_checkpoint
 from piggyback_interp.core.models import chat_tokenizer, model_info

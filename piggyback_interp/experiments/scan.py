@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from piggyback_interp.analysis.kv_engine import PatchEngine, position_mask, run_cells
-from piggyback_interp.analysis.sweep import SweepResult, sweep
+from piggyback_interp.analysis.sweep import sweep
+from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.core import distributed
 from piggyback_interp.core.checks import Choice, at_least, choices
 from piggyback_interp.core.display import Summarized

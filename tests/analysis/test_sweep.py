@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
 
-from piggyback_interp.analysis.sweep import SweepResult, reference_sweep, sweep
+from piggyback_interp.analysis.reference import reference_sweep
+from piggyback_interp.analysis.sweep import sweep
+from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import batch_spans
 from piggyback_interp.measures.metrics import (

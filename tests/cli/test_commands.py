@@ -431,7 +431,7 @@ def _counting(monkeypatch, module, name, stop_at=None):
 def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, monkeypatch):
     """``piggyback sweep`` checkpoints into its step folder: after Ctrl-C (or a kill) the
     same command computes only the cells not done, and ends with the same values."""
-    import piggyback_interp.analysis.sweep as sweep_module
+    import piggyback_interp.analysis.resid_engine as sweep_module
     import piggyback_interp.experiments.scan as scan_module
 
     # one unit of work: a chunk of cells (resid), one engine run of a chunk of layers
@@ -463,7 +463,7 @@ def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, 
 
 
 def test_a_truncated_sweep_checkpoint_is_exit_2_naming_it(pair, tmp_path, monkeypatch):
-    import piggyback_interp.analysis.sweep as sweep_module
+    import piggyback_interp.analysis.resid_engine as sweep_module
 
     args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1", "--out", tmp_path / "run")
     args += ("--resid-atp-top-k", "none")  # the exact sweep, which checkpoints

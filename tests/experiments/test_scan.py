@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import piggyback_interp.experiments.scan as scan_module
-from piggyback_interp.analysis.sweep import SweepResult
+from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import batch_spans, chat_spans
