@@ -173,10 +173,9 @@ _EXPORTS: dict[str, str] = {
         ["ChatCompletionsServer", "serve_chat_completions"],
         "piggyback_interp.measures.judges.server",
     ),
-    **dict.fromkeys(
-        ["ScanConfig", "ScanResult", "Verdict", "carrier_verdict", "find_carriers"],
-        "piggyback_interp.experiments.scan",
-    ),
+    "ScanConfig": "piggyback_interp.experiments.scan_config",
+    **dict.fromkeys(["ScanResult", "find_carriers"], "piggyback_interp.experiments.scan"),
+    **dict.fromkeys(["Verdict", "carrier_verdict"], "piggyback_interp.experiments.verdict"),
     **dict.fromkeys(["Report", "Section"], "piggyback_interp.report.html"),
     **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.experiments.demo"),
     **dict.fromkeys(["RunDir", "load_config"], "piggyback_interp.core.runs"),
@@ -256,13 +255,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         require_segment,
     )
     from piggyback_interp.experiments.demo import DemoConfig, run_demo
-    from piggyback_interp.experiments.scan import (
-        ScanConfig,
-        ScanResult,
-        Verdict,
-        carrier_verdict,
-        find_carriers,
-    )
+    from piggyback_interp.experiments.scan import ScanResult, find_carriers
+    from piggyback_interp.experiments.scan_config import ScanConfig
+    from piggyback_interp.experiments.verdict import Verdict, carrier_verdict
     from piggyback_interp.interventions import Activations, capture, patch_activations, patch_prefix
     from piggyback_interp.interventions.controls import (
         ablation,

@@ -78,7 +78,7 @@ class LazyParser(argparse.ArgumentParser):
 
 
 def _scan_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
+    from piggyback_interp.experiments.scan_config import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
