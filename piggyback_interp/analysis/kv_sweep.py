@@ -126,7 +126,7 @@ def _prefix_batch(model: Any, spans: ChatSpans | ChatBatch) -> ChatBatch:
     return batch
 
 
-def _window_starts(model: Any, layers: int | Iterable[int] | None, window: int) -> list[int]:
+def _window_starts(model: Any, layers: int | Iterable[int] | None, window: int) -> tuple[int, ...]:
     """The windows' first layers (default: every layer where a window fits), checked."""
     n_layers = model.cfg.n_layers
     if window < 1 or window > n_layers:
