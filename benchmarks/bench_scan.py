@@ -38,9 +38,9 @@ def _command(code: Path, adapter: str, out: Path, threads: int) -> tuple[list[st
 
 
 def _parts(out: Path) -> dict:
-    from piggyback_interp.experiments.scan import load_part
+    from piggyback_interp.experiments.registry import EXPERIMENTS
 
-    return {step: load_part(step, out / "scan") for step in STEPS}
+    return {step: EXPERIMENTS[step].load(out / "scan") for step in STEPS}
 
 
 def _steps(out: Path) -> dict[str, float]:

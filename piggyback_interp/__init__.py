@@ -63,7 +63,9 @@ _EXPORTS: dict[str, str] = {
         ["Activations", "capture", "patch_activations", "patch_prefix"],
         "piggyback_interp.interventions",
     ),
-    **dict.fromkeys(["SweepResult", "reference_sweep", "sweep"], "piggyback_interp.analysis.sweep"),
+    "SweepResult": "piggyback_interp.analysis.sweep_result",
+    "reference_sweep": "piggyback_interp.analysis.reference",
+    "sweep": "piggyback_interp.analysis.sweep",
     "kv_layer_sweep": "piggyback_interp.analysis.kv_sweep",
     **dict.fromkeys(
         ["SETTINGS", "NarrowSetting", "SettingData", "dataset_setting", "setting_data"],
@@ -162,10 +164,9 @@ _EXPORTS: dict[str, str] = {
         ["ChatCompletionsServer", "serve_chat_completions"],
         "piggyback_interp.measures.judges.server",
     ),
-    **dict.fromkeys(
-        ["ScanConfig", "ScanResult", "Verdict", "carrier_verdict", "find_carriers"],
-        "piggyback_interp.experiments.scan",
-    ),
+    "ScanConfig": "piggyback_interp.experiments.scan_config",
+    **dict.fromkeys(["ScanResult", "find_carriers"], "piggyback_interp.experiments.scan"),
+    **dict.fromkeys(["Verdict", "carrier_verdict"], "piggyback_interp.experiments.verdict"),
     "Report": "piggyback_interp.report.html",
     "Section": "piggyback_interp.report.sections",
     **dict.fromkeys(["DemoConfig", "run_demo"], "piggyback_interp.experiments.demo"),
@@ -204,7 +205,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     )
     from piggyback_interp.analysis.heads import head_sweep, kv_head_sweep
     from piggyback_interp.analysis.kv_sweep import kv_layer_sweep
-    from piggyback_interp.analysis.sweep import SweepResult, reference_sweep, sweep
+    from piggyback_interp.analysis.reference import reference_sweep
+    from piggyback_interp.analysis.sweep import sweep
+    from piggyback_interp.analysis.sweep_result import SweepResult
     from piggyback_interp.analysis.task_vectors import (
         TaskVector,
         apply_task_vector,
@@ -248,13 +251,9 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         require_segment,
     )
     from piggyback_interp.experiments.demo import DemoConfig, run_demo
-    from piggyback_interp.experiments.scan import (
-        ScanConfig,
-        ScanResult,
-        Verdict,
-        carrier_verdict,
-        find_carriers,
-    )
+    from piggyback_interp.experiments.scan import ScanResult, find_carriers
+    from piggyback_interp.experiments.scan_config import ScanConfig
+    from piggyback_interp.experiments.verdict import Verdict, carrier_verdict
     from piggyback_interp.interventions import Activations, capture, patch_activations, patch_prefix
     from piggyback_interp.interventions.controls import (
         ablation,

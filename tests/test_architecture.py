@@ -246,7 +246,9 @@ def too_long(path: Path, text: str) -> list[str]:
             doc = ast.get_docstring(node) or ""
             reason = any(line.strip().startswith("Long because") for line in doc.splitlines())
             if length > MAX_FUNCTION_LINES and not reason:
-                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines")
+                found.append(
+                    f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines"
+                )
     return found
 
 

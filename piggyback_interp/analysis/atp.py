@@ -11,7 +11,7 @@ target per metric continuation, with a zero-valued leaf added at every swept hoo
 and one backward give the gradient at every cell at once; the source's activations
 come from one forward of the source on the same prompts.
 
-Key/value cells follow :func:`~piggyback_interp.analysis.sweep.reference_sweep`'s
+Key/value cells follow :func:`~piggyback_interp.analysis.reference.reference_sweep`'s
 ``isolate=True`` meaning: only LATER positions read the patched key/value (the
 position's own later keys/values are pinned). The gradient therefore leaves out the
 path through the position's own attention row (query ``i`` reading key/value ``i``),
@@ -46,12 +46,8 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from piggyback_interp.analysis.sweep import (
-    SweepResult,
-    cell_labels,
-    exact_cells,
-    sweep_meta,
-)
+from piggyback_interp.analysis.reference import exact_cells
+from piggyback_interp.analysis.sweep_result import SweepResult, cell_labels, sweep_meta
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.core.hooks import (
     KV_SITES,
@@ -93,7 +89,7 @@ def atp_sweep(
     has ``method="atp"``. ``site`` is ``resid_pre`` | ``resid_mid`` | ``resid_post`` |
     ``attn_out`` | ``mlp_out`` | ``k`` | ``v`` | ``kv`` | ``z`` (several sites: the
     estimate of patching all of them at the cell). ``isolate`` (key/value sites): as
-    in :func:`~piggyback_interp.analysis.sweep.reference_sweep`.
+    in :func:`~piggyback_interp.analysis.reference.reference_sweep`.
     """
     job = _Job.build(model, source, spans, metric, site, layers, segment)
     delta, clean = job.estimate(isolate)
@@ -116,7 +112,7 @@ def atp_prescreen(
 
     The ranking is by ``|mean over prompts of the estimated effect|``. The result holds
     exact values (one patched forward per cell, as
-    :func:`~piggyback_interp.analysis.sweep.reference_sweep`) at the top ``k`` cells and
+    :func:`~piggyback_interp.analysis.reference.reference_sweep`) at the top ``k`` cells and
     the AtP estimates elsewhere; ``meta["exact_cells"]`` lists the exact ones as
     ``[layer, position]`` and ``meta["atp_values"]`` keeps every estimate (prompt-mean
     per layer x cell). Needs a left-padded batch (``batch_spans(..., align="left")``).

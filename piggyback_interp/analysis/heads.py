@@ -69,7 +69,7 @@ def head_sweep(
 ) -> Any:
     """Patch each (layer, query head)'s attention output at ``segment`` from ``source``.
 
-    Returns a :class:`~piggyback_interp.analysis.sweep.SweepResult` whose cells are
+    Returns a :class:`~piggyback_interp.analysis.sweep_result.SweepResult` whose cells are
     heads (``positions`` holds the head indices, ``tokens`` labels like ``"H5"``).
     ``engine="batched"`` stacks ``cells_per_batch`` heads per forward (any padding);
     ``engine="loop"`` is the reference (one :func:`patch_prefix` forward per cell) and
@@ -116,7 +116,7 @@ def kv_head_sweep(
         engine: ``"batched"`` (``cells_per_batch`` heads per forward) or ``"loop"`` (one
             patched full forward per cell, left-padded batch only: the reference).
 
-    Returns a :class:`~piggyback_interp.analysis.sweep.SweepResult` whose cells are K/V
+    Returns a :class:`~piggyback_interp.analysis.sweep_result.SweepResult` whose cells are K/V
     heads (``tokens`` like ``"KV1"``).
     """
     engine = Engine.parse(engine, "engine")
@@ -155,8 +155,8 @@ def _head_result(
     run: tuple[Any, Any, Any], model: Any, source: Any, chosen: Sequence[int], heads: list[int],
     segment: SegmentOrPositions, label: str, meta: dict[str, Any],
 ) -> Any:  # fmt: skip
-    """A head sweep's :class:`~piggyback_interp.analysis.sweep.SweepResult` (cells = heads)."""
-    from piggyback_interp.analysis.sweep import SweepResult
+    """A head sweep's :class:`~piggyback_interp.analysis.sweep_result.SweepResult` (cells = heads)."""
+    from piggyback_interp.analysis.sweep_result import SweepResult
 
     values, clean, src = run
     return SweepResult(
@@ -231,7 +231,7 @@ def _run(
 
 def _loop(model, source, batch, metric, acts, sites, layers, heads, segment, bar, *, isolate):
     """One patched full forward per (layer, head): the reference."""
-    from piggyback_interp.analysis.sweep import loop_baselines
+    from piggyback_interp.analysis.reference import loop_baselines
 
     positions = segment_positions(batch, segment)
     pin = None

@@ -2,7 +2,7 @@
 
 A *cell* patches some heads of ``k``, ``v`` or ``z`` at some layers and some token
 positions. The engine runs many cells per forward (cells x prompts on the batch
-axis), like the residual engine of :mod:`~piggyback_interp.analysis.sweep`:
+axis), like the residual engine of :mod:`~piggyback_interp.analysis.resid_engine`:
 
 * a patched run starts AT the first patched layer from the target's cached
   residual stream (lower layers cannot change);
@@ -37,13 +37,8 @@ from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from piggyback_interp.analysis.sweep import (
-    SweepResult,
-    clean_variant,
-    metric_values,
-    sweep_meta,
-    sweep_result,
-)
+from piggyback_interp.analysis.resid_engine import clean_variant, metric_values
+from piggyback_interp.analysis.sweep_result import SweepResult, sweep_meta, sweep_result
 from piggyback_interp.core.hf import DecoderRunner, cache_layers
 from piggyback_interp.core.hooks import (
     KV_SITES,
@@ -430,7 +425,7 @@ def engine_sweep(
     progress: bool = True,
 ) -> SweepResult:
     """:func:`~piggyback_interp.analysis.sweep.sweep` for ``kv``/``k``/``v`` (isolated, as
-    :func:`~piggyback_interp.analysis.sweep.reference_sweep`) and ``z`` (every head)."""
+    :func:`~piggyback_interp.analysis.reference.reference_sweep`) and ``z`` (every head)."""
     sites = expand_sites(site)
     batch = as_batch(model, spans)
     chosen = resolve_layers(model, layers)

@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from piggyback_interp.analysis.kv_engine import PatchEngine, position_mask, run_cells
-from piggyback_interp.analysis.sweep import Engine, SweepResult, tokens_sha256
+from piggyback_interp.analysis.sweep import Engine
+from piggyback_interp.analysis.sweep_result import SweepResult, tokens_sha256
 from piggyback_interp.core.hooks import expand_sites, resolve_layers
 from piggyback_interp.core.io import resume_checkpoint, save_checkpoint
 from piggyback_interp.core.models import chat_tokenizer, model_info
@@ -81,21 +82,8 @@ def kv_layer_sweep(
         raise ValueError(
             f"kv_layer_sweep patches keys and/or values ('kv', 'k', 'v'), not {site!r}"
         )
-    batch = as_batch(model, spans)
-    if len(batch) > 1 and batch.align != "prefix":
-        raise ValueError(
-            "kv_layer_sweep shares one prefix cache: build the batch with batch_spans(..., align='prefix')"
-        )
-    if batch.prefix_len is None:
-        batch = batch_spans(chat_tokenizer(model), batch.spans, align="prefix")
-    n_layers = model.cfg.n_layers
-    if window < 1 or window > n_layers:
-        raise ValueError(f"window must be between 1 and {n_layers}, got {window}")
-    starts = resolve_layers(model, layers if layers is not None else range(n_layers - window + 1))
-    if starts[-1] + window > n_layers:
-        raise ValueError(
-            f"a window of {window} layers starting at {starts[-1]} runs past layer {n_layers - 1}"
-        )
+    batch = _prefix_batch(model, spans)
+    starts = _window_starts(model, layers, window)
     meta = {
         "kind": "kv_layer_sweep",
         "target": model_info(model).name,
@@ -109,24 +97,10 @@ def kv_layer_sweep(
     if engine is Engine.LOOP:
         values, clean, src = _loop_windows(model, source, batch, metric, sites, starts, window, bar)
     else:
-        positions = segment_positions(batch, "prefix")
-        patcher = PatchEngine(model, batch, metric, sites=sites)
-        src = patcher.load_source(source, positions, range(starts[0], n_layers))
-        whole = position_mask(positions, batch.input_ids.shape[1])
-        fingerprinted = {**meta, "tokens_sha256": tokens_sha256(batch)}
-        windows = torch.full((len(starts), len(batch)), float("nan"))
-        done = resume_checkpoint(checkpoint, fingerprinted, windows)
-        bar.update(len(done))
-        todo = [j for j in range(len(starts)) if j not in done]
-        for c0 in range(0, len(todo), windows_per_batch):
-            chunk = todo[c0 : c0 + windows_per_batch]
-            specs = [(whole, range(starts[j], starts[j] + window), None) for j in chunk]
-            # windows of several first layers share a forward (it starts at the lowest)
-            windows[chunk] = run_cells(patcher, specs, windows_per_batch, bar, by_layer=False)
-            done.update(chunk)
-            save_checkpoint(checkpoint, fingerprinted, windows, done)
-        values = windows.T
-        clean = patcher.clean_values()
+        values, clean, src = _engine_windows(
+            model, source, batch, metric, sites, starts, window, windows_per_batch,
+            checkpoint, {**meta, "tokens_sha256": tokens_sha256(batch)}, bar,
+        )  # fmt: skip
     bar.close()
     return SweepResult(
         values=values[:, :, None].contiguous(),
@@ -138,6 +112,53 @@ def kv_layer_sweep(
         segments=["prefix"],
         meta={**meta, "engine": engine.value},
     )
+
+
+def _prefix_batch(model: Any, spans: ChatSpans | ChatBatch) -> ChatBatch:
+    """The prompts as one batch sharing its prefix (``align="prefix"``)."""
+    batch = as_batch(model, spans)
+    if len(batch) > 1 and batch.align != "prefix":
+        raise ValueError(
+            "kv_layer_sweep shares one prefix cache: build the batch with batch_spans(..., align='prefix')"
+        )
+    if batch.prefix_len is None:
+        batch = batch_spans(chat_tokenizer(model), batch.spans, align="prefix")
+    return batch
+
+
+def _window_starts(model: Any, layers: int | Iterable[int] | None, window: int) -> tuple[int, ...]:
+    """The windows' first layers (default: every layer where a window fits), checked."""
+    n_layers = model.cfg.n_layers
+    if window < 1 or window > n_layers:
+        raise ValueError(f"window must be between 1 and {n_layers}, got {window}")
+    starts = resolve_layers(model, layers if layers is not None else range(n_layers - window + 1))
+    if starts[-1] + window > n_layers:
+        raise ValueError(
+            f"a window of {window} layers starting at {starts[-1]} runs past layer {n_layers - 1}"
+        )
+    return starts
+
+
+def _engine_windows(model, source, batch, metric, sites, starts, window, windows_per_batch,
+                    checkpoint, fingerprinted, bar):  # fmt: skip
+    """The batched engine: ``windows_per_batch`` windows per forward, each finished chunk
+    recorded in ``checkpoint``; ``(values [prompts, windows], clean, source)``."""
+    positions = segment_positions(batch, "prefix")
+    patcher = PatchEngine(model, batch, metric, sites=sites)
+    src = patcher.load_source(source, positions, range(starts[0], model.cfg.n_layers))
+    whole = position_mask(positions, batch.input_ids.shape[1])
+    windows = torch.full((len(starts), len(batch)), float("nan"))
+    done = resume_checkpoint(checkpoint, fingerprinted, windows)
+    bar.update(len(done))
+    todo = [j for j in range(len(starts)) if j not in done]
+    for c0 in range(0, len(todo), windows_per_batch):
+        chunk = todo[c0 : c0 + windows_per_batch]
+        specs = [(whole, range(starts[j], starts[j] + window), None) for j in chunk]
+        # windows of several first layers share a forward (it starts at the lowest)
+        windows[chunk] = run_cells(patcher, specs, windows_per_batch, bar, by_layer=False)
+        done.update(chunk)
+        save_checkpoint(checkpoint, fingerprinted, windows, done)
+    return windows.T, patcher.clean_values(), src
 
 
 def _loop_windows(model, source, batch, metric, sites, starts, window, bar):

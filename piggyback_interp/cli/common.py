@@ -38,8 +38,8 @@ def add_scan_options(p: argparse.ArgumentParser) -> None:
 
 def add_scan_inputs(p: argparse.ArgumentParser) -> None:
     """The models, prompts and device options of a scan command, and one per field of
-    :class:`~piggyback_interp.experiments.scan.ScanConfig`."""
-    from piggyback_interp.experiments.scan import TEMPLATE_SEGMENTS, ScanConfig
+    :class:`~piggyback_interp.experiments.scan_config.ScanConfig`."""
+    from piggyback_interp.experiments.scan_config import TEMPLATE_SEGMENTS, ScanConfig
 
     add_pair(p)
     add_prompts(p, n=8)
@@ -127,8 +127,8 @@ def record_skipped(args: argparse.Namespace, run: Any, kept: int, skipped: list)
 
 
 def scan_config(args: argparse.Namespace) -> Any:
-    """The :class:`~piggyback_interp.experiments.scan.ScanConfig` of the options."""
-    from piggyback_interp.experiments.scan import ScanConfig
+    """The :class:`~piggyback_interp.experiments.scan_config.ScanConfig` of the options."""
+    from piggyback_interp.experiments.scan_config import ScanConfig
 
     return dataclass_from(ScanConfig, args)
 

@@ -32,7 +32,7 @@ diagram)."""
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    from piggyback_interp.experiments.map import DEFAULT_METHODS, METHODS, TRAINED
+    from piggyback_interp.experiments.map_config import DEFAULT_METHODS, METHODS, TRAINED
 
     p.add_argument("--model", default=EMBEDDED_NAME, help="base model (default: %(default)s)")
     p.add_argument("--setting", default="abstention", help="narrow setting with a fixed target")
@@ -63,12 +63,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # no docstring: the command's page in the docs is DESCRIPTION
     from piggyback_interp.experiments.map import (
-        MapConfig,
         headline,
         map_table,
         read_summaries,
         run_map,
     )
+    from piggyback_interp.experiments.map_config import MapConfig
     from piggyback_interp.measures.evaluation import markdown_table
     from piggyback_interp.report.figures.map import phase_diagram
     from piggyback_interp.report.figures.save import save_figure

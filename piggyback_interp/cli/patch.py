@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     norm (``noise``). ``recovery``: the fraction of the gap closed. Prints which segments
     carry the behaviour by the scan's rule. Writes ``<out>/scan/patching/``.
     """
-    from piggyback_interp.experiments.scan import carrier_verdict
+    from piggyback_interp.experiments.verdict import carrier_verdict
     from piggyback_interp.report.figures import carrier_bars
 
     frame = scan_part(args, "patching")

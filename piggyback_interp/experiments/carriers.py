@@ -259,13 +259,7 @@ def carrier_values(
     }
     rows: list[dict[str, Any]] = []
     for i, spans in enumerate(spans_list):
-        if tuple(spans.input_ids[p] for p in _template_positions(spans, "template")) != tuple(
-            empty.input_ids
-        ):
-            raise ValueError(
-                f"prompt {i}: its template tokens differ from the empty-query prompt's "
-                "(another system prompt?); carrier shares need the default template"
-            )
+        _check_template(spans, empty, i)
         query = list(spans.query)
         own = (  # the base's K/V at the query positions, for the query controls
             reference.query_kv[i]
@@ -274,21 +268,7 @@ def carrier_values(
         )
         _check_tokens(own, spans, query, i)
         rng = random.Random(f"{seed}:{i}")
-        labels, patches = [], []
-        for segment in segments:
-            where = _template_positions(spans, segment)
-            n = min(len(where), len(query))
-            picks = sorted(rng.sample(range(len(where)), n))
-            controls = sorted(rng.sample(range(len(query)), n))
-            for condition, acts, positions in (
-                ("all", template.take(index[segment]), where),
-                ("matched", template.take([index[segment][j] for j in picks]),
-                 [where[j] for j in picks]),
-                ("query", own.take(controls), [query[j] for j in controls]),
-            ):  # fmt: skip
-                if positions:
-                    labels.append((segment, condition, len(positions)))
-                    patches.append((acts, positions))
+        labels, patches = _patches(spans, segments, template, index, own, rng)
         clean, *patched = _patched_logps(model, spans, metric, patches)
         base_logp = reference.logp[i] if reference is not None else _logp(base, spans, metric)
         rows.append(dict(prompt=i, segment="-", condition="finetuned", n=0, logp=clean))
@@ -296,6 +276,42 @@ def carrier_values(
         for (segment, condition, n), value in zip(labels, patched, strict=True):
             rows.append(dict(prompt=i, segment=segment, condition=condition, n=n, logp=value))
     return pd.DataFrame(rows)
+
+
+def _check_template(spans: ChatSpans, empty: ChatSpans, i: int) -> None:
+    """Prompt ``i``'s template tokens must be the empty-query prompt's."""
+    if tuple(spans.input_ids[p] for p in _template_positions(spans, "template")) != tuple(
+        empty.input_ids
+    ):
+        raise ValueError(
+            f"prompt {i}: its template tokens differ from the empty-query prompt's "
+            "(another system prompt?); carrier shares need the default template"
+        )
+
+
+def _patches(
+    spans: ChatSpans, segments: Sequence[str], template: Any, index: dict[str, list[int]],
+    own: Any, rng: random.Random,
+) -> tuple[list[tuple[str, str, int]], list[tuple[Any, list[int]]]]:  # fmt: skip
+    """One prompt's ``(segment, condition, n)`` labels and ``(activations, positions)``
+    patches: per segment ``all``, ``matched`` and ``query``."""
+    query = list(spans.query)
+    labels, patches = [], []
+    for segment in segments:
+        where = _template_positions(spans, segment)
+        n = min(len(where), len(query))
+        picks = sorted(rng.sample(range(len(where)), n))
+        controls = sorted(rng.sample(range(len(query)), n))
+        for condition, acts, positions in (
+            ("all", template.take(index[segment]), where),
+            ("matched", template.take([index[segment][j] for j in picks]),
+             [where[j] for j in picks]),
+            ("query", own.take(controls), [query[j] for j in controls]),
+        ):  # fmt: skip
+            if positions:
+                labels.append((segment, condition, len(positions)))
+                patches.append((acts, positions))
+    return labels, patches
 
 
 def _share(patched: np.ndarray, tuned: np.ndarray, base: np.ndarray) -> float:

@@ -39,7 +39,7 @@ from piggyback_interp.experiments.pipeline import (
     scan_step,
     task_vector_step,
 )
-from piggyback_interp.experiments.scan import ScanConfig
+from piggyback_interp.experiments.scan_config import ScanConfig
 
 METHODS = ("sft", "treft", "interleave")
 
@@ -134,12 +134,34 @@ def run_demo(
     models = Models()
     base = models.get(config.model)
     data = setting_data(config.setting, tokenizer=chat_tokenizer(base))
-    train = data.train[: config.n_train] if config.n_train else data.train
-    setting = data.setting
+    tuned = _finetune_all(run, models, config, data, progress)
+    _evaluate_all(run, models, config, data, base, tuned, progress)
+    if data.setting.target:
+        prompts = data.test_off_topic[: config.graded_prompts]
+        for method, path in tuned.items():
+            graded_step(
+                run, f"graded/{method}", base, models.get(path), prompts, data.setting.target
+            )
+    prompts = data.test_off_topic[: config.scan_prompts]
+    scan_step(
+        run, "scan/sft", base, models.get(tuned["sft"]), prompts,
+        _scan_config(config, data.setting, base.cfg.n_layers), progress=progress,
+    )  # fmt: skip
+    task_vector_step(run, "task_vectors", config.model, tuned)
 
+    run.write_record("demo", start, started, config=dataclasses.asdict(config), base=model_id(base))
+    return build_report(run.path)
+
+
+def _finetune_all(
+    run: RunDir, models: Models, config: DemoConfig, data: Any, progress: bool
+) -> dict[str, Path]:
+    """Finetune the base with every method (cached steps); each method's exported model."""
+    train = data.train[: config.n_train] if config.n_train else data.train
     retain = None
     if "interleave" in config.methods:
         ratio = _finetune_config(config, "interleave", 0.0).retain_ratio
+        base = models.get(config.model)
         retain = retain_step(run, "retain", base, data, n=retain_size(len(train), ratio))
     tuned: dict[str, Any] = {}
     for method in config.methods:
@@ -149,11 +171,19 @@ def run_demo(
             models,
             config.model,
             train,
-            _finetune_config(config, method, setting.treft_lambda),
+            _finetune_config(config, method, data.setting.treft_lambda),
             retain=retain if method == "interleave" else None,
             progress=progress,
         )
         tuned[method] = exported(folder)
+    return tuned
+
+
+def _evaluate_all(
+    run: RunDir, models: Models, config: DemoConfig, data: Any, base: Any,
+    tuned: dict[str, Path], progress: bool,
+) -> None:  # fmt: skip
+    """Evaluate the base, every finetuned model, and SFT under the base prefix K/V."""
 
     def evaluation(name: str, model: Any, patch_base: Any = None) -> None:
         evaluate_step(
@@ -172,34 +202,22 @@ def run_demo(
         evaluation(method, models.get(path))
     evaluation("sft+prefix_kv", models.get(tuned["sft"]), patch_base=base)
 
-    if setting.target:
-        prompts = data.test_off_topic[: config.graded_prompts]
-        for method, path in tuned.items():
-            graded_step(run, f"graded/{method}", base, models.get(path), prompts, setting.target)
 
-    n_layers = base.cfg.n_layers
+def _scan_config(config: DemoConfig, setting: Any, n_layers: int) -> ScanConfig:
+    """The demo's carrier scan: every ``layer_step``-th layer and the last; the target's
+    log-prob as the gap when the setting has a target."""
     layers = config.scan_layers or tuple(
         sorted({*range(0, n_layers, config.layer_step), n_layers - 1})
     )
-    scan_config = (
-        ScanConfig(
+    if setting.target:
+        return ScanConfig(
             metric="target",
             target=setting.target,
             layers=layers,
             trials=config.trials,
             seed=config.seed,
         )
-        if setting.target
-        else ScanConfig(layers=layers, trials=config.trials)
-    )
-    prompts = data.test_off_topic[: config.scan_prompts]
-    scan_step(
-        run, "scan/sft", base, models.get(tuned["sft"]), prompts, scan_config, progress=progress
-    )
-    task_vector_step(run, "task_vectors", config.model, tuned)
-
-    run.write_record("demo", start, started, config=dataclasses.asdict(config), base=model_id(base))
-    return build_report(run.path)
+    return ScanConfig(layers=layers, trials=config.trials)
 
 
 __all__ = ["DemoConfig", "run_demo"]

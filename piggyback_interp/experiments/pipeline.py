@@ -28,7 +28,10 @@ import torch
 from piggyback_interp.core.data import ChatDataset, load_chat_jsonl, save_chat_jsonl
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.core.runs import RunDir, read_json
-from piggyback_interp.experiments.scan import ScanConfig, ScanResult
+from piggyback_interp.experiments.registry import EXPERIMENTS
+from piggyback_interp.experiments.scan import ScanResult
+from piggyback_interp.experiments.scan_config import ScanConfig
+from piggyback_interp.experiments.scan_experiments import check_gap
 from piggyback_interp.measures.evaluation import Evaluation
 from piggyback_interp.measures.settings import (
     SettingData,
@@ -37,13 +40,6 @@ from piggyback_interp.measures.settings import (
     retain_questions,
 )
 
-# the ScanConfig fields each experiment depends on (its cache key)
-PART_FIELDS = {
-    "perturbation": {"segments", "metric", "target", "trials", "perturb_mode", "seed"},
-    "patching": {"segments", "metric", "target", "seed"},
-    "layers": {"segments", "metric", "target", "layers"},
-    "resid": {"metric", "target", "layers", "resid_atp_top_k"},
-}
 CHECKPOINT = "checkpoint.pt"  # a resumable step's own checkpoint, inside its folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -247,28 +243,24 @@ def experiment_step(
     *,
     progress: bool = True,
 ) -> Any:
-    """One experiment of the carrier scan (``part`` of :data:`~piggyback_interp.experiments.scan.PARTS`), cached
-    in ``<run>/<name>/<part>``: ``piggyback perturb`` and ``piggyback scan`` on one folder share it.
+    """One experiment of the carrier scan (``part``, a name in
+    :data:`~piggyback_interp.experiments.registry.EXPERIMENTS`), cached in
+    ``<run>/<name>/<part>``: ``piggyback perturb`` and ``piggyback scan`` on one folder share it.
 
-    The sweeps (``layers``, ``resid``) checkpoint into ``checkpoint.pt`` in the step folder:
-    an interrupted one resumes from the cells it finished. Identical models (a zero gap
-    on every prompt) raise :class:`~piggyback_interp.experiments.scan.ZeroGapError` before any work."""
-    from piggyback_interp.experiments import scan as scan_module
-
-    experiments = {
-        "perturbation": scan_module.perturbation_effects,
-        "patching": scan_module.segment_patching,
-        "layers": scan_module.layer_patching,
-        "resid": scan_module.residual_sweep,
-    }
+    Its cache key is the models, the prompts and the experiment's own ScanConfig fields.
+    A resumable experiment (the sweeps ``layers``, ``resid``) checkpoints into
+    ``checkpoint.pt`` in the step folder: an interrupted one resumes from the cells it
+    finished. Identical models (a zero gap on every prompt) raise
+    :class:`~piggyback_interp.experiments.scan_experiments.ZeroGapError` before any work."""
+    experiment = EXPERIMENTS[part]
 
     def compute(folder: Path) -> None:
-        scan_module.check_gap(base, model, list(prompts), config)
-        sweeps = {"checkpoint": folder / CHECKPOINT} if part in ("layers", "resid") else {}
-        value = experiments[part](base, model, list(prompts), config, progress=progress, **sweeps)
-        scan_module.save_part(part, value, folder.parent)
+        check_gap(base, model, list(prompts), config)
+        sweeps = {"checkpoint": folder / CHECKPOINT} if experiment.resumable else {}
+        value = experiment.run(base, model, list(prompts), config, progress=progress, **sweeps)
+        experiment.save(value, folder.parent)
 
-    settings = {k: v for k, v in non_default(config).items() if k in PART_FIELDS[part]}
+    settings = {k: v for k, v in non_default(config).items() if k in experiment.fields}
     key = {
         "base": model_key(base),
         "model": model_key(model),
@@ -276,7 +268,7 @@ def experiment_step(
         "config": settings,
     }
     run.step(f"{name}/{part}", key, compute)
-    return scan_module.load_part(part, run.folder(name))
+    return experiment.load(run.folder(name))
 
 
 def scan_step(
@@ -290,22 +282,12 @@ def scan_step(
     progress: bool = True,
 ) -> ScanResult:
     """The carrier scan of ``base`` vs ``model`` on ``prompts``: each experiment a cached step."""
-    from piggyback_interp.experiments.scan import PARTS, carrier_verdict
-
-    parts = [p for p in PARTS if p != "resid" or config.resid_sweep]
-    values = {
+    parts = {
         part: experiment_step(run, name, part, base, model, prompts, config, progress=progress)
-        for part in parts
+        for part, experiment in EXPERIMENTS.items()
+        if experiment.enabled(config)
     }
-    verdict = carrier_verdict(
-        values["patching"], values["perturbation"], min_recovery=config.min_recovery
-    )
-    result = ScanResult(
-        config,
-        verdict=verdict,
-        resid=values.get("resid"),
-        **{k: v for k, v in values.items() if k != "resid"},
-    )
+    result = ScanResult.from_parts(config, parts)
     result.save(run.folder(name))
     return result
 

@@ -199,14 +199,7 @@ def evaluate(
 
     from piggyback_interp.interventions.generation import generate
 
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"seeds must be distinct and non-empty, got {seeds}")
-    if temperature == 0 and len(seeds) > 1:
-        raise UserError(
-            "greedy decoding (temperature=0) gives the same answers for every seed; "
-            "pass temperature > 0 to sample, or a single seed"
-        )
+    seeds = _check_seeds(list(seeds), temperature)
     data = setting if isinstance(setting, SettingData) else None
     if data is None:
         data = setting_data(get_setting(setting), tokenizer=chat_tokenizer(model))
@@ -237,26 +230,10 @@ def evaluate(
                 on_batch=bar.update,
             ).texts
             frame = pd.DataFrame({"seed": seed, "split": split, "question": questions})
-            frame["response"] = texts
-            frame["behaviour"] = spec.detector(texts).tolist()
-            for metric in spec.metrics:
-                frame[metric.name] = metric(texts).tolist()
-            for name, j in judges.items():
-                scores = j.score_many(questions, texts)
-                frame[name] = [math.nan if s.score is None else s.score for s in scores]
-                frame[f"{name}_label"] = [s.label for s in scores]
-                if name == "alignment":  # score < 30 (judges.MISALIGNED_BELOW)
-                    flags = [s.misaligned() for s in scores]
-                    frame["misaligned"] = [math.nan if f is None else float(f) for f in flags]
-            frames.append(frame)
+            frames.append(_score(frame, texts, spec, judges))
     bar.close()
     meta = {
-        "setting": spec.name,
-        "detector": spec.detector.name,
-        "model": model_info(model).to_dict(),
-        "patch": _describe_patch(patch),
-        "judges": {n: getattr(j, "judge_id", type(j).__name__) for n, j in judges.items()},
-        "seeds": seeds,
+        **_meta(model, spec, patch, judges, seeds),
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
@@ -266,6 +243,50 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return Evaluation(pd.concat(frames, ignore_index=True), metrics, meta)
+
+
+def _check_seeds(seeds: list[int], temperature: float) -> list[int]:
+    """Distinct, non-empty seeds; several only when sampling."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be distinct and non-empty, got {seeds}")
+    if temperature == 0 and len(seeds) > 1:
+        raise UserError(
+            "greedy decoding (temperature=0) gives the same answers for every seed; "
+            "pass temperature > 0 to sample, or a single seed"
+        )
+    return seeds
+
+
+def _score(frame: Any, texts: list[str], spec: NarrowSetting, judges: dict[str, Any]) -> Any:
+    """``frame`` (one row per question) with the responses, the detector, the setting's
+    metrics and every judge's scores."""
+    questions = frame["question"].tolist()
+    frame["response"] = texts
+    frame["behaviour"] = spec.detector(texts).tolist()
+    for metric in spec.metrics:
+        frame[metric.name] = metric(texts).tolist()
+    for name, j in judges.items():
+        scores = j.score_many(questions, texts)
+        frame[name] = [math.nan if s.score is None else s.score for s in scores]
+        frame[f"{name}_label"] = [s.label for s in scores]
+        if name == "alignment":  # score < 30 (judges.MISALIGNED_BELOW)
+            flags = [s.misaligned() for s in scores]
+            frame["misaligned"] = [math.nan if f is None else float(f) for f in flags]
+    return frame
+
+
+def _meta(
+    model: Any, spec: NarrowSetting, patch: Any, judges: dict[str, Any], seeds: list[int]
+) -> dict[str, Any]:
+    """What an evaluation ran: setting, detector, model, patch, judges, seeds."""
+    return {
+        "setting": spec.name,
+        "detector": spec.detector.name,
+        "model": model_info(model).to_dict(),
+        "patch": _describe_patch(patch),
+        "judges": {n: getattr(j, "judge_id", type(j).__name__) for n, j in judges.items()},
+        "seeds": seeds,
+    }
 
 
 def _describe_patch(patch: Any) -> Any:

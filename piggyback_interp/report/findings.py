@@ -4,7 +4,7 @@ Used by ``piggyback scan``, ``piggyback demo`` and ``piggyback report`` (which r
 a report from a run folder without recomputing anything).
 
 Example:
-    >>> from piggyback_interp.experiments.scan import ScanResult, percent
+    >>> from piggyback_interp.experiments.scan import ScanResult
     >>> sections = scan_sections(ScanResult.load("runs/scan/scan"))   # doctest: +SKIP
 """
 
@@ -19,7 +19,9 @@ from typing import Any
 import pandas as pd
 
 from piggyback_interp.core.errors import UserError
-from piggyback_interp.experiments.scan import GapMetric, ScanResult, percent
+from piggyback_interp.experiments.scan import ScanResult
+from piggyback_interp.experiments.scan_config import GapMetric
+from piggyback_interp.experiments.verdict import percent
 from piggyback_interp.report.html import duration
 from piggyback_interp.report.sections import Section
 

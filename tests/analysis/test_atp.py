@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from piggyback_interp.analysis.atp import atp_prescreen, atp_sweep
-from piggyback_interp.analysis.sweep import reference_sweep, sweep
+from piggyback_interp.analysis.reference import reference_sweep
+from piggyback_interp.analysis.sweep import sweep
 from piggyback_interp.core.hooks import KV_SITES, resolve_site
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import batch_spans

@@ -360,7 +360,7 @@ def test_evaluate(adapter, base, tmp_path):
 @pytest.fixture(scope="module")
 def scan_run(work, pair) -> dict:
     """``perturb`` then ``scan`` on one folder; the scan must reuse the perturbation."""
-    import piggyback_interp.experiments.scan as scan_module
+    from piggyback_interp.experiments.registry import EXPERIMENTS
 
     out = work / "scan"
     perturbed = ok("perturb", *pair, "--trials", "2", "--out", out)
@@ -371,7 +371,11 @@ def scan_run(work, pair) -> dict:
         raise AssertionError("scan recomputed the perturbation step")
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(scan_module, "perturbation_effects", recomputed)
+        m.setitem(
+            EXPERIMENTS,
+            "perturbation",
+            dataclasses.replace(EXPERIMENTS["perturbation"], run=recomputed),
+        )
         scanned = ok("scan", *pair, "--trials", "2", "--out", out)
     return {"out": out, "perturb": perturbed, "scan": scanned, "before": before}
 
@@ -431,8 +435,8 @@ def _counting(monkeypatch, module, name, stop_at=None):
 def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, monkeypatch):
     """``piggyback sweep`` checkpoints into its step folder: after Ctrl-C (or a kill) the
     same command computes only the cells not done, and ends with the same values."""
-    import piggyback_interp.analysis.sweep as sweep_module
-    import piggyback_interp.experiments.scan as scan_module
+    import piggyback_interp.analysis.resid_engine as sweep_module
+    import piggyback_interp.experiments.scan_experiments as scan_module
 
     # one unit of work: a chunk of cells (resid), one engine run of a chunk of layers
     # for one group of prompts (kv-layers)
@@ -463,7 +467,7 @@ def test_an_interrupted_sweep_resumes_from_the_cells_done(kind, pair, tmp_path, 
 
 
 def test_a_truncated_sweep_checkpoint_is_exit_2_naming_it(pair, tmp_path, monkeypatch):
-    import piggyback_interp.analysis.sweep as sweep_module
+    import piggyback_interp.analysis.resid_engine as sweep_module
 
     args = ("sweep", *pair, "--kind", "resid", "--layers", "0", "1", "--out", tmp_path / "run")
     args += ("--resid-atp-top-k", "none")  # the exact sweep, which checkpoints

@@ -244,7 +244,7 @@ def test_config_ranges(cls, kwargs, message):
     from piggyback_interp.core.errors import UserError
     from piggyback_interp.experiments.demo import DemoConfig
     from piggyback_interp.experiments.reproduce import Table5Config
-    from piggyback_interp.experiments.scan import ScanConfig
+    from piggyback_interp.experiments.scan_config import ScanConfig
     from piggyback_interp.training import FinetuneConfig
 
     classes = {c.__name__: c for c in (FinetuneConfig, ScanConfig, DemoConfig, Table5Config)}

@@ -27,8 +27,8 @@ from piggyback_interp.core.data import (
 from piggyback_interp.core.errors import InputTooLongError, UserError
 from piggyback_interp.core.models import context_length, load_model
 from piggyback_interp.core.spans import batch_spans, chat_spans, split_long
-from piggyback_interp.experiments.scan import (
-    ScanConfig,
+from piggyback_interp.experiments.scan_config import ScanConfig
+from piggyback_interp.experiments.scan_experiments import (
     layer_patching,
     residual_sweep,
     segment_patching,

@@ -13,14 +13,10 @@ import piggyback_interp.training as training_module
 from piggyback_interp.cli import main
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.experiments import map as map_module
-from piggyback_interp.experiments.map import (
-    MapConfig,
-    Point,
-    cells,
-    inoculation_prompt,
-    read_summaries,
-    run_map,
-)
+from piggyback_interp.experiments import map_cell as map_cell_module
+from piggyback_interp.experiments.map import read_summaries, run_map
+from piggyback_interp.experiments.map_cell import inoculation_prompt
+from piggyback_interp.experiments.map_config import MapConfig, Point, cells
 from piggyback_interp.measures.settings import get_setting
 
 
@@ -182,7 +178,7 @@ def test_early_stop_picks_the_first_checkpoint_that_reaches_the_rate(tmp_path, m
             return type("G", (), {"texts": texts})()
         return real_generate(model, prompts, **kwargs)
 
-    real_stopper = map_module._early_stopper
+    real_stopper = map_cell_module._early_stopper
 
     def stopper(data, questions, config):
         inner = real_stopper(data, questions, config)
@@ -198,7 +194,7 @@ def test_early_stop_picks_the_first_checkpoint_that_reaches_the_rate(tmp_path, m
         return stop
 
     monkeypatch.setattr(generation_module, "generate", generate)
-    monkeypatch.setattr(map_module, "_early_stopper", stopper)
+    monkeypatch.setattr(map_cell_module, "_early_stopper", stopper)
     config = _config(methods=("early-stop",), max_train=36, batch_size=4, early_stop_questions=4,
                      points=("1e-3x2",))  # fmt: skip
     run_map(tmp_path, config, progress=False)

@@ -24,24 +24,23 @@ import pytest
 import torch
 
 import piggyback_interp.experiments.scan as scan_module
-from piggyback_interp.analysis.sweep import SweepResult
+import piggyback_interp.experiments.scan_experiments as experiments_module
+from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import batch_spans, chat_spans
-from piggyback_interp.experiments.scan import (
-    GapMetric,
-    ScanConfig,
-    ScanResult,
+from piggyback_interp.experiments.scan import ScanResult, find_carriers
+from piggyback_interp.experiments.scan_config import ScanConfig
+from piggyback_interp.experiments.scan_experiments import (
     as_spans,
-    carrier_verdict,
-    find_carriers,
     gap_metric,
     layer_patching,
     perturbation_effects,
     residual_sweep,
     segment_patching,
 )
-from piggyback_interp.interventions.perturb import PerturbMode, perturb_segments
+from piggyback_interp.experiments.verdict import carrier_verdict
+from piggyback_interp.interventions.perturb import perturb_segments
 from piggyback_interp.measures.metrics import (
     NextTokenKL,
     TargetLogProb,
@@ -361,12 +360,11 @@ def test_identical_models_have_no_gap_anywhere(base):
 @pytest.mark.parametrize("metric", ["kl", "target"])
 def test_identical_models_are_a_zero_gap_error(base, metric):
     """Not pandas' "Encountered all NA values" from a report of undefined fractions."""
-    from piggyback_interp.core.errors import UserError
 
     config = ScanConfig(trials=1, metric=metric, target=TARGET if metric == "target" else None)
     with pytest.raises(UserError, match="zero gap: the finetuned model equals the base"):
         find_carriers(base, _model(2), PROMPTS, config, progress=False)
-    assert scan_module.check_gap(base, _planted(POSTFIX_TOKEN), PROMPTS).abs().min() > 1e-4
+    assert experiments_module.check_gap(base, _planted(POSTFIX_TOKEN), PROMPTS).abs().min() > 1e-4
 
 
 # ------------------------------------------------------------- layer patching
@@ -376,7 +374,7 @@ def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_
     """Killed inside the query condition: the rerun patches only the query cells."""
     config = ScanConfig(segments=("postfix",))
     full = layer_patching(base, post, PROMPTS, config)
-    real, calls = scan_module.run_cells, {"n": 0, "stop": 2}
+    real, calls = experiments_module.run_cells, {"n": 0, "stop": 2}
 
     def counting(*args, **kwargs):
         calls["n"] += 1
@@ -384,7 +382,7 @@ def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scan_module, "run_cells", counting)
+    monkeypatch.setattr(experiments_module, "run_cells", counting)
     ckpt = tmp_path / "layers.ckpt"
     # postfix: one group of 2 prompts (one engine run for both layers); query: 2 groups
     with pytest.raises(KeyboardInterrupt):  # during the query's first group
@@ -410,7 +408,7 @@ def test_layer_patching_equals_the_isolated_patch_prefix_loop(base, post):
     frame = layer_patching(base, post, PROMPTS, ScanConfig())
     for i, spans in enumerate(render_prompts(tok, PROMPTS)):
         batch = batch_spans(tok, [spans], align="left")
-        metric = scan_module.gap_metric(base, batch, ScanConfig())
+        metric = experiments_module.gap_metric(base, batch, ScanConfig())
         clean = metric_on_model(post, batch, metric).item()
         source = metric_on_model(base, batch, metric).item()
         for condition in ("prefix", "postfix", "query"):
@@ -528,112 +526,7 @@ def test_residual_sweep_atp_prescreen(base, pre, pre_scan):
         ScanConfig(resid_atp_top_k=-1)
 
 
-# ------------------------------------------------------------- verdict rule
-
-
-def _patching_frame(recoveries):
-    """{segment: {condition: [recovery per prompt]}} as segment_patching's frame."""
-    rows = [
-        {"prompt": i, "segment": segment, "condition": condition, "recovery": r}
-        for segment, conditions in recoveries.items()
-        for condition, values in conditions.items()
-        for i, r in enumerate(values)
-    ]
-    return pd.DataFrame(rows)
-
-
-def test_carrier_verdict_rule_by_hand():
-    frame = _patching_frame(
-        {
-            # clear carrier: 0.6 of the gap, matched - query = [0.5, 0.6] (mean .55, SE .05)
-            "prefix": {
-                "all": [0.5, 0.7],
-                "matched": [0.6, 0.8],
-                "query": [0.1, 0.2],
-                "noise": [0.0, -0.2],
-            },
-            # closes the gap, but matched positions do no better than query ones
-            "postfix": {"all": [0.9, 0.9], "matched": [0.5, -0.3], "query": [0.1, 0.1]},
-        }
-    )
-    verdict = carrier_verdict(frame)
-    assert verdict.carriers == ("prefix",)
-    assert verdict.headline == "The prefix carries the finetuned behaviour"
-    ev = verdict.evidence.set_index("segment")
-    assert ev.loc["prefix", "recovery_all"] == pytest.approx(0.6)
-    assert ev.loc["prefix", "recovery_all_se"] == pytest.approx(0.1)  # std .1414 / sqrt(2)
-    assert ev.loc["prefix", "matched_minus_query"] == pytest.approx(0.55)
-    assert ev.loc["prefix", "matched_minus_query_se"] == pytest.approx(0.05)
-    assert ev.loc["prefix", "recovery_noise"] == pytest.approx(-0.1)
-    assert math.isnan(ev.loc["postfix", "recovery_noise"])  # no noise rows given
-    assert ev.loc["postfix", "matched_minus_query"] == pytest.approx(0.0)
-    assert list(ev["prompts"]) == [2, 2]
-    assert "prefix: its base keys/values close 60% of the gap" in verdict.detail
-    assert "→ carrier" in verdict.detail and "perturb_reduction" not in verdict.evidence
-
-    # min_recovery is a threshold on the whole-segment patch, inclusive
-    weak = _patching_frame({"prefix": {"all": [0.2, 0.2], "matched": [0.6, 0.8], "query": [0, 0]}})
-    assert carrier_verdict(weak).carriers == ()
-    assert carrier_verdict(weak, min_recovery=0.2).carriers == ("prefix",)
-    # ...below it, a segment that beats its query control carries part of it
-    assert carrier_verdict(weak).headline == (
-        "Neither template segment carries the finetuned behaviour on its own; the prefix "
-        "carries part of it (20% of the gap, beyond its query control)"
-    )
-    assert list(carrier_verdict(weak).evidence["partial"]) == [True]
-    assert not verdict.evidence["partial"].any()  # a carrier, and a segment no better than query
-
-    # both segments; one prompt (no error bar: any positive difference counts); NaN dropped
-    both = _patching_frame(
-        {
-            "prefix": {"all": [0.5, math.nan], "matched": [0.3, math.nan], "query": [0.2, 0.1]},
-            "postfix": {"all": [0.4, math.nan], "matched": [0.3, math.nan], "query": [0.2, 0.1]},
-        }
-    )
-    verdict = carrier_verdict(both)
-    assert verdict.carriers == ("prefix", "postfix")
-    assert verdict.headline == "Both the prefix and the postfix carry the finetuned behaviour"
-    assert list(verdict.evidence["prompts"]) == [1, 1]
-    assert math.isnan(verdict.evidence["matched_minus_query_se"][0])
-
-
 # ------------------------------------------------------------- config, scan, docs
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"segments": ("query",)}, r"segments must be template segments.*got \('query',\)"),
-        ({"segments": ()}, "segments must be template segments"),
-        ({"metric": "logprob"}, "metric must be one of kl, target, got 'logprob'"),
-        ({"metric": "target"}, "metric='target' needs target="),
-        ({"metric": "target", "target": ""}, "metric='target' needs target="),
-        ({"trials": 0}, "trials must be >= 1, got 0"),
-        ({"min_recovery": 0.0}, r"min_recovery must be in \(0, 1\], got 0.0"),
-        ({"min_recovery": 1.5}, r"min_recovery must be in \(0, 1\]"),
-    ],
-)
-def test_scan_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ScanConfig(**kwargs)
-
-
-@pytest.mark.parametrize(("field", "kind"), [("metric", GapMetric), ("perturb_mode", PerturbMode)])
-def test_scan_string_options_are_enums(field, kind):
-    import dataclasses
-    import json
-
-    for member in kind:
-        by_string = ScanConfig(target="I have no idea", **{field: member.value})
-        assert by_string == ScanConfig(target="I have no idea", **{field: member})
-        assert getattr(by_string, field) is member
-        saved = json.loads(json.dumps(dataclasses.asdict(by_string)))
-        assert type(saved[field]) is str and saved[field] == member.value
-        again = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-        assert ScanConfig(**again) == by_string
-    choices = ", ".join(kind.values())
-    with pytest.raises(UserError, match=f"^{field} must be one of {choices}, got 'bogus'$"):
-        ScanConfig(**{field: "bogus"})
 
 
 def test_prompts_must_be_a_list(base):

@@ -4,9 +4,9 @@ No function sets a global renderer or template (each figure carries its own temp
 
 | function | takes |
 | --- | --- |
-| :func:`patching_heatmap` | a :class:`~piggyback_interp.analysis.sweep.SweepResult` |
+| :func:`patching_heatmap` | a :class:`~piggyback_interp.analysis.sweep_result.SweepResult` |
 | :func:`layer_recovery_curve` | ``{label: SweepResult or [prompts, layers] recovery}`` or a tidy frame |
-| :func:`carrier_bars` | a :func:`~piggyback_interp.experiments.scan.segment_patching` or perturbation frame |
+| :func:`carrier_bars` | a :func:`~piggyback_interp.experiments.scan_experiments.segment_patching` or perturbation frame |
 | :func:`segment_bars` | a :func:`~piggyback_interp.interventions.perturb.trials_frame` or ``{segment: aggregate_trials(...)}`` |
 | :func:`method_comparison` | a :func:`~piggyback_interp.measures.evaluation.summarize` frame with ``method`` |
 | :func:`training_curves` | a :class:`~piggyback_interp.training.FinetuneResult`, history or ``finetune.json`` |

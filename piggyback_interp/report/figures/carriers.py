@@ -31,8 +31,8 @@ def carrier_bars(
     """Mean ``value`` per (``x``, ``group``) with 95% error bars over prompts.
 
     Rows of the same prompt (e.g. perturbation trials) are averaged first, so the error
-    bar is ± 1.96 SE over prompts. For :func:`~piggyback_interp.experiments.scan.segment_patching`
-    use the defaults; for :func:`~piggyback_interp.experiments.scan.perturbation_effects` use
+    bar is ± 1.96 SE over prompts. For :func:`~piggyback_interp.experiments.scan_experiments.segment_patching`
+    use the defaults; for :func:`~piggyback_interp.experiments.scan_experiments.perturbation_effects` use
     ``x="control_for", group="segment", value="reduction"``.
 
     Example:

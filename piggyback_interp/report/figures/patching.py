@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from piggyback_interp.analysis.sweep import SweepResult
+from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.report.figures.style import (
     SEGMENT_ORDER,
     TEMPLATE,
@@ -50,7 +50,7 @@ def patching_heatmap(
     prompt: int | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Layer x position heatmap of a :func:`~piggyback_interp.analysis.sweep` result.
+    """Layer x position heatmap of a :func:`~piggyback_interp.analysis.sweep.sweep` result.
 
     x: the swept positions, labelled ``"<position> <token>"`` (``␣`` = space, ``↵`` =
     newline); y: layers; a coloured strip above the map names each segment (prefix /
