@@ -3,22 +3,11 @@
 For a base model and a finetuned copy, on general prompts, with no judge: the gap
 between them is the KL divergence of their next-token distributions,
 ``KL(base || finetuned)`` after the full prompt (or, on request, any logit metric's
-difference, e.g. the log-prob of a target answer). Four experiments
+difference, e.g. the log-prob of a target answer). Four experiments, each with its
+matched non-template control, measure how much of that gap a template segment holds:
+perturbation, segment patching, layer patching and the residual sweep
 (:mod:`~piggyback_interp.experiments.scan_experiments`, listed in
-:data:`~piggyback_interp.experiments.registry.EXPERIMENTS`), each with its matched
-non-template control, measure how much of that gap a template segment holds:
-
-* **perturbation** (:func:`~piggyback_interp.experiments.scan_experiments.perturbation_effects`): replace ``n`` tokens of a template
-  segment, or ``n`` tokens of the query (the control), in the input of both models;
-  ``reduction`` = the fraction of the gap that disappears.
-* **segment patching** (:func:`~piggyback_interp.experiments.scan_experiments.segment_patching`): patch the base model's keys and
-  values at the whole segment (``all``), at ``n`` of its positions (``matched``), at
-  ``n`` query positions (``query``, the control) and Gaussian noise of the base's norm
-  at the segment (``noise``), every layer; ``recovery`` = the fraction of the gap closed.
-* **layer patching** (:func:`~piggyback_interp.experiments.scan_experiments.layer_patching`): the same K/V patch one layer at a time,
-  per segment and for the query.
-* **residual sweep** (:func:`~piggyback_interp.experiments.scan_experiments.residual_sweep`): the base residual stream patched at one
-  (layer, prefix position) at a time (:func:`~piggyback_interp.analysis.sweep.sweep`).
+:data:`~piggyback_interp.experiments.registry.EXPERIMENTS`).
 
 :func:`~piggyback_interp.experiments.verdict.carrier_verdict` ranks the segments: a segment *carries* the behaviour when
 patching its base keys/values closes at least ``min_recovery`` of the gap AND its
