@@ -47,6 +47,7 @@ from einops import rearrange, reduce
 from torch import Tensor
 
 from piggyback_interp.analysis.reference import exact_cells
+from piggyback_interp.analysis.resid_engine import SWEEP_SITES, resid_cells
 from piggyback_interp.analysis.sweep_result import SweepResult, cell_labels, sweep_meta
 from piggyback_interp.core.errors import UserError
 from piggyback_interp.core.hooks import (
@@ -111,18 +112,22 @@ def atp_prescreen(
     """Rank every (layer, cell) by AtP and patch exactly only the ``top_k`` strongest.
 
     The ranking is by ``|mean over prompts of the estimated effect|``. The result holds
-    exact values (one patched forward per cell, as
-    :func:`~piggyback_interp.analysis.reference.reference_sweep`) at the top ``k`` cells and
+    exact values at the top ``k`` cells (a residual site: on the residual engine,
+    :func:`~piggyback_interp.analysis.resid_engine.resid_cells`; other sites: one
+    patched forward per cell, as
+    :func:`~piggyback_interp.analysis.reference.reference_sweep`) and
     the AtP estimates elsewhere; ``meta["exact_cells"]`` lists the exact ones as
     ``[layer, position]`` and ``meta["atp_values"]`` keeps every estimate (prompt-mean
-    per layer x cell). Needs a left-padded batch (``batch_spans(..., align="left")``).
+    per layer x cell). Sites other than a residual one need a left-padded batch
+    (``batch_spans(..., align="left")``).
     """
     if top_k < 0:
         raise UserError(f"top_k must be >= 0, got {top_k}")
-    if as_batch(model, spans).align != "left":
+    on_engine = isinstance(site, str) and site in SWEEP_SITES
+    if not on_engine and as_batch(model, spans).align != "left":
         raise UserError(
-            "atp_prescreen patches its top cells with the reference loop, which needs "
-            "batch_spans(..., align='left')"
+            f"atp_prescreen patches the top {site!r} cells with the reference loop, which "
+            "needs batch_spans(..., align='left')"
         )
     job = _Job.build(model, source, spans, metric, site, layers, segment)
     delta, clean = job.estimate(isolate)
@@ -132,7 +137,10 @@ def atp_prescreen(
     order = delta.mean(0).abs().flatten().argsort(descending=True)[:top_k].tolist()
     exact = sorted((i // n_cells, i % n_cells) for i in order)
     cells = [(job.layers[li], c) for li, c in exact]
-    patched = exact_cells(model, job.batch, segment, metric, job.acts, cells, isolate=isolate)
+    if on_engine:  # the residual engine: a cell's forward starts at its layer, 8 per batch
+        patched = resid_cells(model, job.batch, metric, job.acts, cells, site=site, segment=segment)
+    else:
+        patched = exact_cells(model, job.batch, segment, metric, job.acts, cells, isolate=isolate)
     for n, (li, c) in enumerate(exact):
         values[:, li, c] = patched[:, n]
     result = job.result(values, clean, method="atp_prescreen", isolate=isolate)

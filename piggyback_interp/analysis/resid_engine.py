@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from einops import rearrange, repeat
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from piggyback_interp.core.io import resume_checkpoint, save_checkpoint
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.core.spans import ChatBatch, ChatSpans
 from piggyback_interp.interventions.activations import (
+    Activations,
     SegmentOrPositions,
     as_batch,
     scatter,
@@ -135,6 +137,45 @@ def resid_sweep(
     return sweep_result(model, batch, positions, chosen, values, clean, src_value, meta)
 
 
+def resid_cells(
+    model: Any,
+    batch: ChatBatch,
+    metric: LogitMetric,
+    acts: Activations,
+    cells: Sequence[tuple[int, int]],
+    *,
+    site: str = "resid_pre",
+    segment: SegmentOrPositions = "prefix",
+    cells_per_batch: int = 8,
+) -> Float[Tensor, "prompts cells"]:
+    """The metric with each ``(layer, i)`` cell (``acts`` at ``site``, at the ``i``-th
+    position of ``segment``) patched, on the engine: the cells of one layer run
+    ``cells_per_batch`` to a forward, each from that layer up. The same values as
+    :func:`~piggyback_interp.analysis.reference.exact_cells`, which runs one full forward
+    per cell."""
+    positions = segment_positions(batch, segment)
+    layers = sorted({layer for layer, _ in cells})
+    tok = chat_tokenizer(model)
+    variants = [
+        clean_variant(model, batch, c, n, layers)
+        for c, n in zip(metric.continuations(tok), metric.n_read(tok), strict=True)
+    ]
+    hook_site = resolve_site(model, site)
+    engine = _Cells(
+        DecoderRunner(model), variants, metric, hook_site, positions,
+        _shared_prefix(batch, positions), cells_per_batch,
+    )  # fmt: skip
+    out = torch.empty(positions.shape[0], len(cells))
+    for layer in layers:
+        mine = [n for n, (at, _) in enumerate(cells) if at == layer]
+        src = acts.values[hook_site.name(layer)]
+        for c0 in range(0, len(mine), cells_per_batch):
+            chunk = mine[c0 : c0 + cells_per_batch]
+            with torch.no_grad():
+                out[:, chunk] = engine.some(layer, src, [cells[n][1] for n in chunk]).T
+    return out
+
+
 def _shared_prefix(batch: ChatBatch, positions: Tensor) -> int | None:
     """The prefix length when prompts share their prefix at the same columns and every
     swept position lies in it (the prefix is then patched once per cell), else None."""
@@ -161,13 +202,19 @@ class _Cells:
         out = torch.empty(n_cells, B)
         for c0 in range(0, n_cells, self.per_batch):
             cells = range(c0, min(n_cells, c0 + self.per_batch))
-            vals = _run_cells(
-                self.runner, self.variants, self.metric, self.hook_site, layer, self.positions,
-                src, cells, torch.arange(B), self.shared_prefix,
-            )  # fmt: skip
-            out[cells.start : cells.stop] = vals.reshape(len(cells), B).cpu()
+            out[cells.start : cells.stop] = self.some(layer, src, cells)
             bar.update(len(cells))
         return out
+
+    def some(self, layer: int, src: Tensor, cells: Sequence[int]) -> Tensor:
+        """``[cells, prompts]`` metric values with each of ``cells`` (segment position
+        indices) of ``layer`` patched, all in one batch."""
+        B = self.positions.shape[0]
+        vals = _run_cells(
+            self.runner, self.variants, self.metric, self.hook_site, layer, self.positions,
+            src, cells, torch.arange(B), self.shared_prefix,
+        )  # fmt: skip
+        return vals.reshape(len(cells), B).cpu()
 
 
 def _sweep_layers(
@@ -229,21 +276,21 @@ def _run_cells(
     layer: int,
     positions: Tensor,
     src: Tensor,
-    cells: range,
+    cells: Sequence[int],
     prompt_rows: Tensor,
     shared_prefix: int | None,
 ) -> Tensor:
-    """Metric for every (cell, prompt) row of a chunk of cells at one layer (cell-major)."""
+    """Metric for every (cell, prompt) row of a chunk of cells at one layer (cell-major);
+    ``cells`` index the segment positions."""
     B = positions.shape[0]
     n = len(cells)
     name = hook_site.name(layer)
-    src = src.expand(B, *src.shape[1:])[:, cells.start : cells.stop]  # [B, n, ...]
+    cells = list(cells)
+    src = src.expand(B, *src.shape[1:])[:, cells]  # [B, n, ...]
     logits = []
     for v in variants:
         if shared_prefix is None:
-            hidden = _patched_window(
-                runner, v, hook_site, name, layer, positions[:, cells.start : cells.stop], src
-            )
+            hidden = _patched_window(runner, v, hook_site, name, layer, positions[:, cells], src)
         else:
             hidden = _patched_prefix_then_rest(
                 runner,
@@ -251,7 +298,7 @@ def _run_cells(
                 hook_site,
                 name,
                 layer,
-                positions[0, cells.start : cells.stop],
+                positions[0, cells],
                 src[0],
                 shared_prefix,
                 B,
@@ -339,4 +386,11 @@ def _patched_prefix_then_rest(
     return out[:, v.read_start - P : v.read_start - P + v.n_read]
 
 
-__all__ = ["SWEEP_SITES", "Variant", "clean_variant", "metric_values", "resid_sweep"]
+__all__ = [
+    "SWEEP_SITES",
+    "Variant",
+    "clean_variant",
+    "metric_values",
+    "resid_cells",
+    "resid_sweep",
+]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from piggyback_interp.analysis.atp import atp_prescreen
-from piggyback_interp.analysis.kv_engine import PatchEngine, position_mask, run_cells
+from piggyback_interp.analysis.kv_engine import PatchEngine, run_cells
 from piggyback_interp.analysis.sweep import sweep
 from piggyback_interp.analysis.sweep_result import SweepResult
 from piggyback_interp.core import distributed
@@ -43,8 +43,8 @@ from piggyback_interp.core.io import resume_checkpoint, save_checkpoint
 from piggyback_interp.core.models import chat_tokenizer, model_info
 from piggyback_interp.core.spans import ChatBatch, ChatSpans, batch_spans, render_prompts
 from piggyback_interp.experiments.scan_config import GapMetric, ScanConfig
-from piggyback_interp.interventions.activations import segment_positions
-from piggyback_interp.interventions.controls import compare_controls
+from piggyback_interp.interventions.activations import capture, columns_mask, segment_positions
+from piggyback_interp.interventions.controls import matched_positions, noise_like
 from piggyback_interp.interventions.patch import patch_prefix
 from piggyback_interp.interventions.perturb import perturb_segments
 from piggyback_interp.measures.metrics import (
@@ -56,7 +56,7 @@ from piggyback_interp.measures.metrics import (
 )
 
 MIN_GAP = 1e-6  # a gap at most this on every prompt is no gap (identical models)
-LAYERS_PER_FORWARD = 8  # layer patching: cells stacked on the batch axis per forward
+LAYERS_PER_SAVE = 8  # layer patching: layers between checkpoint saves
 
 # --- the gap metric ---------------------------------------------------------------------
 
@@ -202,40 +202,51 @@ def segment_patching(
     import pandas as pd
 
     spans_list = as_spans(model, prompts)
-    metric = gap_metric(base, _left(model, spans_list), config)
-    frames = []
-    for i, spans in enumerate(_bar(spans_list, progress, "segment patching")):
-        m = _rows(metric, [i])
-        for segment in config.segments:
-            controls = compare_controls(
-                model,
-                base,
-                spans,
-                m,
-                site="kv",
-                segment=segment,
-                controls=("query",),
-                seed=config.seed + i,
-            )
-            controls["condition"] = controls["positions_from"].replace({segment: "matched"})
-            every = list(spans.segment(segment))
-            with patch_prefix(model, base, spans, site="kv", segment=every):
-                value = metric_on_model(model, _left(model, [spans]), m).item()
-            first = controls.iloc[0]
-            gap = first["source_value"] - first["clean"]
-            full = {
-                "condition": "all",
-                "positions": every,
-                "n": len(every),
-                "value": value,
-                "clean": first["clean"],
-                "source_value": first["source_value"],
-                "recovery": (value - first["clean"]) / gap if abs(gap) > 1e-8 else math.nan,
+    batch = _left(model, spans_list)
+    metric = gap_metric(base, batch, config)
+    # one engine: one clean run, one base run; each condition is one cell over all prompts
+    # (its columns differ per row), every layer, isolated as patch_prefix (paper Eq. 1)
+    engine = PatchEngine(model, batch, metric, sites=("k", "v"))
+    every_layer = list(range(model.cfg.n_layers))
+    source = engine.load_source(base, segment_positions(batch, "all"), every_layer)
+    clean = engine.clean_values()
+    rows = []
+    for segment in _bar(config.segments, progress, "segment patching"):
+        chosen = [
+            matched_positions(spans, segment, ("query",), seed=config.seed + i)
+            for i, spans in enumerate(spans_list)
+        ]
+        conditions = {
+            "all": [list(spans.segment(segment)) for spans in spans_list],
+            "matched": [c[segment] for c in chosen],
+            "query": [c["query"] for c in chosen],
+        }
+        specs = [(columns_mask(batch, at), every_layer, None) for at in conditions.values()]
+        values = run_cells(engine, specs, len(specs), by_layer=False)  # [conditions, prompts]
+        for i, spans in enumerate(spans_list):
+            at_i = {
+                name: (values[k, i].item(), at[i])
+                for k, (name, at) in enumerate(conditions.items())
             }
-            frame = pd.concat([pd.DataFrame([full]), controls], ignore_index=True)
-            frames.append(frame.assign(prompt=i, segment=segment))
-    columns = ["prompt", "segment", "condition", "n", "value", "clean", "source_value", "recovery"]
-    out = pd.concat(frames, ignore_index=True)[columns]
+            noise = _noise_value(
+                base, model, spans, _rows(metric, [i]), chosen[i][segment], config.seed + i
+            )
+            at_i["noise"] = (noise, chosen[i][segment])
+            c, b = clean[i].item(), source[i].item()
+            for name, (value, at) in at_i.items():
+                rows.append(
+                    {
+                        "prompt": i,
+                        "segment": segment,
+                        "condition": name,
+                        "n": len(at),
+                        "value": value,
+                        "clean": c,
+                        "source_value": b,
+                        "recovery": (value - c) / (b - c) if abs(b - c) > 1e-8 else math.nan,
+                    }
+                )
+    out = pd.DataFrame(rows).sort_values("prompt", kind="stable", ignore_index=True)
     if config.metric is GapMetric.TARGET:  # the same gap in probability space: P = exp(log P)
         p, c, b = (out[k].map(math.exp) for k in ("value", "clean", "source_value"))
         gap = b - c  # NaN where there is no gap (relative to the probabilities themselves)
@@ -280,33 +291,28 @@ def layer_patching(
         "config": {k: getattr(config, k) for k in ("metric", "target")},
     }
     done = resume_checkpoint(checkpoint, meta, recovery)
+    if len(done) < recovery.shape[0]:
+        # ONE engine for every condition and prompt (a cell's columns may differ per row):
+        # one clean run and one source run. Isolated (paper Eq. 1): the engine pins every
+        # other layer's K/V at the segment to the model's own clean values.
+        batch = _left(model, spans_list)
+        engine = PatchEngine(model, batch, metric, sites=("k", "v"))
+        source = engine.load_source(base, segment_positions(batch, "all"), layers)
+        clean = engine.clean_values()
+        whole = (source - clean)[None]
     for ci, condition in enumerate(_bar(conditions, progress, "layer patching")):
         todo = [li for li in range(len(layers)) if ci * len(layers) + li not in done]
         if not todo:
             continue
-        # prompts patched together need equally many positions in the segment (queries differ)
-        groups: dict[int, list[int]] = {}
-        for i, spans in enumerate(spans_list):
-            groups.setdefault(len(spans.segment(condition)), []).append(i)
-        engines = []
-        for members in groups.values():
-            batch = _left(model, [spans_list[i] for i in members])
-            # isolated (paper Eq. 1): the engine pins every other layer's K/V at the
-            # segment to the model's own clean values, and runs 8 layers per forward
-            engine = PatchEngine(model, batch, _rows(metric, members), sites=("k", "v"))
-            positions = segment_positions(batch, condition)
-            source = engine.load_source(base, positions, [layers[li] for li in todo])
-            mask = position_mask(positions, batch.input_ids.shape[1])
-            engines.append((members, engine, mask, engine.clean_values(), source))
-        for chunk in [
-            todo[c : c + LAYERS_PER_FORWARD] for c in range(0, len(todo), LAYERS_PER_FORWARD)
-        ]:
-            for members, engine, mask, clean, source in engines:
-                specs = [(mask, layers[li], None) for li in chunk]
-                values = run_cells(engine, specs, LAYERS_PER_FORWARD)  # [cells, prompts]
-                fraction = _fraction(values - clean, (source - clean).expand_as(values))
-                for row, li in enumerate(chunk):
-                    recovery[ci * len(layers) + li, members] = fraction[row].double()
+        mask = batch.segment_mask(condition)
+        for chunk in [todo[c : c + LAYERS_PER_SAVE] for c in range(0, len(todo), LAYERS_PER_SAVE)]:
+            # a forward per layer, every prompt on the batch axis, from that layer up
+            # (stacking several layers per forward measured slower: 30.6 s vs 28.3 s)
+            specs = [(mask, layers[li], None) for li in chunk]
+            values = run_cells(engine, specs, 1)
+            fraction = _fraction(values - clean, whole.expand_as(values))
+            for row, li in enumerate(chunk):
+                recovery[ci * len(layers) + li] = fraction[row].double()
             done.update(ci * len(layers) + li for li in chunk)
             if distributed.is_main():  # under a launcher, rank 0 keeps the books
                 save_checkpoint(checkpoint, meta, recovery, done)
@@ -322,6 +328,16 @@ def layer_patching(
         for i in range(len(spans_list))
     ]
     return pd.DataFrame(rows)
+
+
+def _noise_value(
+    base: Any, model: Any, spans: ChatSpans, metric: LogitMetric, positions: list[int], seed: int
+) -> float:
+    """The metric with every layer's K/V at ``positions`` replaced by noise of the base's
+    norm (the random-source control, as :func:`compare_controls`' ``noise`` row)."""
+    noise = noise_like(capture(base, spans, positions, site="kv"), seed=seed)
+    with patch_prefix(model, noise, spans, site="kv", segment=positions):
+        return metric_on_model(model, _left(model, [spans]), metric).item()
 
 
 def residual_sweep(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from piggyback_interp.core.hooks import HookSite, expand_sites, resolve_layers, resolve_site
@@ -75,6 +75,15 @@ def segment_positions(batch: ChatBatch, segment: SegmentOrPositions) -> Position
             "or patch them one at a time"
         )
     return torch.tensor(rows, dtype=torch.long)
+
+
+def columns_mask(batch: ChatBatch, per_row: Sequence[Sequence[int]]) -> Bool[Tensor, "batch pos"]:
+    """True at each row's explicit positions (of the UNPADDED prompt, shifted to the row's
+    padded place, as :func:`segment_positions`); rows may hold different counts."""
+    mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+    for row, (spans, positions) in enumerate(zip(batch.spans, per_row, strict=True)):
+        mask[row, _explicit(spans, list(positions))] = True
+    return mask
 
 
 def _explicit(spans: ChatSpans, positions: Sequence[int]) -> list[int]:

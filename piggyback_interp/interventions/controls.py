@@ -91,6 +91,36 @@ def control_positions(
     return sorted(random.Random(f"{seed}:{control}").sample(pool, n))
 
 
+def matched_positions(
+    spans: ChatSpans,
+    segment: str = "prefix",
+    controls: Sequence[Control | str] = CONTROLS,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+) -> dict[str, list[int]]:
+    """The positions :func:`compare_controls` patches: ``{segment: a random n-subset of it,
+    control: n positions of that control, ...}``; ``n`` defaults to the smaller of the
+    segment and the query.
+
+    Example:
+        >>> from piggyback_interp.testing import tiny_model
+        >>> from piggyback_interp.core.spans import render_prompts
+        >>> spans = render_prompts(tiny_model("llama").tokenizer, ["Tell me a joke."])[0]
+        >>> chosen = matched_positions(spans, "prefix", ["query"])
+        >>> len(chosen["prefix"]) == len(chosen["query"]) == min(len(spans.prefix), len(spans.query))
+        True
+    """
+    controls = [Control.parse(c, "control") for c in controls]
+    seg = list(require_segment(spans, segment))
+    if n is None:
+        n = min(len(seg), len(require_segment(spans, "query")))
+    chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
+    for control in controls:
+        chosen[control.value] = control_positions(spans, control, n, segment=segment, seed=seed)
+    return chosen
+
+
 def ablation(
     model: Any,
     spans: Any,
@@ -191,14 +221,8 @@ def compare_controls(
     """
     import pandas as pd
 
-    controls = [Control.parse(c, "control") for c in controls]
     ablate = Ablation.parse(ablate, "ablate") if ablate is not None else None
-    seg = list(require_segment(spans, segment))
-    if n is None:
-        n = min(len(seg), len(require_segment(spans, "query")))
-    chosen = {segment: sorted(random.Random(f"{seed}:{segment}").sample(seg, min(n, len(seg))))}
-    for control in controls:
-        chosen[control.value] = control_positions(spans, control, n, segment=segment, seed=seed)
+    chosen = matched_positions(spans, segment, controls, n=n, seed=seed)
     clean = _value(model, spans, metric)
     source_value = float("nan") if ablate else _value(source, spans, metric)
 
@@ -243,5 +267,6 @@ __all__ = [
     "ablation",
     "compare_controls",
     "control_positions",
+    "matched_positions",
     "noise_like",
 ]

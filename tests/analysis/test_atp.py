@@ -180,7 +180,27 @@ def test_prescreen_patches_the_top_cells_exactly():
     assert screened.meta["exact_cells"] == expected_cells
     assert screened.meta["method"] == "atp_prescreen"
     with pytest.raises(ValueError, match="align='left'"):
-        atp_prescreen(ft, base, batch_spans(chat_tokenizer(ft), QUESTIONS, align="prefix"), METRIC)
+        prefix_aligned = batch_spans(chat_tokenizer(ft), QUESTIONS, align="prefix")
+        atp_prescreen(ft, base, prefix_aligned, METRIC, site="kv")
+
+
+@pytest.mark.parametrize(("family", "align"), [("llama", "left"), ("qwen2", "prefix")])
+def test_prescreen_of_a_residual_site_runs_its_cells_on_the_engine(family, align):
+    """The top cells of a residual site come from the engine (any alignment) and equal
+    the reference loop's one-forward-per-cell values."""
+    base, ft = tiny_model(family, seed=0), tiny_model(family, seed=1)
+    batch = batch_spans(chat_tokenizer(ft), QUESTIONS, align=align)
+    screened = atp_prescreen(ft, base, batch, METRIC, site="resid_mid", top_k=11)
+    if align == "left":
+        exact = reference_sweep(ft, base, batch, METRIC, site="resid_mid")
+    else:  # the loop needs left padding; the same prompts, the prefix at the same columns
+        exact = reference_sweep(ft, base, batch_spans(chat_tokenizer(ft), QUESTIONS), METRIC,
+                                site="resid_mid")  # fmt: skip
+    assert len(screened.meta["exact_cells"]) == 11
+    for layer, label in screened.meta["exact_cells"]:
+        li, c = screened.layers.index(layer), screened.positions.index(label)
+        torch.testing.assert_close(screened.values[:, li, c], exact[:, li, c],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
 def test_clear_errors():

@@ -384,12 +384,12 @@ def test_interrupted_layer_patching_resumes_from_its_checkpoint(base, post, tmp_
 
     monkeypatch.setattr(experiments_module, "run_cells", counting)
     ckpt = tmp_path / "layers.ckpt"
-    # postfix: one group of 2 prompts (one engine run for both layers); query: 2 groups
-    with pytest.raises(KeyboardInterrupt):  # during the query's first group
+    # one engine call per condition (both prompts, both layers): postfix, then query
+    with pytest.raises(KeyboardInterrupt):  # during the query's call
         layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
     calls.update(n=0, stop=None)
     resumed = layer_patching(base, post, PROMPTS, config, checkpoint=ckpt)
-    assert calls["n"] == 2  # the query's 2 groups; the postfix was read back
+    assert calls["n"] == 1  # the query's call; the postfix was read back
     pd.testing.assert_frame_equal(resumed, full)
     with pytest.raises(ValueError, match="belongs to another sweep"):
         layer_patching(base, post, PROMPTS[:1], config, checkpoint=ckpt)
@@ -427,6 +427,40 @@ def test_layer_patching_equals_the_isolated_patch_prefix_loop(base, post):
                 # an error in the fraction)
                 engine_value = clean + row["recovery"].item() * (source - clean)
                 assert engine_value == pytest.approx(value, abs=1e-5)
+
+
+def test_segment_patching_equals_compare_controls_and_patch_prefix(base, post):
+    """The batched engine against the per-prompt reference: ``compare_controls`` (matched,
+    query, noise rows) and one ``patch_prefix`` of the whole segment (``all``)."""
+    from piggyback_interp.core.spans import batch_spans, render_prompts
+    from piggyback_interp.interventions import patch_prefix
+    from piggyback_interp.interventions.controls import compare_controls
+    from piggyback_interp.measures.metrics import metric_on_model
+
+    tok = post.tokenizer
+    config = ScanConfig(seed=3)
+    frame = segment_patching(base, post, PROMPTS, config)
+    assert len(frame) == len(PROMPTS) * 2 * 4
+    for i, spans in enumerate(render_prompts(tok, PROMPTS)):
+        batch = batch_spans(tok, [spans], align="left")
+        metric = experiments_module.gap_metric(base, batch, config)
+        for segment in ("prefix", "postfix"):
+            got = frame[(frame["prompt"] == i) & (frame["segment"] == segment)]
+            assert list(got["condition"]) == ["all", "matched", "query", "noise"]
+            want = compare_controls(
+                post, base, spans, metric, segment=segment, controls=("query",), seed=3 + i
+            )
+            # explicit positions: the base runs on this same prompt (a "postfix" name
+            # would take the postfix of the empty-query prompt)
+            with patch_prefix(post, base, spans, segment=list(spans.segment(segment))):
+                whole = metric_on_model(post, batch, metric).item()
+            want_values = [whole, *want["value"]]
+            assert list(got["n"]) == [len(spans.segment(segment)), *want["n"]]
+            assert got["value"].tolist() == pytest.approx(want_values, abs=1e-5)
+            assert got["clean"].tolist() == pytest.approx([want["clean"][0]] * 4, abs=1e-5)
+            assert got["source_value"].tolist() == pytest.approx(
+                [want["source_value"][0]] * 4, abs=1e-5
+            )
 
 
 def test_layer_patching_on_the_postfix_plant(base, post, post_scan):

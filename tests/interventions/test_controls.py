@@ -13,6 +13,7 @@ from piggyback_interp.interventions.controls import (
     ablation,
     compare_controls,
     control_positions,
+    matched_positions,
     noise_like,
 )
 from piggyback_interp.measures.metrics import TargetLogProb, metric_on_model
@@ -114,6 +115,26 @@ def test_compare_controls_equals_direct_patches(pair, spans):
     assert frame["clean"].iloc[0] == pytest.approx(clean, abs=1e-5)
     row = frame.iloc[0]
     assert row.recovery == pytest.approx((row.value - row.clean) / (row.source_value - row.clean))
+
+
+def test_matched_positions_are_the_ones_compare_controls_patches(pair, spans):
+    base, ft = pair
+    frame = compare_controls(ft, base, spans, TargetLogProb("No"), noise=False, seed=5)
+    chosen = matched_positions(spans, "prefix", seed=5)
+    assert list(chosen) == list(frame["positions_from"])
+    assert [list(p) for p in frame["positions"]] == list(chosen.values())
+    postfix = matched_positions(spans, "postfix", ["query"], n=2, seed=5)
+    assert len(postfix["postfix"]) == len(postfix["query"]) == 2
+    assert set(postfix["postfix"]) <= set(spans.postfix)
+    assert set(postfix["query"]) <= set(spans.query)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from piggyback_interp.interventions import controls
+
+    assert doctest.testmod(controls, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 @torch.no_grad()
