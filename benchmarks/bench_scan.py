@@ -1,8 +1,11 @@
-"""`piggyback scan` before and after a change, timed side by side on one machine.
+"""`piggyback scan` (or the full `piggyback demo`) before and after a change, timed side
+by side on one machine.
 
 Runs the CLI command ``piggyback scan --finetuned ADAPTER`` (every layer, the 8 shipped
-general prompts, every other default) twice: with the package as it was at ``--before``
-(a git revision, checked out into a temporary worktree) and with the working tree. With
+general prompts, every other default), or with ``--demo`` the main job ``piggyback demo``
+(every default: three finetunes, five evaluations, the graded step, the scan of the SFT
+model), twice: with the package as it was at ``--before`` (a git revision, checked out
+into a temporary worktree) and as it is at ``--after``. With
 ``--parallel`` both run at once, each with ``--threads`` torch threads, so that they see
 the same machine load (the ratio is the reliable part on a shared machine); otherwise
 one after the other. Prints JSON: the wall seconds and per-step seconds of each, the
@@ -11,6 +14,8 @@ perturbations must agree; the residual sweep is compared at the cells both patch
 exactly, and by its largest exactly patched cell).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scan.py --finetuned runs/demo/finetune/sft/adapter \
+        --before 58a90af --after HEAD --parallel --threads 1 --json
+    OMP_NUM_THREADS=1 python benchmarks/bench_scan.py --demo \
         --before 58a90af --after HEAD --parallel --threads 1 --json
 """
 
@@ -29,23 +34,31 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("perturbation", "patching", "layers", "resid")
 
 
-def _command(code: Path, adapter: str, out: Path, threads: int) -> tuple[list[str], dict]:
-    """The scan command run from ``code`` (its cwd, so ``python -m`` imports that code)."""
+def _command(code: Path, adapter: str | None, out: Path, threads: int) -> tuple[list[str], dict]:
+    """The scan (or, without an adapter, demo) command run from ``code`` (its cwd, so
+    ``python -m`` imports that code)."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads)}
-    argv = [sys.executable, "-W", "ignore", "-m", "piggyback_interp.cli", "scan"]
-    argv += ["--finetuned", str(Path(adapter).resolve()), "--out", str(out), "--quiet"]
-    return argv, env
+    argv = [sys.executable, "-W", "ignore", "-m", "piggyback_interp.cli"]
+    if adapter is None:
+        argv += ["demo", "--threads", str(threads)]
+    else:
+        argv += ["scan", "--finetuned", str(Path(adapter).resolve())]
+    return [*argv, "--out", str(out), "--quiet"], env
 
 
-def _parts(out: Path) -> dict:
+def _parts(out: Path, demo: bool) -> dict:
     from piggyback_interp.experiments.registry import EXPERIMENTS
 
-    return {step: EXPERIMENTS[step].load(out / "scan") for step in STEPS}
+    folder = out / "scan" / "sft" if demo else out / "scan"
+    return {step: EXPERIMENTS[step].load(folder) for step in STEPS}
 
 
-def _steps(out: Path) -> dict[str, float]:
+def _steps(out: Path, demo: bool) -> dict[str, float]:
     run = json.loads((out / "run.json").read_text("utf-8"))
-    return {k.split("/")[-1]: round(v["seconds"] or 0, 1) for k, v in run["steps"].items()}
+    return {
+        (k if demo else k.split("/")[-1]): round(v["seconds"] or 0, 1)
+        for k, v in run["steps"].items()
+    }
 
 
 def _max_diff(a, b, column: str) -> float:
@@ -88,7 +101,9 @@ def _resid(before, after) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--finetuned", required=True, help="the SFT adapter to scan")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--finetuned", help="the SFT adapter to scan")
+    what.add_argument("--demo", action="store_true", help="time the full demo instead")
     parser.add_argument("--before", default="58a90af", help="git revision of the old code")
     parser.add_argument("--after", default="HEAD", help="git revision of the new code")
     parser.add_argument("--threads", type=int, default=2)
@@ -134,11 +149,12 @@ def main() -> None:
                 "before_s": round(wall["before"], 1),
                 "after_s": round(wall["after"], 1),
                 "ratio": round(wall["after"] / wall["before"], 3),
-                "before_steps": _steps(tmp / "before"),
-                "after_steps": _steps(tmp / "after"),
+                "command": "demo" if args.demo else "scan",
+                "before_steps": _steps(tmp / "before", args.demo),
+                "after_steps": _steps(tmp / "after", args.demo),
             }
             print(json.dumps(timing), file=sys.stderr)  # kept even if a comparison fails
-            before, after = _parts(tmp / "before"), _parts(tmp / "after")
+            before, after = _parts(tmp / "before", args.demo), _parts(tmp / "after", args.demo)
             result = {
                 **timing,
                 "max_abs_diff": {
