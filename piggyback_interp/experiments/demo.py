@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ def run_demo(
 ) -> Path:
     """Run (or resume) the demo in ``out``; return the path of its ``report.html``."""
     from piggyback_interp.core.models import chat_tokenizer
+    from piggyback_interp.experiments.carriers import base_runs
     from piggyback_interp.measures.settings import setting_data
     from piggyback_interp.report.findings import build_report
 
@@ -138,10 +140,14 @@ def run_demo(
     _evaluate_all(run, models, config, data, base, tuned, progress)
     if data.setting.target:
         prompts = data.test_off_topic[: config.graded_prompts]
+        target = data.setting.target
+        # the base model's side of every graded measure: run once, for all three models
+        reference = functools.cache(lambda: base_runs(base, prompts, target))
         for method, path in tuned.items():
             graded_step(
-                run, f"graded/{method}", base, models.get(path), prompts, data.setting.target
-            )
+                run, f"graded/{method}", base, models.get(path), prompts, target,
+                reference=reference,
+            )  # fmt: skip
     prompts = data.test_off_topic[: config.scan_prompts]
     scan_step(
         run, "scan/sft", base, models.get(tuned["sft"]), prompts,

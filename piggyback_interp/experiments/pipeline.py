@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -332,20 +332,33 @@ def task_vector_step(
 
 
 def graded_step(
-    run: RunDir, name: str, base: Any, model: Any, prompts: Sequence[str], target: str
+    run: RunDir,
+    name: str,
+    base: Any,
+    model: Any,
+    prompts: Sequence[str],
+    target: str,
+    *,
+    reference: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Graded measures (P(target), log-odds, KL) and template carrier shares of ``model``
-    on ``prompts`` (:mod:`piggyback_interp.experiments.carriers`), cached."""
+    on ``prompts`` (:mod:`piggyback_interp.experiments.carriers`), cached. ``reference``:
+    returns the base model's runs on the same prompts
+    (:func:`~piggyback_interp.experiments.carriers.base_runs`), called only if the step
+    runs; pass one cached callable to every model's step and the base runs once."""
 
     from piggyback_interp.core.io import atomic_write_parquet
     from piggyback_interp.experiments.carriers import carrier_values, graded_measures
 
     def compute(folder: Path) -> None:
+        ref = reference() if reference is not None else None
         atomic_write_parquet(
-            graded_measures(base, model, prompts, target), folder / "graded.parquet"
+            graded_measures(base, model, prompts, target, reference=ref),
+            folder / "graded.parquet",
         )
         atomic_write_parquet(
-            carrier_values(base, model, prompts, target), folder / "carriers.parquet"
+            carrier_values(base, model, prompts, target, reference=ref),
+            folder / "carriers.parquet",
         )
 
     key = {"base": model_key(base), "model": model_key(model), "prompts": list(prompts),
