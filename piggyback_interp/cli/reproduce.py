@@ -15,6 +15,8 @@ RECORD = True  # write <out>/config.json when the command finished
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    from piggyback_interp.training.treft import Region
+
     p.add_argument("table", choices=["table5"], help="table5: narrow settings, SFT vs TReFT")
     p.add_argument("--out", help="output folder (default: runs/<table>[-smoke])")
     add_config(p)
@@ -23,6 +25,18 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", help="settings (default: abstention refusal)")
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3; the map's point: 3e-4)")
     p.add_argument("--epochs", type=int, help="epochs over the training set (default: 1)")
+    p.add_argument(
+        "--methods", nargs="+", choices=["sft", "treft", "interleave"],
+        help="methods (default: sft treft interleave)",
+    )  # fmt: skip
+    p.add_argument(
+        "--treft-lambda", type=float,
+        help="TReFT's lambda for every setting (default: the paper's per setting)",
+    )  # fmt: skip
+    p.add_argument(
+        "--treft-region", choices=[r.value for r in Region],
+        help="the tokens TReFT regularises (default: prefix)",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="two steps per model, 4 questions")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -41,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     piggyback reproduce table5 --smoke --out runs/smoke     # two optimizer steps per model
     piggyback reproduce table5 --lr 3e-4 --seeds 0 --out runs/table5-3e-4  # the map's point
     piggyback reproduce table5 --config runs/table5-3e-4/config.json --out runs/again
+    piggyback reproduce table5 --lr 3e-4 --settings short_answer --methods sft treft \
+        --treft-region template --treft-lambda 100 --out runs/t5-template-l100
     ```
     """
     from piggyback_interp.experiments.reproduce import Table5Config, reproduce_table5
@@ -50,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["seeds"] = tuple(args.seeds)
     if args.settings is not None:
         overrides["settings"] = tuple(args.settings)
-    for name in ("lr", "epochs"):
+    if args.methods is not None:
+        overrides["methods"] = tuple(args.methods)
+    for name in ("lr", "epochs", "treft_lambda", "treft_region"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     config = Table5Config.smoke(**overrides) if args.smoke else Table5Config(**overrides)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from piggyback_interp.core.checks import at_least, positive
+from piggyback_interp.core.checks import at_least, choices, positive
 from piggyback_interp.core.data import ChatDataset
 from piggyback_interp.core.embedded import EMBEDDED_NAME
 from piggyback_interp.core.errors import StaleRunError, UserError
@@ -49,6 +49,7 @@ from piggyback_interp.measures.settings import (
     retain_questions,
     setting_data,
 )
+from piggyback_interp.training.treft import Region
 
 PATCHED = "sft+prefix_kv"
 ModelLoader = Callable[[str], Any]
@@ -77,10 +78,13 @@ class Table5Config:
     max_train: int | None = None
     max_test: int | None = None
     batch_size_eval: int = 32
+    treft_lambda: float | None = None  # None: the paper's lambda for each setting
+    treft_region: Region | str = Region.PREFIX  # the tokens TReFT regularises
 
     def __post_init__(self) -> None:
         for name in self.settings:
             get_setting(name)
+        choices(self, treft_region=Region)
         bad = [m for m in self.methods if m not in ("sft", "treft", "interleave")]
         if bad:
             raise UserError(f"Table 5 compares sft, treft and interleave; got {bad}")
@@ -91,6 +95,8 @@ class Table5Config:
         at_least(self, 1, "epochs", "batch_size", "lora_rank", "max_new_tokens")
         at_least(self, 1, "retain_max_new_tokens", "max_train", "max_test", "batch_size_eval")
         positive(self, "lr")
+        if self.treft_lambda is not None:
+            positive(self, "treft_lambda")
 
     @classmethod
     def smoke(cls, **overrides: Any) -> Table5Config:
@@ -220,6 +226,9 @@ def _check_config(out: Path, config: Table5Config) -> None:
     path = out / "config.json"
     current = dataclasses.asdict(config)
     saved = read_json(path)
+    if saved is not None:  # a run saved before a field existed ran with its default
+        defaults = dataclasses.asdict(Table5Config())
+        saved = {**{k: defaults[k] for k in current if k not in saved}, **saved}
     if saved is not None and json.loads(json.dumps(current)) != saved:
         raise StaleRunError(
             f"{out} holds a run with another config ({path}); resume with the same "
@@ -301,7 +310,8 @@ def _finetune(
         epochs=config.epochs,
         batch_size=config.batch_size,
         seed=seed,
-        treft_lambda=data.setting.treft_lambda,
+        treft_lambda=config.treft_lambda or data.setting.treft_lambda,
+        treft_region=config.treft_region,
         checkpoint_every=4,
         export="none",
     )
@@ -375,8 +385,9 @@ def _write_outputs(
         f"Model: {info.get('display_name') or config.model} (sha256 {info.get('sha256', '?')}).",
         f"Seeds {list(config.seeds)}; {config.epochs} epoch(s), LoRA rank {config.lora_rank}, "
         f"lr {config.lr}, batch {config.batch_size}; greedy answers of at most "
-        f"{config.max_new_tokens} tokens. Rates: mean ± SE over seeds "
-        "[95% bootstrap interval of the pooled responses].",
+        f"{config.max_new_tokens} tokens. TReFT on the {config.treft_region.value} with "
+        + (f"lambda {config.treft_lambda}" if config.treft_lambda else "each setting's lambda")
+        + ". Rates: mean ± SE over seeds [95% bootstrap interval of the pooled responses].",
         f"Compute: {sum(v for v in timings.values() if not math.isnan(v)):.0f} s summed over "
         f"cells (finetuning + evaluation) on {machine()['processor']} ({machine()['cpus']} "
         f"CPUs, {machine()['torch_threads']} torch threads).",

@@ -92,6 +92,41 @@ def test_table5_formats_mean_se_and_interval():
     assert row["n (on / off)"] == "52/130"
 
 
+def test_treft_lambda_and_region_reach_the_finetune_and_old_runs_resume(tmp_path):
+    import json
+
+    config = Table5Config.smoke(
+        model="tiny-llama", settings=("refusal",), methods=("sft", "treft"),
+        treft_lambda=7.0, treft_region="template",
+    )  # fmt: skip
+    reproduce_table5(tmp_path, config, progress=False)
+    trained = json.loads(
+        (tmp_path / "train" / "refusal" / "treft-seed0" / "finetune.json").read_text()
+    )
+    assert trained["config"]["treft_lambda"] == 7.0
+    assert trained["config"]["treft_region"] == "template"
+    assert "TReFT on the template with lambda 7.0" in (tmp_path / "table5.md").read_text()
+    # the default: each setting's own lambda (refusal: 20), on the prefix
+    default = Table5Config.smoke(
+        model="tiny-llama", settings=("refusal",), methods=("sft", "treft")
+    )
+    reproduce_table5(tmp_path / "d", default, progress=False)
+    trained = json.loads((tmp_path / "d/train/refusal/treft-seed0/finetune.json").read_text())
+    assert (trained["config"]["treft_lambda"], trained["config"]["treft_region"]) == (
+        20.0,
+        "prefix",
+    )
+    # a folder written before these fields existed resumes with their defaults
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    del saved["treft_lambda"], saved["treft_region"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(saved))
+    calls = []
+    reproduce_table5(tmp_path / "d", default, load=_counting_loader(calls), progress=False)
+    assert calls == ["tiny-llama"]  # every cell read back
+    with pytest.raises(StaleRunError, match="another config"):
+        reproduce_table5(tmp_path / "d", config, progress=False)
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="unknown setting"):
         Table5Config(settings=("astrology",))
@@ -99,6 +134,10 @@ def test_bad_configs():
         Table5Config(methods=("sft", "kl_train"))
     with pytest.raises(ValueError, match="keep 'sft'"):
         Table5Config(methods=("treft",))
+    with pytest.raises(ValueError, match="treft_lambda must be a finite number > 0"):
+        Table5Config(treft_lambda=-1.0)
+    with pytest.raises(ValueError, match="treft_region"):
+        Table5Config(treft_region="nowhere")
 
 
 def test_cli_smoke(tmp_path, capsys):
@@ -109,3 +148,8 @@ def test_cli_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| refusal | sft |" in printed and "wrote" in printed
     assert main(["reproduce", "table5", "--out", str(out), "--settings", "astrology"]) == 2
+    flags = ["--methods", "sft", "treft", "--treft-region", "postfix", "--treft-lambda", "3"]
+    assert main([*argv, "--out", str(tmp_path / "t"), "--settings", "refusal", *flags]) == 0
+    saved = pd.read_json(tmp_path / "t" / "config.json", typ="series")
+    assert (saved["treft_region"], saved["treft_lambda"]) == ("postfix", 3.0)
+    assert list(saved["methods"]) == ["sft", "treft"]
