@@ -204,12 +204,9 @@ def segment_patching(
     spans_list = as_spans(model, prompts)
     batch = _left(model, spans_list)
     metric = gap_metric(base, batch, config)
-    # one engine: one clean run, one base run; each condition is one cell over all prompts
-    # (its columns differ per row), every layer, isolated as patch_prefix (paper Eq. 1)
-    engine = PatchEngine(model, batch, metric, sites=("k", "v"))
+    # each condition is one cell over all prompts (its columns differ per row), every layer
     every_layer = list(range(model.cfg.n_layers))
-    source = engine.load_source(base, segment_positions(batch, "all"), every_layer)
-    clean = engine.clean_values()
+    engine, clean, source = _kv_engine(base, model, batch, metric, every_layer)
     rows = []
     for segment in _bar(config.segments, progress, "segment patching"):
         chosen = [
@@ -292,13 +289,9 @@ def layer_patching(
     }
     done = resume_checkpoint(checkpoint, meta, recovery)
     if len(done) < recovery.shape[0]:
-        # ONE engine for every condition and prompt (a cell's columns may differ per row):
-        # one clean run and one source run. Isolated (paper Eq. 1): the engine pins every
-        # other layer's K/V at the segment to the model's own clean values.
+        # ONE engine for every condition and prompt (a cell's columns may differ per row)
         batch = _left(model, spans_list)
-        engine = PatchEngine(model, batch, metric, sites=("k", "v"))
-        source = engine.load_source(base, segment_positions(batch, "all"), layers)
-        clean = engine.clean_values()
+        engine, clean, source = _kv_engine(base, model, batch, metric, layers)
         whole = (source - clean)[None]
     for ci, condition in enumerate(_bar(conditions, progress, "layer patching")):
         todo = [li for li in range(len(layers)) if ci * len(layers) + li not in done]
@@ -328,6 +321,18 @@ def layer_patching(
         for i in range(len(spans_list))
     ]
     return pd.DataFrame(rows)
+
+
+def _kv_engine(
+    base: Any, model: Any, batch: ChatBatch, metric: LogitMetric, layers: Sequence[int]
+) -> tuple[PatchEngine, torch.Tensor, torch.Tensor]:
+    """The K/V engine on ``batch`` with the base's keys/values of ``layers`` at every column
+    loaded: one clean run and one base run for all cells. Isolated (paper Eq. 1): the
+    engine pins every other layer's K/V at a cell's columns to the model's own clean values.
+    Returns (engine, clean metric, base metric), each per prompt."""
+    engine = PatchEngine(model, batch, metric, sites=("k", "v"))
+    source = engine.load_source(base, segment_positions(batch, "all"), layers)
+    return engine, engine.clean_values(), source
 
 
 def _noise_value(
