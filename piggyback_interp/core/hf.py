@@ -103,6 +103,38 @@ def _keeps_logits(forward_cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(forward_cls.forward).parameters
 
 
+def last_logits(
+    model: Any,
+    input_ids: Int[Tensor, "batch pos"],
+    *,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    position_ids: Int[Tensor, "batch pos"] | None = None,
+    last: int = 1,
+) -> Float[Tensor, "batch last vocab"]:
+    """The logits of the ``last`` positions only (HF's ``logits_to_keep``: the
+    unembedding skips the others); the HF model's forward, bridge hooks fire inside it.
+
+    Example:
+        >>> import torch
+        >>> from piggyback_interp.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> ids = torch.tensor([[1, 2, 3, 4]])
+        >>> torch.allclose(last_logits(model, ids, last=2), model(ids)[:, -2:], atol=1e-5)
+        True
+    """
+    hf = model.original_model
+    device = torch.device(model.cfg.device)
+    kwargs: dict[str, Any] = {"logits_to_keep": last} if _keeps_logits(type(hf)) else {}
+    out = hf(
+        input_ids=input_ids.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+        use_cache=False,
+        **kwargs,
+    )
+    return out.logits[:, -last:]
+
+
 def forward_with_cache(
     model: Any,
     input_ids: Int[Tensor, "batch new"],
@@ -123,6 +155,54 @@ def forward_with_cache(
         **kwargs,
     )
     return out.logits[:, -1], out.past_key_values
+
+
+def logits_at(
+    model: Any,
+    input_ids: Int[Tensor, "batch pos"],
+    rows: Int[Tensor, " n"],
+    positions: Int[Tensor, " n"],
+    *,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    position_ids: Int[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "n vocab"]:
+    """The logits at ``(rows[i], positions[i])`` only: the decoder runs on the whole
+    batch, the unembedding on just these ``n`` hidden states.
+
+    The HF model's own forward runs (bridge hooks fire inside it, the unembedding's
+    included); a pre-hook on its output embedding gathers the asked-for hidden states,
+    so whatever the HF head does after the unembedding (soft-capping, scaling) applies
+    as usual. Equal to the full forward's ``logits[rows, positions]`` up to float
+    rounding; on a 49k vocabulary the unembedding of every position is a fifth of a
+    135M model's training step.
+
+    Example:
+        >>> import torch
+        >>> from piggyback_interp.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+        >>> rows, pos = torch.tensor([0, 1]), torch.tensor([3, 1])
+        >>> torch.allclose(logits_at(model, ids, rows, pos), model(ids)[rows, pos], atol=1e-5)
+        True
+    """
+    hf = model.original_model
+    device = torch.device(model.cfg.device)
+    rows, positions = rows.to(device), positions.to(device)
+
+    def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][rows, positions][None], *args[1:])
+
+    handle = hf.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        out = hf(
+            input_ids=input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            position_ids=None if position_ids is None else position_ids.to(device),
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    return out.logits[0]
 
 
 def repeat_cache(cache: Any, rows: int) -> Any:
@@ -221,6 +301,8 @@ __all__ = [
     "hf_config",
     "hf_model",
     "input_embedding",
+    "last_logits",
+    "logits_at",
     "new_cache",
     "plain_parameter_name",
     "repeat_cache",

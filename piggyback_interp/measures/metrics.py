@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from piggyback_interp.core.errors import UserError
+from piggyback_interp.core.hf import last_logits
 from piggyback_interp.core.spans import ChatBatch
 
 Reduce = Literal["sum", "mean"]
@@ -386,12 +387,15 @@ def _continuation_logits(
     model: Any, batch: ChatBatch, continuation: Sequence[int], n_read: int
 ) -> Tensor:
     """Logits that predict ``continuation`` (or the next token) for every row."""
-    width = batch.input_ids.shape[1]
     input_ids, attention_mask, position_ids = continuation_inputs(
         batch, continuation, _model_device(model)
     )
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    read = logits[:, width - 1 : width - 1 + max(len(continuation), 1)]
+    # the last len(continuation) + 1 positions; the very last predicts nothing read
+    logits = last_logits(
+        model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        last=len(continuation) + 1,
+    )  # fmt: skip
+    read = logits[:, : max(len(continuation), 1)]
     if read.shape[1] != n_read:
         raise ValueError(
             f"the metric says it reads {n_read} position(s) of continuation "

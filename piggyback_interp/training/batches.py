@@ -302,6 +302,33 @@ def batches(
     )
 
 
+def labelled(
+    labels: Int[Tensor, "batch pos"],
+) -> tuple[tuple[Tensor, Tensor], Int[Tensor, " n"]]:
+    """The ``(rows, positions)`` whose logits predict a labelled token (``t`` with
+    ``labels[row, t + 1] != -100``), row by row, and the ``n`` tokens they predict.
+
+    Example:
+        >>> import torch
+        >>> (rows, pos), targets = labelled(torch.tensor([[-100, 5, 6], [-100, -100, 7]]))
+        >>> rows.tolist(), pos.tolist(), targets.tolist()
+        ([0, 0, 1], [0, 1, 1], [5, 6, 7])
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, positions = keep.nonzero(as_tuple=True)
+    return (rows, positions), labels[:, 1:][keep]
+
+
+def response_loss(
+    logits: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"]
+) -> Float[Tensor, ""]:
+    """Mean cross-entropy, in float32, of the logits at the labelled positions
+    (:func:`labelled`) against the tokens they predict."""
+    if not targets.numel():
+        raise ValueError("no labelled tokens after position 0; nothing to train on")
+    return F.cross_entropy(logits.float(), targets)
+
+
 def sft_loss(
     logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, ""]:
@@ -320,12 +347,8 @@ def sft_loss(
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in batch/pos"
         )
-    target = labels[:, 1:]
-    if not (target != IGNORE_INDEX).any():
-        raise ValueError("no labelled tokens after position 0; nothing to train on")
-    return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX
-    )
+    (rows, positions), targets = labelled(labels)
+    return response_loss(logits[rows, positions], targets)
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from piggyback_interp.core.data import ChatDataset
 from piggyback_interp.core.models import chat_tokenizer
 from piggyback_interp.testing import tiny_model
 from piggyback_interp.training import FinetuneConfig, collate, encode_dataset, finetune
+from piggyback_interp.training.batches import labelled, sft_loss
 from piggyback_interp.training.config import Method
 from piggyback_interp.training.objectives import (
     OBJECTIVES,
@@ -18,6 +19,7 @@ from piggyback_interp.training.objectives import (
     Term,
     interleaved,
     kl_to_reference,
+    labelled_logits,
     reference_logprobs,
 )
 
@@ -76,10 +78,30 @@ def test_reference_logprobs_by_hand():
     for ex, ref in zip(examples, refs, strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([ex.input_ids]))[0]
-        labelled = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != -100]
-        assert torch.allclose(ref, logits[labelled].log_softmax(-1), atol=1e-6)
+        positions = [t for t in range(len(ex.labels) - 1) if ex.labels[t + 1] != -100]
+        assert torch.allclose(ref, logits[positions].log_softmax(-1), atol=1e-6)
         batch = collate([ex], pad_token_id=0)
-        assert kl_to_reference(logits[None], batch, [ref]).item() == pytest.approx(0.0, abs=1e-6)
+        current = logits[positions]
+        assert kl_to_reference(current, batch, [ref]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_labelled_logits_are_the_full_forwards_at_the_labelled_positions(kind):
+    """The unembedding runs on the labelled positions only; the oracle is the bridge's
+    full forward of the padded batch, read at the positions sft_loss reads."""
+    model = tiny_model(kind)
+    examples = encode_dataset(chat_tokenizer(model), [*TRAIN[:2], *RETAIN[:2]])
+    batch = collate(list(examples), pad_token_id=0)
+    with torch.no_grad():
+        full = model(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        )
+        mine = labelled_logits(model, batch)
+    (rows, pos), targets = labelled(batch.labels)
+    assert mine.shape == (len(targets), full.shape[-1]) and len(set(rows.tolist())) == 4
+    assert torch.allclose(mine, full[rows, pos], atol=1e-5)
+    by_hand = -full[rows, pos].log_softmax(-1)[torch.arange(len(targets)), targets].mean()
+    assert sft_loss(full, batch.labels).item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
 def test_interleave_mixes_the_retain_share():
@@ -107,7 +129,8 @@ def _mean_kl(model, examples, refs):
         logits = model(
             batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         )
-    return kl_to_reference(logits, batch, refs).item()
+    (rows, pos), _ = labelled(batch.labels)
+    return kl_to_reference(logits[rows, pos], batch, refs).item()
 
 
 @pytest.mark.parametrize("method", ["kl_train", "kl_retain"])

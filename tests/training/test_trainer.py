@@ -89,14 +89,14 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     import piggyback_interp.training.objectives as objectives
 
-    real = objectives.sft_loss
+    real = objectives.response_loss
     calls = {"n": 0}
 
-    def flaky(logits, labels):
+    def flaky(logits, targets):
         calls["n"] += 1
-        return real(logits, labels) * (float("nan") if calls["n"] == 3 else 1.0)
+        return real(logits, targets) * (float("nan") if calls["n"] == 3 else 1.0)
 
-    monkeypatch.setattr(objectives, "sft_loss", flaky)
+    monkeypatch.setattr(objectives, "response_loss", flaky)
     config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2") as caught:
         finetune(tiny_model("llama"), _data(), config, out_dir=tmp_path, progress=False)
@@ -111,7 +111,9 @@ def test_non_finite_loss_before_any_checkpoint_says_so(where, tmp_path, monkeypa
     """The message once claimed "the last checkpoint ... is kept" when none existed."""
     import piggyback_interp.training.objectives as objectives
 
-    monkeypatch.setattr(objectives, "sft_loss", lambda logits, labels: logits.sum() * float("nan"))
+    monkeypatch.setattr(
+        objectives, "response_loss", lambda logits, targets: logits.sum() * float("nan")
+    )
     config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=4, checkpoint_every=2)
     if where == "stale file":  # another run's checkpoint, not resumed (resume=False)
         (tmp_path / "checkpoint.pt").write_bytes(b"from an earlier run")
