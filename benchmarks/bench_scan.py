@@ -11,7 +11,8 @@ the same machine load (the ratio is the reliable part on a shared machine); othe
 one after the other. Prints JSON: the wall seconds and per-step seconds of each, the
 ratio, and how far their numbers differ (segment patching, K/V layer patching and the
 perturbations must agree; the residual sweep is compared at the cells both patched
-exactly, and by its largest exactly patched cell).
+exactly, and by its largest exactly patched cell; for the demo also its greedy rates,
+how many answers changed, and its graded measures).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scan.py --finetuned runs/demo/finetune/sft/adapter \
         --before 58a90af --after HEAD --parallel --threads 1 --json
@@ -99,6 +100,38 @@ def _resid(before, after) -> dict:
     return out
 
 
+def _demo_outputs(before: Path, after: Path) -> dict:
+    """How far the demo's own outputs moved: per evaluation, the behaviour rate on each
+    split and how many greedy answers changed; per graded model, the largest change of
+    log P(target) and KL over prompts, and of the template shares."""
+    import pandas as pd
+
+    out: dict = {"evaluations": {}, "graded": {}}
+    for path in sorted((before / "evaluate").glob("*/evaluation.parquet")):
+        name = path.parent.name
+        a, b = pd.read_parquet(path), pd.read_parquet(after / "evaluate" / name / path.name)
+        rates = {
+            split: [round(float(x[x["split"] == split]["behaviour"].mean()), 4) for x in (a, b)]
+            for split in sorted(a["split"].unique())
+        }
+        out["evaluations"][name] = {
+            "rates_before_after": rates,
+            "answers_changed": int((a["response"].to_numpy() != b["response"].to_numpy()).sum()),
+            "answers": len(a),
+        }
+    for path in sorted((before / "graded").glob("*/graded.parquet")):
+        name = path.parent.name
+        a, b = pd.read_parquet(path), pd.read_parquet(after / "graded" / name / path.name)
+        ca = pd.read_parquet(path.parent / "carriers.parquet")
+        cb = pd.read_parquet(after / "graded" / name / "carriers.parquet")
+        out["graded"][name] = {
+            "logp": float((a["logp"] - b["logp"]).abs().max()),
+            "kl": float((a["kl"] - b["kl"]).abs().max()),
+            "carrier_logp": float((ca["logp"] - cb["logp"]).abs().max()),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
@@ -168,6 +201,8 @@ def main() -> None:
                 },
                 "resid": _resid(before["resid"], after["resid"]),
             }
+            if args.demo:
+                result["demo_outputs"] = _demo_outputs(tmp / "before", tmp / "after")
         finally:
             for path in code.values():
                 subprocess.run(
