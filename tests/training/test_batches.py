@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,10 @@ def test_sft_loss_matches_hf_loss(tok):
     with torch.no_grad():
         out = hf(b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         torch.testing.assert_close(sft_loss(out.logits, b.labels), out.loss)
+
+
+@pytest.mark.parametrize("module", ["batches", "objectives"])
+def test_docstring_examples_run(module):
+    module = importlib.import_module(f"piggyback_interp.training.{module}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted and not result.failed
