@@ -42,8 +42,8 @@ docs: $(STAMP)
 test: lint docs
 	PIGGYBACK_NOTEBOOK_SMALL=1 $(PY) -m pytest -n 2 -q tests notebooks --nbmake --nbmake-timeout=900
 
-# The main job uses every core (tests and benchmarks keep OMP_NUM_THREADS=1); 6 minutes
-# on 2 cores alone (measured, docs/results.md), writes runs/demo/report.html. `make demo DEMO_ARGS=--quick`: under 2 minutes.
+# The main job uses every core (tests and benchmarks keep OMP_NUM_THREADS=1); under 6
+# minutes on 2 cores alone (measured, docs/results.md), writes runs/demo/report.html. `make demo DEMO_ARGS=--quick`: under 2 minutes.
 DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 demo: $(STAMP)
 	$(PY) -m piggyback_interp.cli demo --threads $(DEMO_THREADS) $(DEMO_ARGS)

@@ -174,7 +174,7 @@ def logits_at(
     so whatever the HF head does after the unembedding (soft-capping, scaling) applies
     as usual. Equal to the full forward's ``logits[rows, positions]`` up to float
     rounding; on a 49k vocabulary the unembedding of every position is a fifth of a
-    135M model's training step.
+    135M model's multiply-adds.
 
     Example:
         >>> import torch
