@@ -103,6 +103,29 @@ def _keeps_logits(forward_cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(forward_cls.forward).parameters
 
 
+def _hf_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    *,
+    last: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The HF model's forward on the bridge's device; ``last``: unembed only the last
+    ``last`` positions where the HF class takes ``logits_to_keep``."""
+    hf = model.original_model
+    device = torch.device(model.cfg.device)
+    if last is not None and _keeps_logits(type(hf)):
+        kwargs["logits_to_keep"] = last
+    return hf(
+        input_ids=input_ids.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+        **kwargs,
+    )
+
+
 def last_logits(
     model: Any,
     input_ids: Int[Tensor, "batch pos"],
@@ -122,16 +145,7 @@ def last_logits(
         >>> torch.allclose(last_logits(model, ids, last=2), model(ids)[:, -2:], atol=1e-5)
         True
     """
-    hf = model.original_model
-    device = torch.device(model.cfg.device)
-    kwargs: dict[str, Any] = {"logits_to_keep": last} if _keeps_logits(type(hf)) else {}
-    out = hf(
-        input_ids=input_ids.to(device),
-        attention_mask=None if attention_mask is None else attention_mask.to(device),
-        position_ids=None if position_ids is None else position_ids.to(device),
-        use_cache=False,
-        **kwargs,
-    )
+    out = _hf_forward(model, input_ids, attention_mask, position_ids, last=last, use_cache=False)
     return out.logits[:, -last:]
 
 
@@ -143,17 +157,10 @@ def forward_with_cache(
     cache: Any,
 ) -> tuple[Float[Tensor, "batch vocab"], Any]:
     """The HF model's forward (bridge hooks fire inside it): last logits and the cache."""
-    hf = model.original_model
-    device = torch.device(model.cfg.device)
-    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _keeps_logits(type(hf)) else {}
-    out = hf(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        past_key_values=cache,
+    out = _hf_forward(
+        model, input_ids, attention_mask, position_ids, last=1, past_key_values=cache,
         use_cache=True,
-        **kwargs,
-    )
+    )  # fmt: skip
     return out.logits[:, -1], out.past_key_values
 
 
@@ -185,21 +192,15 @@ def logits_at(
         >>> torch.allclose(logits_at(model, ids, rows, pos), model(ids)[rows, pos], atol=1e-5)
         True
     """
-    hf = model.original_model
     device = torch.device(model.cfg.device)
     rows, positions = rows.to(device), positions.to(device)
 
     def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (args[0][rows, positions][None], *args[1:])
 
-    handle = hf.get_output_embeddings().register_forward_pre_hook(gather)
+    handle = model.original_model.get_output_embeddings().register_forward_pre_hook(gather)
     try:
-        out = hf(
-            input_ids=input_ids.to(device),
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
-            position_ids=None if position_ids is None else position_ids.to(device),
-            use_cache=False,
-        )
+        out = _hf_forward(model, input_ids, attention_mask, position_ids, use_cache=False)
     finally:
         handle.remove()
     return out.logits[0]
