@@ -117,9 +117,11 @@ def _worker(rank: int, size: int, store: str, job: str, tmp: str) -> None:
             import piggyback_interp.training.objectives as objectives
 
             with pytest.MonkeyPatch.context() as monkeypatch:
-                real = objectives.sft_loss
+                real = objectives.response_loss
                 monkeypatch.setattr(
-                    objectives, "sft_loss", lambda *a: real(*a) * (float("nan") if rank else 1.0)
+                    objectives,
+                    "response_loss",
+                    lambda *a: real(*a) * (float("nan") if rank else 1.0),
                 )
                 with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
                     _train(config=UNEVEN, fsdp=True)
