@@ -37,7 +37,11 @@ from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from piggyback_interp.analysis.resid_engine import clean_variant, metric_values
+from piggyback_interp.analysis.resid_engine import (
+    clean_variant,
+    metric_values,
+    prefix_once_then_rest,
+)
 from piggyback_interp.analysis.sweep_result import SweepResult, sweep_meta, sweep_result
 from piggyback_interp.core.hf import DecoderRunner, cache_layers
 from piggyback_interp.core.hooks import (
@@ -288,32 +292,8 @@ class PatchEngine:
     ):
         """The patched prefix once per cell (one row), then every prompt's rest over it."""
         past = self.runner.past(self._past(v, cells, 1, min(start, P)), n)
-        if start < P:
-            with self.model.hooks(fwd_hooks=self._hooks(cells, start_layer, start, P, 1)):
-                self.runner.forward(
-                    v.resid[start_layer][:1, start:P].expand(n, -1, -1),
-                    start_layer,
-                    start,
-                    v.attention_mask[:1].expand(n, -1),
-                    v.position_ids[:1, start:P].expand(n, -1),
-                    past,
-                )
-        prefix_kv = [
-            # each cell's patched prefix K/V once per prompt (cell-major rows)
-            (repeat(k, "n h p d -> (n b) h p d", b=B), repeat(val, "n h p d -> (n b) h p d", b=B))
-            if j >= start_layer
-            else (k[:1], val[:1])
-            for j, (k, val) in enumerate((c.keys, c.values) for c in past.layers)
-        ]
-        T = v.input_ids.shape[1]
-        return self.runner.forward(
-            repeat(v.resid[start_layer][:, P:], "b p d -> (n b) p d", n=n),
-            start_layer,
-            P,
-            v.attention_mask.repeat(n, 1),
-            v.position_ids[:, P:T].repeat(n, 1),
-            self.runner.past(prefix_kv, n * B),
-        )
+        hooks = self._hooks(cells, start_layer, start, P, 1) if start < P else []
+        return prefix_once_then_rest(self.runner, v, start_layer, start, P, n, B, past, hooks)
 
     def _hooks(self, cells: Cells, start_layer: int, lo: int, hi: int, b: int) -> list:
         """Hooks that write the cells' values over columns ``lo..hi-1`` of ``n x b`` rows."""

@@ -348,42 +348,58 @@ def _patched_prefix_then_rest(
     rest of every prompt over that cell's patched prefix cache."""
     n = cell_pos.shape[0]
     start = int(cell_pos.min())
-    # phase 1: the prefix positions start..P-1, one row per cell, patched
     past = runner.past(
         [(c.keys[:1, :, :start], c.values[:1, :, :start]) for c in v.cache.layers], n
     )
-    hidden = v.resid[layer][:1, start:P].expand(n, -1, -1)
 
     def write(act: Tensor, hook: Any) -> Tensor:
         return scatter(act, hook_site, (cell_pos - start)[:, None], src[:, None])
 
-    with runner.model.hooks(fwd_hooks=[(name, write)]):
-        runner.forward(
-            hidden,
-            layer,
-            start,
-            v.attention_mask[:1].expand(n, -1),
-            v.position_ids[:1, start:P].expand(n, -1),
-            past,
-        )
-    # phase 2: every prompt's rest (P..T-1), each cell's rows over its patched prefix
-    prefix_kv = [
+    out = prefix_once_then_rest(runner, v, layer, start, P, n, B, past, [(name, write)])
+    return out[:, v.read_start - P : v.read_start - P + v.n_read]
+
+
+def prefix_once_then_rest(
+    runner: DecoderRunner,
+    v: Variant,
+    layer: int,
+    start: int,
+    P: int,
+    n: int,
+    B: int,
+    past: Any,
+    hooks: list,
+) -> Tensor:
+    """Run the shared prefix positions ``start..P-1`` from ``layer`` once per cell (one row
+    each, under ``hooks``), then each of the ``B`` prompts' rest ``P..T-1`` over each
+    cell's patched prefix cache: the final hidden states, cell-major rows
+    ``[n * B, T - P, d]``. ``past`` holds the ``n`` cells' keys/values of ``0..start-1``.
+    """
+    if start < P:
+        with runner.model.hooks(fwd_hooks=hooks):
+            runner.forward(
+                v.resid[layer][:1, start:P].expand(n, -1, -1),
+                layer,
+                start,
+                v.attention_mask[:1].expand(n, -1),
+                v.position_ids[:1, start:P].expand(n, -1),
+                past,
+            )
+    prefix_kv = [  # each cell's patched prefix K/V once per prompt (cell-major rows)
         (repeat(k, "n h p d -> (n b) h p d", b=B), repeat(val, "n h p d -> (n b) h p d", b=B))
         if j >= layer
         else (k[:1], val[:1])
         for j, (k, val) in enumerate(cache_layers(past))
     ]
-    past2 = runner.past(prefix_kv, n * B)
     T = v.input_ids.shape[1]
-    out = runner.forward(
+    return runner.forward(
         repeat(v.resid[layer][:, P:], "b p d -> (n b) p d", n=n),
         layer,
         P,
         v.attention_mask.repeat(n, 1),
         v.position_ids[:, P:T].repeat(n, 1),
-        past2,
+        runner.past(prefix_kv, n * B),
     )
-    return out[:, v.read_start - P : v.read_start - P + v.n_read]
 
 
 __all__ = [
@@ -391,6 +407,7 @@ __all__ = [
     "Variant",
     "clean_variant",
     "metric_values",
+    "prefix_once_then_rest",
     "resid_cells",
     "resid_sweep",
 ]
