@@ -292,7 +292,7 @@ class PatchEngine:
     ):
         """The patched prefix once per cell (one row), then every prompt's rest over it."""
         past = self.runner.past(self._past(v, cells, 1, min(start, P)), n)
-        hooks = self._hooks(cells, start_layer, start, P, 1) if start < P else []
+        hooks = self._hooks(cells, start_layer, start, P, 1)  # [] where start >= P
         return prefix_once_then_rest(self.runner, v, start_layer, start, P, n, B, past, hooks)
 
     def _hooks(self, cells: Cells, start_layer: int, lo: int, hi: int, b: int) -> list:
