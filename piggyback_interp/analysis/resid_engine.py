@@ -317,10 +317,10 @@ def _patched_window(runner, v, hook_site, name, layer, cell_pos, src) -> Tensor:
     past = runner.past(
         [
             (
-                repeat(c.keys[:, :, :start], "b h p d -> (n b) h p d", n=n),
-                repeat(c.values[:, :, :start], "b h p d -> (n b) h p d", n=n),
+                repeat(k[:, :, :start], "b h p d -> (n b) h p d", n=n),
+                repeat(val[:, :, :start], "b h p d -> (n b) h p d", n=n),
             )
-            for c in v.cache.layers
+            for k, val in cache_layers(v.cache)
         ],
         n * B,
     )
@@ -349,7 +349,7 @@ def _patched_prefix_then_rest(
     n = cell_pos.shape[0]
     start = int(cell_pos.min())
     past = runner.past(
-        [(c.keys[:1, :, :start], c.values[:1, :, :start]) for c in v.cache.layers], n
+        [(k[:1, :, :start], val[:1, :, :start]) for k, val in cache_layers(v.cache)], n
     )
 
     def write(act: Tensor, hook: Any) -> Tensor:
